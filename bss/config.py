@@ -1,0 +1,202 @@
+"""The training config: a typed, validated object loaded from YAML.
+
+Keys follow the seed's ``config.yaml``; see the README's "Config" table. A file may start from
+another with ``_base_: other.yaml`` and override a few keys (nested dicts merge key by key).
+Every mistake (unknown key, wrong type, bad value) raises one :class:`~bss.errors.ConfigError`
+naming the key, with a did-you-mean for misspellings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bss.errors import ConfigError
+
+METRICS = ("iou", "dice", "recall", "precision")
+
+
+@dataclass
+class NamedArgs:
+    """A component picked by name from a registry, with keyword arguments for it."""
+
+    name: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"  # any MLflow tracking URI; relative sqlite paths are from the cwd
+    experiment: str = "bss"
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    criterion: NamedArgs = field(default_factory=lambda: NamedArgs("TverskyLoss", {"alpha": 0.3, "beta": 0.7}))
+    train_dataset: str = "obstacle_BASELINE"
+    evaluation_dataset: str = "obstacle_EVAL"
+    image_size: list = field(default_factory=lambda: [128, 128])  # [height, width], each divisible by 32
+    model: NamedArgs = field(default_factory=lambda: NamedArgs("UNetAttention", {"encoder_name": "resnet18", "encoder_weights": None}))
+    val_per_epoch: int = 1
+    visualization_samples: int = 4
+    # beyond the seed's keys
+    data_root: str = "datasets"
+    output_dir: str = "runs/train"
+    threshold: float = 0.5  # on the sigmoid probability
+    selection_metric: str = "iou"  # EVAL metric that picks the best checkpoint
+    weight_decay: float = 0.0
+    augment: bool = True
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # mixed precision (bf16 where supported, else fp16 with a grad scaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    cache_images: bool = True  # decode + resize each image once, keep at training resolution
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps it (tests, smoke runs)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def height(self) -> int:
+        return int(self.image_size[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image_size[1])
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<top level>'}' must be a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field (e.g. model.name) is missing
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<top level>'}' is incomplete: {exc}.") from None
+
+
+def _coerce(hint, value, path: str):
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else _build(hint, value, path + ".")
+    origin = typing.get_origin(hint) or hint
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if origin is typing.Union:
+        return value
+    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{path}' must be {getattr(origin, '__name__', origin)}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot; raise ConfigError naming the key."""
+    size = cfg.image_size
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise ConfigError(f"config key 'image_size' must be [height, width] (two integers), got {size!r}.")
+    if any(v <= 0 or v % 32 for v in size):
+        raise ConfigError(f"config key 'image_size' must be [height, width] with each a positive multiple of 32 (the UNet downsamples 5 times), got {size!r}.")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "val_per_epoch": cfg.val_per_epoch, "learning_rate": cfg.learning_rate}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value!r}.")
+    for key in ("visualization_samples", "num_workers", "max_steps_per_epoch", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must not be negative, got {getattr(cfg, key)!r}.")
+    if not 0.0 < cfg.threshold < 1.0:
+        raise ConfigError(f"config key 'threshold' must be between 0 and 1 (a sigmoid probability), got {cfg.threshold!r}.")
+    if cfg.selection_metric not in METRICS:
+        raise ConfigError(f"config key 'selection_metric' must be one of {', '.join(METRICS)}, got {cfg.selection_metric!r}.")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}.")
+    for key in ("model", "criterion"):
+        component = getattr(cfg, key)
+        if not isinstance(component.args, dict):
+            raise ConfigError(f"config key '{key}.args' must be a mapping, got {component.args!r}.")
+    return cfg
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge ``override`` into a copy of ``base`` (nested dicts merge; other values replace)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not value.pop("_delete_", False):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, following ``_base_`` (relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values.")
+    base = data.pop("_base_", None)
+    if base is not None:
+        data = merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_build(Config, data, ""))
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Load ``path`` (with its ``_base_`` chain), apply ``overrides`` and validate."""
+    data = read_yaml(path)
+    if overrides:
+        data = merge(data, overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["model.args.encoder_name=resnet34", "epochs=3"]`` -> nested dict, values parsed as YAML."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like key=value (e.g. epochs=3 or model.args.encoder_name=resnet34).")
+        key, raw = pair.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out

@@ -1,0 +1,36 @@
+"""Models by name: ``build_model(NamedArgs("UNetAttention", {"encoder_name": "resnet34"}))``.
+
+``MODELS`` maps a name to a class: ``UNetAttention`` and every smp architecture (Unet,
+UnetPlusPlus, FPN, DeepLabV3Plus, ...). Encoders are smp's by name (``resnet34``,
+``tu-efficientnet_lite0``, ...); ``encoder_weights`` is handled by :mod:`bss.models.weights`.
+"""
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch
+
+from bss.config import NamedArgs
+from bss.errors import ConfigError
+from bss.models.unet_attention import UNetAttention
+from bss.models.weights import resolve_weights
+
+MODELS: dict[str, type[torch.nn.Module]] = {"UNetAttention": UNetAttention}
+MODELS.update({cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()})
+
+
+def build_model(spec: NamedArgs) -> torch.nn.Module:
+    if spec.name not in MODELS:
+        raise ConfigError(f"config key 'model.name': unknown model {spec.name!r}; valid: {', '.join(MODELS)}.")
+    args = dict(spec.args)
+    args.setdefault("classes", 1)
+    encoder_name = args.get("encoder_name", "resnet34")
+    if encoder_name not in smp.encoders.get_encoder_names() and not str(encoder_name).startswith("tu-"):
+        raise ConfigError(f"config key 'model.args.encoder_name': unknown encoder {encoder_name!r}; see smp.encoders.get_encoder_names() (or a timm name as tu-<name>).")
+    args["encoder_weights"], load = resolve_weights(encoder_name, args.get("encoder_weights"))
+    try:
+        model = MODELS[spec.name](**args)
+    except (TypeError, KeyError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"config key 'model.args' does not fit {spec.name}: {exc}") from None
+    if load is not None:
+        load(model.encoder)
+    return model

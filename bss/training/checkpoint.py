@@ -1,0 +1,68 @@
+"""Checkpoints: ``state_dict`` plus the resolved config and metrics, loadable with
+``torch.load(path, weights_only=True)`` (never a pickled model object)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bss.config import Config, NamedArgs, from_dict
+from bss.errors import BSSError
+
+FORMAT_VERSION = 1
+
+
+def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, config: Config, metrics: dict, epoch: float) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a half checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": _plain_state(model),
+        "config": config.to_dict(),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "epoch": float(epoch),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BSSError(f"checkpoint {path} not found.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise BSSError(f"{path}: not a readable BSS checkpoint ({exc}).") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
+        raise BSSError(f"{path}: not a BSS checkpoint (expected a dict with state_dict and config).")
+    return payload
+
+
+def load_state_into(model: torch.nn.Module, path: str | Path) -> None:
+    target = getattr(model, "_orig_mod", model)
+    target.load_state_dict(read_checkpoint(path)["state_dict"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """Rebuild the model from the checkpoint's own config and load its weights."""
+    from bss.models import build_model
+
+    payload = read_checkpoint(path)
+    config = from_dict(payload["config"])
+    # the weights come from the checkpoint: never download or read encoder weights again
+    model = build_model(NamedArgs(config.model.name, {**config.model.args, "encoder_weights": None}))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise BSSError(f"{path}: weights do not fit the model its config describes ({str(exc)[:200]}).") from None
+    return model.to(device).eval(), config

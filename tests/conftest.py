@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny real datasets written to tmp folders (64 px images, real PNG files)."""
+from __future__ import annotations
+
+import os
+
+for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from bss.data.io import write_image, write_mask  # noqa: E402
+from bss.data.via import write_via_csv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "coudlabs_sewer"
+
+
+def make_source_dataset(root: Path, name: str = "toy", n: int = 12, labelled: int = 9, size=(64, 64), seed: int = 0) -> Path:
+    """A learnable toy dataset: dark noisy background, one bright irregular blob per image.
+
+    masks/ holds the blob's filled bounding box, labels.csv exact polygons for ``labelled``
+    images, truth/ the exact masks of all.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = size
+    folder = root / name
+    for sub in ("images", "masks", "truth"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rows = {}
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        cx, cy = rng.uniform(0.3 * w, 0.7 * w), rng.uniform(0.3 * h, 0.7 * h)
+        angles = np.linspace(0, 2 * np.pi, 10, endpoint=False)
+        radii = rng.uniform(0.12, 0.22, size=10) * min(h, w)
+        px = np.clip(cx + radii * np.cos(angles), 0, w - 1).round(1)
+        py = np.clip(cy + radii * np.sin(angles), 0, h - 1).round(1)
+        import cv2
+
+        truth = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(truth, [np.round(np.stack([px, py], 1)).astype(np.int32)], 1)
+        img = rng.normal(60, 12, size=(h, w, 3)) + 20 * np.sin(xx / 7.0)[..., None]
+        img[truth > 0] += 110
+        write_image(folder / "images" / f"img_{i:03d}.png", np.clip(img, 0, 255).astype(np.uint8))
+        box = np.zeros_like(truth)
+        ys, xs = np.nonzero(truth)
+        box[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] = 1
+        write_mask(folder / "masks" / f"img_{i:03d}.png", box)
+        write_mask(folder / "truth" / f"img_{i:03d}.png", truth)
+        shape = {"name": "polygon", "all_points_x": px.tolist(), "all_points_y": py.tolist()}
+        rows[f"img_{i:03d}.png"] = [shape] if i < labelled else []
+    write_via_csv(folder / "labels.csv", rows)
+    return folder
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    root = tmp_path / "datasets"
+    make_source_dataset(root)
+    return root
+
+
+def tiny_config_dict(data_root: Path, tmp_path: Path, **over) -> dict:
+    cfg = {
+        "seed": 0,
+        "epochs": 2,
+        "learning_rate": 0.01,
+        "batch_size": 4,
+        "criterion": {"name": "TverskyLoss", "args": {"alpha": 0.5, "beta": 0.5}},
+        "train_dataset": "toy_BASELINE",
+        "evaluation_dataset": "toy_EVAL",
+        "image_size": [64, 64],
+        "model": {"name": "UNetAttention", "args": {"encoder_name": "resnet18", "encoder_weights": None, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
+        "val_per_epoch": 1,
+        "visualization_samples": 2,
+        "data_root": str(data_root),
+        "output_dir": str(tmp_path / "run"),
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test", "enabled": False},
+    }
+    cfg.update(over)
+    return cfg
