@@ -1,0 +1,64 @@
+"""Config loading: defaults, inheritance, overrides, and one clear error per mistake."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bss.config import Config, from_dict, load_config, parse_overrides
+from bss.errors import ConfigError
+from conftest import REPO
+
+
+def test_repo_config_loads():
+    cfg = load_config(REPO / "config.yaml")
+    assert isinstance(cfg, Config) and cfg.height % 32 == 0 and cfg.criterion.name == "TverskyLoss"
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"epochs": 3, "model": {"name": "Unet", "args": {"encoder_name": "resnet18", "encoder_depth": 4}}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"_base_": "base.yaml", "model": {"args": {"encoder_name": "resnet34"}}}))
+    cfg = load_config(tmp_path / "child.yaml", parse_overrides(["learning_rate=1e-4", "image_size=[64, 96]"]))
+    assert cfg.epochs == 3 and cfg.model.name == "Unet"
+    assert cfg.model.args == {"encoder_name": "resnet34", "encoder_depth": 4}
+    assert cfg.learning_rate == pytest.approx(1e-4) and (cfg.height, cfg.width) == (64, 96)
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"epoch": 3}, "unknown config key 'epoch'. Did you mean 'epochs'?"),
+        ({"model": {"name": "Unet", "argz": {}}}, "unknown config key 'model.argz'. Did you mean 'args'?"),
+        ({"tracking": {"url": "x"}}, "unknown config key 'tracking.url'. Did you mean 'uri'?"),
+        ({"epochs": "ten"}, "config key 'epochs' must be int"),
+        ({"epochs": True}, "config key 'epochs' must be int"),
+        ({"learning_rate": "fast"}, "config key 'learning_rate' must be float"),
+        ({"image_size": [100, 128]}, "'image_size' must be [height, width] with each a positive multiple of 32"),
+        ({"image_size": [128]}, "'image_size' must be [height, width]"),
+        ({"batch_size": 0}, "'batch_size' must be positive"),
+        ({"threshold": 1.5}, "'threshold' must be between 0 and 1"),
+        ({"selection_metric": "f1"}, "'selection_metric' must be one of"),
+        ({"criterion": {"args": {}}}, "'criterion' is incomplete"),
+        ({"device": "tpu"}, "'device' must be auto"),
+    ],
+)
+def test_bad_config_names_the_key(data, fragment):
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    assert fragment in str(err.value)
+
+
+def test_error_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'epochz'"):
+        load_config(path)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_to_dict_round_trip():
+    cfg = from_dict({"epochs": 2, "model": {"name": "FPN", "args": {"encoder_name": "resnet18"}}})
+    assert from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,79 @@
+"""Models by name, encoder weights (offline packaged, local file, offline failure)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bss.config import NamedArgs
+from bss.errors import ConfigError
+from bss.models import MODELS, build_model
+from bss.models.unet_attention import UNetAttention
+
+TINY = {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+
+
+def test_unet_attention_shapes_and_gate():
+    model = build_model(NamedArgs("UNetAttention", dict(TINY, decoder_channels=[64, 32, 16], dropout=0.5, decoder_attention="scse")))
+    assert isinstance(model, UNetAttention)
+    out = model.eval()(torch.randn(2, 3, 64, 96))
+    assert out.shape == (2, 1, 64, 96)
+    assert any("attention" in n for n, _ in model.decoder.named_modules())  # scSE in the decoder
+    assert model.bottleneck_dropout.p == 0.5
+
+
+def test_dropout_active_only_in_train_mode():
+    torch.manual_seed(0)
+    model = build_model(NamedArgs("UNetAttention", dict(TINY, dropout=0.9)))
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["Unet", "FPN", "UnetPlusPlus"])
+def test_smp_architectures_by_name(name):
+    args = {"encoder_name": "resnet18"} if name == "FPN" else dict(TINY)
+    assert build_model(NamedArgs(name, args))(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ConfigError, match="unknown model 'UNetAtention'; valid: UNetAttention, Unet"):
+        build_model(NamedArgs("UNetAtention", TINY))
+    with pytest.raises(ConfigError, match="unknown encoder 'resnet7'"):
+        build_model(NamedArgs("Unet", {"encoder_name": "resnet7"}))
+    assert "DeepLabV3Plus" in MODELS
+
+
+def test_imagenet_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="unreachable"):
+        build_model(NamedArgs("Unet", {"encoder_name": "resnet18", "encoder_weights": "imagenet"}))
+    assert time.perf_counter() - start < 5
+
+
+def test_packaged_efficientnet_lite0_weights_are_loaded():
+    from bss.models.weights import packaged_efficientnet_lite0
+
+    model = build_model(NamedArgs("UNetAttention", {"encoder_name": "tu-efficientnet_lite0", "encoder_weights": "imagenet"}))
+    source = packaged_efficientnet_lite0()
+    stem = model.encoder.state_dict()["model.conv_stem.weight"]
+    assert torch.equal(stem, source["_conv_stem.weight"])
+    random_init = build_model(NamedArgs("UNetAttention", {"encoder_name": "tu-efficientnet_lite0", "encoder_weights": None}))
+    assert not torch.equal(random_init.encoder.state_dict()["model.conv_stem.weight"], stem)
+
+
+def test_encoder_weights_from_local_file(tmp_path):
+    donor = build_model(NamedArgs("Unet", dict(TINY)))
+    path = tmp_path / "enc.pt"
+    torch.save(donor.encoder.state_dict(), path)
+    model = build_model(NamedArgs("UNetAttention", dict(TINY, encoder_weights=str(path))))
+    assert torch.equal(model.encoder.conv1.weight, donor.encoder.conv1.weight)
+    with pytest.raises(ConfigError, match="not found"):
+        build_model(NamedArgs("Unet", dict(TINY, encoder_weights=str(tmp_path / "missing.pt"))))
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_model(NamedArgs("Unet", dict(TINY, encoder_weights=str(tmp_path / "junk.pt"))))

@@ -1,0 +1,113 @@
+"""One training run end to end on tiny real images: metrics, checkpoint, overlays, MLflow, seeds."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from bss.config import from_dict
+from bss.data.splits import make_splits
+from bss.training.checkpoint import load_model
+from bss.training.run import tracked_training
+from bss.training.trainer import Trainer, TrainingDiverged
+from conftest import REPO, tiny_config_dict
+
+
+@pytest.fixture
+def split_root(data_root):
+    make_splits("toy", data_root, progress=False)
+    return data_root
+
+
+def test_two_runs_same_seed_same_metrics(split_root, tmp_path):
+    a = Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "a")), progress=False).fit()
+    b = Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "b")), progress=False).fit()
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    assert a.best_metrics == b.best_metrics
+    c = Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "c", seed=1)), progress=False).fit()
+    assert [r["train_loss"] for r in a.history] != [r["train_loss"] for r in c.history]
+
+
+def test_val_per_epoch_and_callbacks(split_root, tmp_path):
+    rows = []
+    cfg = from_dict(tiny_config_dict(split_root, tmp_path, epochs=2, val_per_epoch=2, batch_size=2))
+    result = Trainer(cfg, callbacks=[rows.append], progress=False).fit()
+    assert [round(r["epoch"], 2) for r in rows] == [0.5, 1.0, 1.5, 2.0]  # 5 images, batch 2, partial batch dropped: 2 steps
+    assert all(0.0 <= r["eval_iou"] <= 1.0 and "checkpoint" in r for r in rows)
+    assert len(result.history) == 4
+    best = max(result.history, key=lambda r: r["eval_iou"])
+    assert result.best_metrics["iou"] == best["eval_iou"]
+
+
+def test_checkpoint_is_weights_only_and_reloads(split_root, tmp_path):
+    cfg = from_dict(tiny_config_dict(split_root, tmp_path))
+    trainer = Trainer(cfg, progress=False)
+    result = trainer.fit()
+    payload = torch.load(result.checkpoint, weights_only=True)
+    assert set(payload) >= {"state_dict", "config", "metrics", "epoch"}
+    assert payload["config"]["image_size"] == [64, 64]
+    model, loaded_cfg = load_model(result.checkpoint)
+    assert loaded_cfg.model.name == "UNetAttention" and not model.training
+    # the reloaded model reproduces the checkpoint's EVAL metrics
+    trainer.model.load_state_dict(model.state_dict())
+    assert trainer.evaluate()["iou"] == pytest.approx(payload["metrics"]["iou"], abs=1e-6)
+
+
+def test_overlay_png_has_three_panels_per_sample(split_root, tmp_path):
+    cfg = from_dict(tiny_config_dict(split_root, tmp_path, visualization_samples=2))
+    Trainer(cfg, progress=False).fit()
+    png = np.asarray(Image.open(tmp_path / "run" / "overlays.png"))
+    assert png.shape[0] == 2 * (64 + 4) and png.shape[1] == 3 * 64 + 2 * 4
+    left = png[:64, :64].astype(int)
+    truth = png[:64, 68:132].astype(int)
+    assert (truth[..., 1] - left[..., 1]).max() > 50  # truth panel is tinted green somewhere
+
+
+def test_nan_loss_is_reported(split_root, tmp_path):
+    cfg = from_dict(tiny_config_dict(split_root, tmp_path, learning_rate=1e30, epochs=3))
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        Trainer(cfg, progress=False).fit()
+
+
+def test_learns_the_toy_task(tmp_path):
+    from conftest import make_source_dataset
+
+    root = tmp_path / "datasets"
+    make_source_dataset(root, n=30, labelled=30)
+    make_splits("toy", root, progress=False)
+    cfg = from_dict(tiny_config_dict(root, tmp_path, epochs=12, batch_size=4))
+    result = Trainer(cfg, progress=False).fit()
+    assert result.best_metrics["iou"] > 0.5, result.best_metrics
+
+
+def test_mlflow_records_params_metrics_artifacts(split_root, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = from_dict(tiny_config_dict(split_root, tmp_path, tracking={"uri": uri, "experiment": "unit", "enabled": True}))
+    tracked_training(cfg, run_name="unit-run")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("unit")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "unit-run"
+    assert run.data.params["model.args.encoder_name"] == "resnet18" and run.data.params["criterion.name"] == "TverskyLoss"
+    assert len(client.get_metric_history(run.info.run_id, "eval_iou")) == 2  # one per epoch
+    assert {"best_eval_iou", "best_eval_recall", "train_seconds"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"best.pt", "overlays.png"} <= names
+
+
+def test_train_driver(split_root, tmp_path):
+    cfg = tiny_config_dict(split_root, tmp_path, epochs=1)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--no-mlflow", "--set", "visualization_samples=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "best EVAL" in proc.stdout and (tmp_path / "run" / "best.pt").is_file()
+    bad = subprocess.run([sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--set", "epoch=1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {path}: unknown config key 'epoch'. Did you mean 'epochs'?"]

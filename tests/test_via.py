@@ -1,0 +1,93 @@
+"""VIA CSV parsing and mask drawing: shapes, the union, and every malformed input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bss.data.via import rasterize, read_via_csv, write_via_csv
+from bss.errors import DatasetError
+
+HEADER = "filename,file_size,file_attributes,region_count,region_id,region_shape_attributes,region_attributes\n"
+
+
+def csv_row(name, count, rid, shape):
+    text = json.dumps(shape).replace('"', '""')
+    return f'{name},100,"{{}}",{count},{rid},"{text}","{{}}"\n'
+
+
+def write(tmp_path, body: str):
+    path = tmp_path / "labels.csv"
+    path.write_text(HEADER + body)
+    return path
+
+
+def test_round_trip_and_labelled_split(tmp_path):
+    poly = {"name": "polygon", "all_points_x": [1, 8, 8, 1], "all_points_y": [1, 1, 6, 6]}
+    write_via_csv(tmp_path / "l.csv", {"a.png": [poly, {"name": "rect", "x": 10, "y": 2, "width": 3, "height": 4}], "b.png": []})
+    labels = read_via_csv(tmp_path / "l.csv")
+    assert labels.labelled == ["a.png"] and labels.unlabelled == ["b.png"]
+    assert [r.shape for r in labels.regions["a.png"]] == ["polygon", "rect"]
+
+
+def test_rasterize_union_of_shapes():
+    labels_rect = {"name": "rect", "x": 2, "y": 3, "width": 4, "height": 2}
+    from bss.data.via import parse_region
+
+    rect = parse_region(json.dumps(labels_rect), "t")
+    circle = parse_region(json.dumps({"name": "circle", "cx": 15, "cy": 15, "r": 2}), "t")
+    ellipse = parse_region(json.dumps({"name": "ellipse", "cx": 5, "cy": 15, "rx": 3, "ry": 1, "theta": 0}), "t")
+    mask = rasterize([rect, circle, ellipse], 20, 20)
+    assert mask[3:5, 2:6].all() and mask[3:5, 2:6].sum() == 8
+    assert mask[:3].sum() == 0 and mask[5:10].sum() == 0  # nothing outside the rectangle rows
+    assert mask[15, 15] == 1 and mask[15, 13] == 1 and mask[15, 18] == 0
+    assert mask[15, 2] == 1 and mask[15, 8] == 1 and mask[13, 5] == 0  # ellipse wide, not tall
+    assert set(np.unique(mask)) == {0, 1}
+
+
+def test_polygon_fills_its_interior():
+    from bss.data.via import parse_region
+
+    tri = parse_region(json.dumps({"name": "polygon", "all_points_x": [0, 9, 0], "all_points_y": [0, 0, 9]}), "t")
+    mask = rasterize([tri], 10, 10)
+    assert mask[1, 1] == 1 and mask[8, 8] == 0
+    assert 45 <= mask.sum() <= 60  # about half of the 10x10 square
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('a.png,1,"{}",1,0,"{not json}","{}"\n', "not valid JSON"),
+        (csv_row("a.png", 1, 0, {"name": "polyline", "all_points_x": [1, 2], "all_points_y": [1, 2]}), "unsupported region shape"),
+        (csv_row("a.png", 1, 0, {"name": "polygon", "all_points_x": [1, 2], "all_points_y": [1, 2]}), "at least 3"),
+        (csv_row("a.png", 1, 0, {"name": "polygon", "all_points_x": [1, 2, 3], "all_points_y": [1, 2]}), "equal length"),
+        (csv_row("a.png", 1, 0, {"name": "polygon", "all_points_x": [1, "x", 3], "all_points_y": [1, 2, 3]}), "finite number"),
+        (csv_row("a.png", 1, 0, {"name": "rect", "x": 1, "y": 1, "width": 2}), "lacks 'height'"),
+        (csv_row("../a.png", 1, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}), "without a folder"),
+        (csv_row("a.png", 2, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}) * 2, "duplicate entry"),
+        ('a.png,1,"{}",x,0,"{}","{}"\n', "integers"),
+        ("", "no rows"),
+    ],
+)
+def test_malformed_rows_name_the_line(tmp_path, body, fragment):
+    path = write(tmp_path, body)
+    with pytest.raises(DatasetError) as err:
+        read_via_csv(path)
+    assert fragment in str(err.value)
+    if body:
+        assert "line 2" in str(err.value) or "line 3" in str(err.value) or "no rows" in str(err.value)
+
+
+def test_not_a_via_file(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(DatasetError, match="not a VIA CSV export"):
+        read_via_csv(path)
+
+
+def test_polygon_outside_image_is_an_error(tmp_path):
+    path = write(tmp_path, csv_row("a.png", 1, 0, {"name": "polygon", "all_points_x": [1, 50, 1], "all_points_y": [1, 1, 9]}))
+    region = read_via_csv(path).regions["a.png"][0]
+    with pytest.raises(DatasetError, match="outside the 20x10 image"):
+        rasterize([region], 10, 20, "a.png")
