@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bss.data.yolo_import import import_yolo, summary  # noqa: E402
-from bss.errors import BSSError  # noqa: E402
+import _common
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,21 +26,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        manifest = import_yolo(
-            args.source, args.class_spec, args.name, data_root=args.data_root,
-            overwrite=args.overwrite, copy=args.copy,
-            log=lambda message: print(f"warning: {message}", file=sys.stderr),
-        )
-    except BSSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the half-written dataset was already removed
-        print("interrupted", file=sys.stderr)
-        return 130
+    from bss.data.yolo_import import import_yolo, summary
+
+    manifest = import_yolo(
+        args.source, args.class_spec, args.name, data_root=args.data_root,
+        overwrite=args.overwrite, copy=args.copy,
+        log=lambda message: print(f"warning: {message}", file=sys.stderr),
+    )
     print(summary(manifest))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)
