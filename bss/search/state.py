@@ -1,0 +1,97 @@
+"""The loop's resume file: ``<run-dir>/state.json``, small, JSON, always written atomically.
+
+It records the loop's settings and, per iteration, which stages are complete::
+
+    {"version": 1, "settings": {...}, "parent_run_id": "...", "data": {...},
+     "iterations": [{"index": 0, "train_dataset": "obstacle_BASELINE", "run_id": "...",
+                     "search": {...}, "promoted": {...}, "decision": {...},
+                     "hybrid": {"number": 1, "path": "...", "done": true}, "done": true}],
+     "report": {...}, "finished": true}
+
+A stage is written only after its outputs are on disk, with a temporary file, ``fsync`` and
+``os.replace``: a kill at any moment leaves either the old or the new file, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bss.errors import BSSError
+
+VERSION = 1
+FILE = "state.json"
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BSSError(f"{path} is not valid JSON ({exc}); it was not written by this version of BSS, or was edited.") from None
+
+
+class LoopState:
+    """The resume state of one loop; ``save()`` after every completed stage."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path = Path(path)
+        self.data = data
+
+    @classmethod
+    def new(cls, run_dir: str | Path, settings: dict) -> "LoopState":
+        return cls(Path(run_dir) / FILE, {"version": VERSION, "settings": settings, "iterations": [], "finished": False})
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "LoopState | None":
+        path = Path(run_dir) / FILE
+        if not path.is_file():
+            return None
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            raise BSSError(f"{path}: unknown state format (version {data.get('version') if isinstance(data, dict) else '?'}); start a new run with another --run-dir.")
+        return cls(path, data)
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    # ---- convenience ---------------------------------------------------------------------
+    @property
+    def settings(self) -> dict:
+        return self.data["settings"]
+
+    @property
+    def iterations(self) -> list[dict]:
+        return self.data["iterations"]
+
+    def iteration(self, index: int) -> dict:
+        while len(self.iterations) <= index:
+            self.iterations.append({"index": len(self.iterations)})
+        return self.iterations[index]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.save()

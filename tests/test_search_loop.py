@@ -1,0 +1,266 @@
+"""The loop's decisions without Ray: promotion guard, stop rule (forced metric drop), patience,
+state file, settings on resume, resources. The searches are replaced by fabricated trials with
+real checkpoints, so promotion, H<n> creation, TEST evaluation, the report and MLflow are real."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from conftest import make_source_dataset, tiny_config_dict  # noqa: E402
+
+from bss.config import NamedArgs, from_dict  # noqa: E402
+from bss.data.splits import make_splits  # noqa: E402
+from bss.errors import BSSError  # noqa: E402
+from bss.models import build_model  # noqa: E402
+from bss.search import loop as loop_mod  # noqa: E402
+from bss.search.loop import LoopOptions, run_loop  # noqa: E402
+from bss.search.promotion import Candidate, PromotionRule, choose  # noqa: E402
+from bss.search.state import LoopState, atomic_write_json  # noqa: E402
+from bss.search.tune_search import SearchOutcome, plan_resources  # noqa: E402
+from bss.training.checkpoint import load_model, save_checkpoint  # noqa: E402
+
+
+def row(recall, precision, iou=None, epoch=1.0):
+    iou = iou if iou is not None else min(recall, precision) * 0.9
+    return {"epoch": epoch, "eval_recall": recall, "eval_precision": precision, "eval_iou": iou, "eval_dice": 2 * iou / (1 + iou)}
+
+
+def cand(ordinal, r, checkpoint="x.pt", state="complete"):
+    return Candidate(ordinal=ordinal, key=f"t{ordinal:03d}", state=state, params={"learning_rate": 0.01 * ordinal}, best=r, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------- promotion guard
+
+
+def test_guard_keeps_all_foreground_model_from_winning():
+    rule = PromotionRule("recall", "precision", 0.3)
+    everything = cand(1, row(1.0, 0.12))  # calls every pixel foreground
+    good = cand(2, row(0.82, 0.55, iou=0.48))
+    tied_better_iou = cand(3, row(0.82, 0.61, iou=0.52))
+    failed = cand(4, None, checkpoint=None, state="failed")
+    diverged_late = cand(6, row(0.99, 0.9), state="failed")  # NaN after a good epoch: failed is failed
+    assert choose([everything, good, failed, diverged_late], rule) is good
+    assert choose([everything, good, tied_better_iou], rule) is tied_better_iou  # tie on recall -> IoU
+    assert choose([everything, failed], rule) is None  # nothing admissible: no promotion
+    # equal keys: the earlier trial wins (deterministic)
+    twin = cand(5, dict(good.best))
+    assert choose([good, twin], rule) is good
+    # the floor metric and the metric are configurable
+    by_iou = PromotionRule("iou", "recall", 0.9)
+    assert choose([everything, good, tied_better_iou], by_iou) is everything
+
+
+def test_objective_orders_admissible_above_inadmissible():
+    rule = PromotionRule("recall", "precision", 0.3)
+    assert rule.objective(row(0.1, 0.3)) == pytest.approx(0.1)
+    assert rule.objective(row(1.0, 0.29)) < 0 <= rule.objective(row(0.0, 0.3))
+    assert rule.objective(row(1.0, 0.2)) > rule.objective(row(1.0, 0.1))  # closer to the floor is better
+    assert rule.better(row(0.5, 0.4), row(0.9, 0.1))
+    with pytest.raises(BSSError, match="--metric must be one of"):
+        PromotionRule("f1")
+    with pytest.raises(BSSError, match="--floor must be between 0 and 1"):
+        PromotionRule(floor=3)
+
+
+# --------------------------------------------------------------------------- loop with fabricated searches
+
+
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory) -> str:
+    """One MLflow store for the module: creating a SQLite store costs seconds (migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def setup_loop(tmp_path, monkeypatch, shared_db, request):
+    root = tmp_path / "datasets"
+    make_source_dataset(root)
+    make_splits("toy", root, progress=False)
+    cfg = tiny_config_dict(root, tmp_path)
+    cfg["tracking"]["enabled"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"fixed": {"epochs": 1}, "params": {"learning_rate": {"loguniform": [1e-3, 1e-1]}}, "searcher": {"trials": 3}}))
+    model = build_model(NamedArgs("UNetAttention", cfg["model"]["args"]))
+    calls = []
+
+    def fake_search(context, trials, resources, storage_dir, **kw):
+        """Iteration k returns the trials in PLAN[k]: (recall, precision) per trial."""
+        k = context.iteration
+        calls.append({"iteration": k, "train_dataset": context.base["train_dataset"], "trials": trials})
+        out = []
+        for j, (recall, precision) in enumerate(PLAN[k], start=1):
+            config = context.trial_config({"learning_rate": 0.01 * j})
+            ckpt = Path(context.trials_dir) / f"t{j:03d}" / "promote.pt"
+            save_checkpoint(ckpt, model, from_dict(config), {"recall": recall, "precision": precision}, 1.0)
+            out.append(Candidate(j, f"t{j:03d}", "complete", {"learning_rate": 0.01 * j}, row(recall, precision), str(ckpt), config=config))
+        return SearchOutcome(out, 0.1, [])
+
+    monkeypatch.setattr(loop_mod, "run_search", fake_search)
+    monkeypatch.setattr(loop_mod, "start_ray", lambda *a, **k: (2, 0, False))
+
+    def options(**over):
+        base = dict(dataset="toy", data_root=str(root), config=str(tmp_path / "config.yaml"), space=str(tmp_path / "space.yaml"), run_dir=str(tmp_path / "run"), iterations=3, progress=False, tracking_uri=shared_db, experiment=request.node.name)
+        base.update(over)
+        return LoopOptions(**base)
+
+    return tmp_path, root, options, calls
+
+
+PLAN: dict = {}
+
+
+def runs_by_kind(tracking_uri: str, experiment: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    out: dict = {}
+    for run in client.search_runs([exp.experiment_id]):
+        out.setdefault(run.data.tags.get("bss.kind"), []).append(run)
+    return out
+
+
+def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
+    tmp_path, root, options, calls = setup_loop
+    # iteration 0: the all-foreground trial (recall 1.0, precision 0.12) must not be promoted
+    PLAN.clear()
+    PLAN.update({0: [(1.0, 0.12), (0.80, 0.50), (0.70, 0.60)], 1: [(0.70, 0.55), (0.60, 0.60), (1.0, 0.05)], 2: [(0.9, 0.9)]})
+    result = run_loop(options(tolerance=0.05))
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    its = state["iterations"]
+    assert its[0]["promoted"]["ordinal"] == 2 and its[0]["decision"]["verdict"] == "baseline"
+    assert its[0]["hybrid"]["name"] == "toy_H1" and (root / "toy_H1" / "manifest.json").is_file()
+    # iteration 1: best admissible recall 0.70 < 0.80 - 0.05 -> stop; no H2, no iteration 2
+    assert its[1]["train_dataset"] == "toy_H1"
+    assert its[1]["decision"]["stop"] and its[1]["decision"]["verdict"].startswith("stop: recall -0.100 below the best")
+    assert len(its) == 2 and not (root / "toy_H2").exists()
+    assert [c["iteration"] for c in calls] == [0, 1]
+    assert result.final_iteration == 0 and result.stopped.startswith("stop:")
+    # the final model is iteration 0's, evaluated on TEST only for the report
+    final, cfg = load_model(tmp_path / "run" / "best.pt")
+    assert cfg.train_dataset == "toy_BASELINE"
+    assert [r["final"] for r in result.rows] == [True, False]
+    assert all(r["test_iou"] is not None for r in result.rows)
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000 and "| **0** (final)" in (tmp_path / "run" / "report.md").read_text()
+    # MLflow: one loop run, two iteration runs, all finished, decision tagged, artifacts logged
+    uri = shared_db
+    kinds = runs_by_kind(uri, request.node.name)
+    (parent,) = kinds["loop"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["final_iteration"] == 0
+    iterations = sorted(kinds["iteration"], key=lambda r: int(r.data.tags["bss.iteration"]))
+    assert [r.info.status for r in iterations] == ["FINISHED", "FINISHED"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in iterations)
+    assert iterations[1].data.tags["bss.decision"].startswith("stop:")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(iterations[0].info.run_id, "promoted")} | {a.path for a in client.list_artifacts(iterations[0].info.run_id, "hybrid")}
+    assert {"promoted/best.pt", "promoted/overlays.png", "promoted/promotion.json", "hybrid/manifest.json"} <= names
+    assert {"report/report.md", "report/metrics.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    # resuming a finished loop redoes nothing
+    calls.clear()
+    run_loop(options(resume=True))
+    assert calls == []
+
+
+def test_no_gain_within_tolerance_trains_again_on_the_same_hybrid(setup_loop):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    PLAN.update({0: [(0.80, 0.5)], 1: [(0.79, 0.5)], 2: [(0.85, 0.5)]})
+    result = run_loop(options(patience=2, tolerance=0.05))
+    assert [c["train_dataset"] for c in calls] == ["toy_BASELINE", "toy_H1", "toy_H1"]  # no H2 from the same model
+    assert not (root / "toy_H2").exists()
+    verdicts = [r["decision"] for r in result.rows]
+    assert verdicts[1].startswith("no gain") and verdicts[2].startswith("improved")
+    assert result.final_iteration == 2 and result.stopped is None
+
+
+def test_patience_stops(setup_loop):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    PLAN.update({0: [(0.80, 0.5)], 1: [(0.80, 0.5)], 2: [(0.99, 0.5)]})
+    result = run_loop(options(patience=1))
+    assert result.stopped.startswith("stop: no gain for 1 iteration") and len(calls) == 2
+
+
+def test_no_admissible_model_at_iteration_0_is_a_clear_error(setup_loop):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    PLAN.update({0: [(1.0, 0.1), (0.9, 0.2)]})
+    with pytest.raises(BSSError, match="none of the 2 trials reached EVAL precision >= 0.3"):
+        run_loop(options())
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(setup_loop):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    PLAN.update({0: [(0.8, 0.5)], 1: [(0.7, 0.5)]})
+    with pytest.raises(BSSError, match="nothing to resume"):
+        run_loop(options(resume=True))
+    run_loop(options(iterations=2))
+    with pytest.raises(BSSError, match="already holds a loop"):
+        run_loop(options(iterations=2))
+    with pytest.raises(BSSError, match="--floor was 0.3, now 0.5"):
+        run_loop(options(resume=True, iterations=2, floor=0.5))
+
+
+def test_existing_hybrid_of_another_run_is_never_overwritten(setup_loop):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    PLAN.update({0: [(0.8, 0.5)], 1: [(0.9, 0.5)]})
+    (root / "toy_H1" / "images").mkdir(parents=True)  # someone else's H1
+    (root / "toy_H1" / "keep.txt").write_text("mine")
+    result = run_loop(options(iterations=2))
+    assert result.rows[1]["train_dataset"] == "toy_H2"  # the next free number
+    assert (root / "toy_H1" / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- state file, resources
+
+
+def test_state_is_written_atomically(tmp_path, monkeypatch):
+    state = LoopState.new(tmp_path, {"seed": 1})
+    state.save()
+    before = (tmp_path / "state.json").read_text()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    state.data["seed"] = 2
+    with pytest.raises(OSError):
+        state.save()
+    assert (tmp_path / "state.json").read_text() == before  # the old file survives intact
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left behind
+    monkeypatch.undo()
+    atomic_write_json(tmp_path / "state.json", {"version": 1, "settings": {}, "iterations": []})
+    assert LoopState.load(tmp_path).settings == {}
+
+
+def test_plan_resources():
+    cpu = plan_resources(2, 0, trials=4)
+    assert (cpu.cpus_per_trial, cpu.gpus_per_trial, cpu.concurrency) == (1.0, 0.0, 2)
+    assert plan_resources(16, 0, trials=20).cpus_per_trial == 2.0 and plan_resources(16, 0, trials=20).concurrency == 8
+    assert plan_resources(16, 0, trials=3).concurrency == 3
+    gpu = plan_resources(16, 1, trials=8)
+    assert (gpu.gpus_per_trial, gpu.concurrency, gpu.cpus_per_trial) == (0.5, 2, 8.0)
+    assert plan_resources(16, 1, trials=8, gpus_per_trial=0.25).concurrency == 4
+    assert plan_resources(2, 0, trials=4, concurrency=1).concurrency == 1
+    with pytest.raises(BSSError, match="--gpus-per-trial 1 but the cluster has 0 GPU"):
+        plan_resources(2, 0, trials=4, gpus_per_trial=1)
+    with pytest.raises(BSSError, match="--cpus-per-trial 4 but the cluster has 2 CPU"):
+        plan_resources(2, 0, trials=4, cpus_per_trial=4)
+    with pytest.raises(BSSError, match="whole number"):
+        plan_resources(16, 4, trials=4, gpus_per_trial=1.5)
+
+
+torch.set_num_threads(1)  # the in-process inference (hybrid, TEST, overlays) of tiny models: no thread contention

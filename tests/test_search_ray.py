@@ -1,0 +1,239 @@
+"""The search and the loop with real Ray Tune, real MLflow (SQLite) and real images (64 px).
+
+* the end-to-end loop: 2 iterations x 2 trials -> the MLflow run tree, BASELINE -> H1, promoted
+  checkpoints that load, the report;
+* a failing trial (NaN loss, and a model that cannot be built) is recorded as failed while the
+  others finish;
+* resume after SIGKILL: the driver is killed in the middle of iteration 1's search; --resume
+  finishes the loop with the same results as the uninterrupted run, no H<n> made twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from conftest import make_source_dataset, tiny_config_dict  # noqa: E402
+
+from bss.data.splits import make_splits  # noqa: E402
+from bss.search.loop import LoopOptions, run_loop  # noqa: E402
+from bss.search.promotion import PromotionRule, choose  # noqa: E402
+from bss.search.space import load_space  # noqa: E402
+from bss.search.trial import TrialContext  # noqa: E402
+from bss.search.tune_search import Resources, run_search  # noqa: E402
+from bss.training.checkpoint import load_model  # noqa: E402
+
+SPACE = {
+    "fixed": {"epochs": 4, "max_steps_per_epoch": 2, "batch_size": 2, "visualization_samples": 2},
+    "params": {
+        "learning_rate": {"loguniform": [3.0e-3, 3.0e-2]},
+        "criterion.args.alpha": {"uniform": [0.3, 0.7]},
+        "criterion.args.beta": {"uniform": [0.3, 0.7]},
+    },
+    "searcher": {"algorithm": "tpe", "trials": 2, "n_startup_trials": 1},
+    "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+}
+LOOP = ["--dataset", "toy", "--iterations", "2", "--trials", "2", "--concurrency", "1", "--floor", "0.05", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def make_inputs(folder: Path) -> dict:
+    """Dataset (identical for the same seed), config and space files for one loop."""
+    root = folder / "datasets"
+    make_source_dataset(root)
+    cfg = tiny_config_dict(root, folder)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    return {"data_root": str(root), "config": str(folder / "config.yaml"), "space": str(folder / "space.yaml"), "run_dir": str(folder / "run"), "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}
+
+
+def cli(inputs: dict) -> list[str]:
+    return LOOP + ["--data-root", inputs["data_root"], "--config", inputs["config"], "--space", inputs["space"], "--run-dir", inputs["run_dir"], "--tracking-uri", inputs["tracking_uri"]]
+
+
+def options(inputs: dict, **over) -> LoopOptions:
+    return LoopOptions(dataset="toy", iterations=2, trials=2, concurrency=1, floor=0.05, seed=3, data_root=inputs["data_root"], config=inputs["config"], space=inputs["space"], run_dir=inputs["run_dir"], tracking_uri=inputs["tracking_uri"], **over)
+
+
+def mlflow_runs(uri: str, deleted: bool = False) -> dict:
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bss-search")
+    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY)
+    out: dict = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get("bss.kind"), []).append(run)
+    return out
+
+
+def summary(state: dict) -> list[dict]:
+    """What must be equal between an interrupted+resumed loop and an uninterrupted one."""
+    out = []
+    for it in state["iterations"]:
+        out.append(
+            {
+                "train_dataset": it["train_dataset"],
+                "trials": [(t["ordinal"], t["state"], t["params"], t["best"] and round(t["best"]["eval_iou"], 6)) for t in it["search"]["trials"]],
+                "promoted": (it["promoted"]["ordinal"], it["promoted"]["params"], {k: round(v, 6) for k, v in it["promoted"]["metrics"].items()}),
+                "decision": it["decision"]["verdict"],
+                "hybrid": (it.get("hybrid") or {}).get("name"),
+                "label_quality": (it.get("hybrid") or {}).get("label_quality"),
+                "test": {k: round(v, 6) for k, v in it["test"].items()},
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    """One uninterrupted loop, shared by the end-to-end and the resume tests."""
+    folder = tmp_path_factory.mktemp("reference")
+    inputs = make_inputs(folder)
+    result = run_loop(options(inputs, progress=True))
+    return inputs, result
+
+
+def test_end_to_end_loop(reference):
+    inputs, result = reference
+    run = Path(inputs["run_dir"])
+    root = Path(inputs["data_root"])
+    state = json.loads((run / "state.json").read_text())
+    assert state["finished"] and len(state["iterations"]) == 2
+    # the driver made the splits, iteration 0 made H1 with its promoted model, iteration 1 trained on it
+    assert all((root / f"toy_{s}").is_dir() for s in ("BASELINE", "EVAL", "TEST"))
+    assert [it["train_dataset"] for it in state["iterations"]] == ["toy_BASELINE", "toy_H1"]
+    manifest = json.loads((root / "toy_H1" / "manifest.json").read_text())
+    assert manifest["checkpoint"]["train_dataset"] == "toy_BASELINE" and manifest["counts"]["refined"] == 3
+    assert not (root / "toy_H2").exists()  # the last iteration refines nothing
+    # promoted checkpoints load, with the config of the trial that won
+    for k, it in enumerate(state["iterations"]):
+        model, cfg = load_model(run / f"iter_{k}" / "best.pt")
+        assert cfg.train_dataset == it["train_dataset"] and cfg.learning_rate == pytest.approx(it["promoted"]["params"]["learning_rate"])
+        rule = PromotionRule(floor=0.05)
+        admissible = [t for t in it["search"]["trials"] if t["best"] and rule.admissible(t["best"])]
+        assert it["promoted"]["metrics"]["eval_recall"] == max(t["best"]["eval_recall"] for t in admissible)
+        assert (run / f"iter_{k}" / "overlays.png").is_file()
+    load_model(run / "best.pt")
+    assert {r["iteration"] for r in result.rows} == {0, 1} and all(r["test_recall"] is not None for r in result.rows)
+    assert (run / "report.md").is_file() and (run / "metrics.png").is_file()
+    # MLflow: 1 loop run -> 2 iteration runs -> 2 trial runs each; none left RUNNING
+    runs = mlflow_runs(inputs["tracking_uri"])
+    (parent,) = runs["loop"]
+    iterations = {r.data.tags["bss.iteration"]: r for r in runs["iteration"]}
+    assert set(iterations) == {"0", "1"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in iterations.values())
+    trials = runs["trial"]
+    assert len(trials) == 4
+    for r in trials:
+        assert r.data.tags["mlflow.parentRunId"] == iterations[r.data.tags["bss.iteration"]].info.run_id
+        assert r.info.status in ("FINISHED", "KILLED") and r.data.tags["bss.outcome"] in ("complete", "stopped")
+        assert "eval_recall" in r.data.metrics and "learning_rate" in r.data.params
+    assert all(r.info.status == "FINISHED" for r in runs["loop"] + runs["iteration"])
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(inputs["tracking_uri"]).get_metric_history(trials[0].info.run_id, "eval_iou")
+    assert len(history) >= 1  # per-evaluation metrics of every trial
+    assert "final_test_recall" in parent.data.metrics and "final_eval_recall" in parent.data.metrics
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path):
+    from bss import tracking
+
+    root = tmp_path / "datasets"
+    make_source_dataset(root)
+    make_splits("toy", root, progress=False)
+    # visualization_samples > 0 and FIFO (no ASHA stop at the last evaluation): trials still draw nothing
+    base = tiny_config_dict(root, tmp_path, train_dataset="toy_BASELINE", max_steps_per_epoch=2, epochs=2, visualization_samples=2)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        yaml.safe_dump(
+            {
+                "params": {
+                    "learning_rate": {"choice": {"ok": 0.01, "huge": 1.0e30}},  # 1e30: the loss turns NaN
+                    "model.args": {"choice": {"good": {"decoder_channels": [32, 16, 8]}, "broken": {"decoder_channels": [32, 16]}}},  # cannot be built
+                }
+            }
+        )
+    )
+    space = load_space(space_file, base)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.setup(uri, "bss-search")
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(uri).create_run(exp, run_name="iteration 0").info.run_id
+    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, mlflow={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
+    points = [{"learning_rate": "ok", "model.args": "good"}, {"learning_rate": "huge", "model.args": "good"}, {"learning_rate": "ok", "model.args": "broken"}]
+    outcome = run_search(context, 3, Resources(1, 0, 2), tmp_path, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=2, points=points, progress=True)
+    by = {c.ordinal: c for c in outcome.candidates}
+    assert [by[i].state for i in (1, 2, 3)] == ["complete", "failed", "failed"]
+    assert "TrainingDiverged" in by[2].error and "loss became" in by[2].error
+    assert "ConfigError" in by[3].error and "model.args" in by[3].error
+    assert by[1].evaluations == 2 and choose(outcome.candidates, context.rule) is by[1]
+    assert sorted(p.name for p in (Path(context.trials_dir) / by[1].key).iterdir()) == ["promote.pt", "record.json", "rows.jsonl"]
+    runs = {r.data.tags["bss.trial"]: r for r in mlflow_runs(uri)["trial"]}
+    assert runs["1"].info.status == "FINISHED"
+    assert runs["2"].info.status == "FAILED" and "loss became" in runs["2"].data.tags["bss.error"]
+    assert runs["3"].info.status == "FAILED" and "ConfigError" in runs["3"].data.tags["bss.error"]
+
+
+def test_resume_after_sigkill_equals_the_uninterrupted_run(reference, tmp_path):
+    ref_inputs, _ = reference
+    inputs = make_inputs(tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "drivers" / "search.py"), *cli(inputs)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    trials = Path(inputs["run_dir"]) / "iter_1" / "trials"
+    deadline = time.time() + 240
+    try:
+        # kill the driver (and its Ray) once iteration 1's first trial has finished: mid-search
+        while time.time() < deadline and proc.poll() is None:
+            if any((json.loads(p.read_text()) if p.stat().st_size else {}).get("state") == "complete" for p in trials.glob("t001-*/record.json")):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    state = json.loads((Path(inputs["run_dir"]) / "state.json").read_text())
+    assert state["iterations"][0]["done"] and not state["iterations"][1].get("search", {}).get("done")
+    assert not state.get("finished")
+    root = Path(inputs["data_root"])
+    h1 = (root / "toy_H1" / "manifest.json").stat().st_mtime_ns
+
+    result = run_loop(options(inputs, resume=True, progress=True))
+    resumed = json.loads((Path(inputs["run_dir"]) / "state.json").read_text())
+    reference_state = json.loads((Path(ref_inputs["run_dir"]) / "state.json").read_text())
+    assert summary(resumed) == summary(reference_state)
+    assert result.final_iteration == reference[1].final_iteration
+    # nothing redone, nothing duplicated
+    assert (root / "toy_H1" / "manifest.json").stat().st_mtime_ns == h1
+    assert sorted(p.name for p in root.glob("toy_H*")) == ["toy_H1"]
+    timings = resumed["iterations"][1]["search"]["timings"]
+    assert timings[0]["replayed"] and not timings[1]["replayed"]  # trial 1 replayed, trial 2 trained again
+    runs = mlflow_runs(inputs["tracking_uri"])
+    assert len(runs["loop"]) == 1 and len(runs["iteration"]) == 2 and len(runs["trial"]) == 4
+    assert all(r.info.status != "RUNNING" for kind in runs.values() for r in kind)
