@@ -1,0 +1,280 @@
+"""Build a hybrid dataset ``<NAME>_H<n>``: box masks refined by a trained model, plus BASELINE.
+
+    result = make_hybrid("obstacle", "runs/train/best.pt")      # -> datasets/obstacle_H1
+
+Training set of ``H<n>``:
+
+* every *box-only* image of NAME (no hand label): its box mask refined by the model's
+  probability map with a :class:`~bss.hybrid.refine.RefineRule`,
+* every image of ``NAME_BASELINE`` with its exact (hand-drawn) mask.
+
+Images of ``NAME_EVAL`` and ``NAME_TEST`` never enter an ``H<n>`` (checked explicitly, recorded
+in the manifest), and a checkpoint trained on EVAL or TEST is refused. Images are hard-linked
+where the filesystem allows (copied otherwise). The folder is written under a temporary name and
+renamed at the end; an existing ``H<n>`` is replaced only with ``overwrite``. When the source
+keeps ``truth/`` masks, the label quality of the boxes and of the refined masks is measured
+(:mod:`bss.hybrid.label_quality`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bss.data.io import atomic_folder, link_or_copy, write_mask
+from bss.data.layout import Sample, SourceDataset, list_samples, resolve_dataset
+from bss.errors import BSSError, DatasetError
+from bss.hybrid.label_quality import LabelQuality, counts, truth_files
+from bss.hybrid.refine import RefineRule, changed_fraction, refine
+from bss.inference import ImageFolderDataset, Predictor
+
+MANIFEST_VERSION = 1
+WRITER_THREADS = 2  # refine + png writes overlap the forward passes (zlib and numpy release the GIL)
+
+
+@dataclass
+class HybridResult:
+    path: Path
+    number: int
+    manifest: dict
+    label_quality: dict | None
+
+
+def _hybrid_pattern(name: str) -> re.Pattern:
+    return re.compile(re.escape(name) + r"_H(\d+)")
+
+
+def next_number(dataset: str | Path, data_root: str | Path = "datasets") -> int:
+    """1 + the highest n of an existing ``<dataset>_H<n>`` beside the dataset (1 when there is none)."""
+    root = resolve_dataset(dataset, data_root)
+    pattern = _hybrid_pattern(root.name)
+    used = [int(m.group(1)) for p in root.parent.iterdir() if p.is_dir() and (m := pattern.fullmatch(p.name))]
+    return max(used, default=0) + 1
+
+
+def hybrid_name(dataset: str, number: int) -> str:
+    return f"{dataset}_H{number}"
+
+
+def _split_stems(folder: Path) -> set[str]:
+    """Stems of a split's images: its manifest's list and its images/ folder, together."""
+    stems: set[str] = set()
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            stems |= {Path(name).stem for name in json.loads(manifest.read_text()).get("images", [])}
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise DatasetError(f"{manifest}: unreadable split manifest ({exc}); rerun drivers/preprocess.py --overwrite.") from None
+    if (folder / "images").is_dir():
+        stems |= {p.stem for p in (folder / "images").iterdir() if not p.name.startswith(".")}
+    return stems
+
+
+def _splits(source: SourceDataset) -> tuple[list[Sample], dict[str, set[str]]]:
+    """BASELINE samples (exact masks) and the stems of EVAL and TEST; a missing split is an error."""
+    folders = {split: source.root.parent / f"{source.name}_{split}" for split in ("BASELINE", "EVAL", "TEST")}
+    missing = [str(p) for p in folders.values() if not p.is_dir()]
+    if missing:
+        raise DatasetError(f"{', '.join(missing)} not found: the hand-labelled split is needed to build a hybrid dataset; run drivers/preprocess.py --dataset {source.name} first.")
+    baseline = list_samples(folders["BASELINE"])
+    held_out = {split: _split_stems(folders[split]) for split in ("EVAL", "TEST")}
+    overlap = sorted({s.stem for s in baseline} & (held_out["EVAL"] | held_out["TEST"]))
+    if overlap:
+        raise DatasetError(f"{folders['BASELINE']}: image {overlap[0]!r} is also in EVAL or TEST; the split is inconsistent, rerun drivers/preprocess.py --dataset {source.name} --overwrite.")
+    return baseline, held_out
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_teacher(predictor: Predictor, source: SourceDataset, checkpoint: Path) -> None:
+    trained_on = Path(str(predictor.config.train_dataset)).name
+    for split in ("EVAL", "TEST"):
+        if trained_on == f"{source.name}_{split}":
+            raise BSSError(f"{checkpoint}: the model was trained on {trained_on}; its predictions would leak {split} into the hybrid dataset. Use a model trained on BASELINE or a hybrid dataset.")
+
+
+def _first_box(samples: list[Sample]) -> bool:
+    """Whether any box mask holds a box (stops at the first one found)."""
+    for sample in samples:
+        with Image.open(sample.mask) as im:
+            if im.convert("L").getbbox() is not None:
+                return True
+    return False
+
+
+def make_hybrid(
+    dataset: str,
+    checkpoint: str | Path,
+    data_root: str | Path = "datasets",
+    number: int | None = None,
+    rule: RefineRule | None = None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: bool = True,
+    *,
+    device: str = "auto",
+    tta: bool = False,
+    input_size: tuple[int, int] | None = None,
+) -> HybridResult:
+    """Write ``<dataset>_H<number>`` beside the dataset and return where, with its manifest."""
+    start = time.perf_counter()
+    rule = rule or RefineRule()
+    checkpoint = Path(checkpoint)
+    source = SourceDataset.open(dataset, data_root)  # no masks/ folder -> DatasetError
+    baseline, held_out = _splits(source)
+    excluded = held_out["EVAL"] | held_out["TEST"] | {s.stem for s in baseline}
+    to_refine = [s for s in source.box_only() if s.stem not in excluded]
+    if not to_refine:
+        raise DatasetError(f"{source.root}: no box-only image to refine (every image has a hand label or is in a split); nothing to build.")
+    if not _first_box(to_refine):
+        raise DatasetError(f"{source.root / 'masks'}: no box-only image has a box (every mask is empty); a hybrid dataset refines box masks.")
+
+    if number is None:
+        number = next_number(source.root, data_root)
+    if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
+        raise BSSError(f"hybrid number must be a positive integer, got {number!r}.")
+    number = int(number)
+    target = source.root.parent / hybrid_name(source.name, number)
+    if target.exists() and not overwrite:
+        raise BSSError(f"{target} already exists; pass --overwrite to replace it, or leave out --number to use the next free one ({next_number(source.root, data_root)}).")
+
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, tta=tta)  # bad weights / input size -> BSSError
+    _check_teacher(predictor, source, checkpoint)
+
+    truths = truth_files(source.truth_dir)
+    images = ImageFolderDataset(
+        [s.image for s in to_refine],
+        predictor.input_size,
+        extras={"box": [s.mask for s in to_refine], "truth": [truths.get(s.stem) for s in to_refine]},
+    )
+    quality = LabelQuality()
+    entries: list[dict] = []
+    boxes = fallbacks = 0
+    with atomic_folder(target, overwrite=overwrite) as tmp:
+        for sub in ("images", "masks") + (("soft",) if rule.soft else ()):
+            (tmp / sub).mkdir()
+        for sample in baseline:
+            link_or_copy(sample.image, tmp / "images" / sample.image.name)
+            link_or_copy(sample.mask, tmp / "masks" / sample.mask.name)
+            entries.append({"image": sample.image.name, "origin": "baseline"})
+
+        def finish(sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray) -> tuple[dict, object]:
+            """Refine one image and write it (runs in a writer thread, overlapping the next forward pass)."""
+            if box.shape != prob.shape:
+                raise DatasetError(f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}.")
+            refined = refine(prob, box, rule)
+            write_mask(tmp / "masks" / f"{sample.stem}.png", refined.mask)
+            if refined.soft is not None:
+                Image.fromarray(np.clip(refined.soft * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(tmp / "soft" / f"{sample.stem}.png")
+            link_or_copy(sample.image, tmp / "images" / sample.image.name)
+            entry = {
+                "image": sample.image.name,
+                "origin": "refined",
+                "changed_fraction": round(changed_fraction(box, refined.mask), 5),
+                "boxes": [b.to_dict() for b in refined.boxes],
+            }
+            quality_counts = (counts(box, truth), counts(refined.mask, truth)) if truth is not None else None
+            return entry, quality_counts
+
+        def collect(future) -> None:
+            nonlocal boxes, fallbacks
+            entry, quality_counts = future.result()
+            if quality_counts is not None:
+                entry.update({k: round(v, 4) for k, v in quality.add_counts(*quality_counts).items()})
+            boxes += len(entry["boxes"])
+            fallbacks += sum(b["fallback"] for b in entry["boxes"])
+            entries.append(entry)
+
+        # a few writer threads refine and write while the model runs; the queue is bounded so
+        # memory stays flat (at most ~2 batches of probability maps wait)
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="hybrid-writer") as pool:
+            try:
+                for item, prob in predictor.predict(images, batch_size, num_workers, progress, desc=f"refining {source.name}"):
+                    pending.append(pool.submit(finish, to_refine[item["index"]], item["box"], item["truth"], prob))
+                    while len(pending) > 2 * max(1, batch_size):
+                        collect(pending.popleft())
+                while pending:
+                    collect(pending.popleft())
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+
+        written = {p.stem for p in (tmp / "images").iterdir()}
+        leaked = sorted(written & (held_out["EVAL"] | held_out["TEST"]))
+        if leaked:  # cannot happen by construction; checked anyway before the folder becomes visible
+            raise BSSError(f"internal error: EVAL/TEST image {leaked[0]!r} would enter {target.name}; nothing written.")
+        label_quality = quality.result()
+        manifest = {
+            "format_version": MANIFEST_VERSION,
+            "name": target.name,
+            "number": number,
+            "source": str(source.root.resolve()),
+            "checkpoint": {
+                "path": str(checkpoint.resolve()),
+                "sha256": file_sha256(checkpoint),
+                "model": {"name": predictor.config.model.name, "args": predictor.config.model.args},
+                "image_size": [predictor.config.height, predictor.config.width],
+                "train_dataset": predictor.config.train_dataset,
+                "evaluation_dataset": predictor.config.evaluation_dataset,
+            },
+            "inference": predictor.describe(),
+            "rule": {**rule.to_dict(), "description": rule_description(rule)},
+            "counts": {
+                "images": len(entries),
+                "refined": len(entries) - len(baseline),
+                "baseline": len(baseline),
+                "boxes": boxes,
+                "fallback_boxes": fallbacks,
+                "excluded_eval": len(held_out["EVAL"]),
+                "excluded_test": len(held_out["TEST"]),
+            },
+            "leakage": {
+                "excluded_splits": [f"{source.name}_EVAL", f"{source.name}_TEST"],
+                "excluded_images": sorted(held_out["EVAL"] | held_out["TEST"]),
+                "eval_or_test_images_included": 0,
+            },
+            "label_quality": label_quality,
+            "seconds": round(time.perf_counter() - start, 2),
+            "images": entries,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if label_quality is not None:
+            (tmp / "label_quality.json").write_text(json.dumps(label_quality, indent=2) + "\n")
+    return HybridResult(path=target, number=number, manifest=manifest, label_quality=label_quality)
+
+
+def rule_description(rule: RefineRule) -> str:
+    if rule.mode == "blend":
+        return f"mask = {rule.blend_alpha} * box + {1 - rule.blend_alpha:g} * probability > {rule.threshold}"
+    return (
+        f"probability > {rule.threshold} kept inside the boxes only; a box region whose predicted fill is below "
+        f"{rule.min_fill} falls back to the {'box' if rule.fallback == 'box' else 'inscribed ellipse'}"
+        + ("; holes filled" if rule.fill_holes else "")
+    )
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: {folder} is not a hybrid dataset made by make_hybrid.")
+    return json.loads(path.read_text())
+
+
+__all__ = ["HybridResult", "make_hybrid", "next_number", "hybrid_name", "read_manifest"]

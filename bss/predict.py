@@ -1,0 +1,136 @@
+"""Predict masks for a folder of new images with a trained checkpoint.
+
+    result = predict_folder("runs/train/best.pt", "new_frames/", "predictions/")
+
+writes, for every image (any size) of the folder::
+
+    predictions/masks/<stem>.png          0/255, the image's own size
+    predictions/overlays/<stem>.png       the image with the predicted mask tinted red
+    predictions/probabilities/<stem>.png  8-bit probability (round(255 p)), with probabilities=True
+    predictions/predictions.json          checkpoint, threshold, and per image its foreground fraction
+
+Inference goes through :mod:`bss.inference` (the training preprocessing, batched, streamed).
+The output folder is written under a temporary name and renamed at the end, so a corrupt image
+or an interruption leaves nothing half written. An existing non-empty ``out`` is refused unless
+``overwrite``, and even then only a folder that holds a previous prediction is replaced.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bss.data.io import atomic_folder, is_image, write_image, write_mask
+from bss.errors import BSSError, DatasetError
+from bss.inference import ImageFolderDataset, Predictor
+from bss.visualization import PRED_COLOUR, tint
+
+OUTPUT_ENTRIES = {"masks", "overlays", "probabilities", "predictions.json"}
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    count: int
+    seconds: float
+    summary: dict
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The images of a folder (not recursive), sorted; one clear error when there are none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DatasetError(f"images folder {folder} not found.")
+    if not folder.is_dir():
+        raise DatasetError(f"--images {folder} is not a folder; pass the folder that holds the images.")
+    images: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not is_image(path):
+            continue
+        if path.stem in images:
+            raise DatasetError(f"{folder}: {images[path.stem].name} and {path.name} share the stem {path.stem!r}, so their masks would collide; rename one.")
+        images[path.stem] = path
+    if not images:
+        raise DatasetError(f"{folder}: no images (jpg, jpeg, png, bmp, tif) to predict.")
+    return list(images.values())
+
+
+def _check_out(out: Path, images_dir: Path, overwrite: bool) -> None:
+    images_dir, resolved = images_dir.resolve(), out.resolve()
+    if resolved == images_dir or resolved in images_dir.parents:
+        raise BSSError(f"--out {out} holds the images folder {images_dir}; choose an output folder outside it.")
+    if out.exists() and not out.is_dir():
+        raise BSSError(f"--out {out} is a file; choose a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise BSSError(f"--out {out} is not empty; pass --overwrite to replace a previous prediction there, or choose another folder.")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
+        if foreign:
+            raise BSSError(f"--out {out} holds {foreign[0]!r}, which predict did not write; it only replaces a folder holding a previous prediction. Choose another folder.")
+
+
+def predict_folder(
+    checkpoint: str | Path,
+    images: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    probabilities: bool = False,
+    overlays: bool = True,
+    threshold: float | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device: str = "auto",
+    tta: bool = False,
+    progress: bool = True,
+) -> PredictResult:
+    start = time.perf_counter()
+    images_dir, out = Path(images), Path(out)
+    paths = list_images(images_dir)
+    _check_out(out, images_dir, overwrite)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, tta=tta)
+    threshold = predictor.config.threshold if threshold is None else float(threshold)
+    if not 0.0 < threshold < 1.0:
+        raise BSSError(f"--threshold must be between 0 and 1, got {threshold}.")
+    was_empty_dir = out.is_dir() and not any(out.iterdir())
+    if was_empty_dir:
+        out.rmdir()  # an empty folder given as --out: fill it atomically (recreated on failure)
+    try:
+        return _write(predictor, paths, images_dir, out, Path(checkpoint), threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start)
+    except BaseException:
+        if was_empty_dir and not out.exists():
+            out.mkdir()
+        raise
+
+
+def _write(predictor, paths, images_dir, out, checkpoint, threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start) -> PredictResult:
+    rows = []
+    dataset = ImageFolderDataset(paths, predictor.input_size, keep_image=overlays)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        for sub in ("masks",) + (("overlays",) if overlays else ()) + (("probabilities",) if probabilities else ()):
+            (tmp / sub).mkdir()
+        for item, prob in predictor.predict(dataset, batch_size, num_workers, progress, desc="predicting"):
+            path = item["path"]
+            mask = prob > threshold
+            write_mask(tmp / "masks" / f"{path.stem}.png", mask)
+            if overlays:
+                write_image(tmp / "overlays" / f"{path.stem}.png", tint(item["rgb"], mask, PRED_COLOUR))
+            if probabilities:
+                Image.fromarray(np.clip(prob * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(tmp / "probabilities" / f"{path.stem}.png")
+            rows.append({"image": path.name, "height": int(prob.shape[0]), "width": int(prob.shape[1]), "foreground_fraction": round(float(mask.mean()), 5)})
+        summary = {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "images_dir": str(images_dir.resolve()),
+            "threshold": threshold,
+            "inference": predictor.describe(),
+            "count": len(rows),
+            "images": rows,
+        }
+        (tmp / "predictions.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return PredictResult(out=out, count=len(rows), seconds=time.perf_counter() - start, summary=summary)
+
+
+__all__ = ["PredictResult", "list_images", "predict_folder"]

@@ -1,0 +1,377 @@
+"""Hybrid datasets: the refinement rule on hand-made masks, and make_hybrid end to end
+(no EVAL/TEST leakage, atomic write, manifest, label quality, bad input)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bss.config import from_dict
+from bss.data.io import link_or_copy, read_mask, write_mask
+from bss.data.splits import make_splits
+from bss.data.via import write_via_csv
+from bss.errors import BSSError, ConfigError, DatasetError
+from bss.hybrid import RefineRule, make_hybrid, measure_folder, next_number, refine
+from bss.hybrid.refine import ellipse_in
+from bss.training.checkpoint import read_checkpoint
+from bss.training.trainer import Trainer
+from conftest import REPO, make_source_dataset, tiny_config_dict
+
+
+# ---------------------------------------------------------------------------------- the rule
+def _box(shape, *rects):
+    m = np.zeros(shape, np.uint8)
+    for x0, y0, x1, y1 in rects:
+        m[y0:y1, x0:x1] = 1
+    return m
+
+
+def test_prediction_is_kept_only_inside_the_boxes():
+    box = _box((40, 60), (10, 10, 30, 30))
+    prob = np.zeros((40, 60), np.float32)
+    prob[15:25, 12:40] = 0.9  # half inside the box, half outside
+    prob[0:5, 50:60] = 0.95  # a blob far from every box
+    out = refine(prob, box, RefineRule(min_fill=0.1))
+    expected = np.zeros_like(box)
+    expected[15:25, 12:30] = 1
+    assert np.array_equal(out.mask, expected)
+    (stat,) = out.boxes
+    assert stat.bbox == [10, 10, 30, 30] and stat.area == 400
+    assert stat.fill == pytest.approx(180 / 400) and not stat.fallback
+
+
+def test_low_fill_falls_back_to_the_box_or_the_ellipse():
+    box = _box((40, 40), (5, 5, 35, 25))  # 30 wide, 20 high
+    prob = np.zeros((40, 40), np.float32)
+    prob[10:14, 10:20] = 0.8  # 40 of 600 pixels: fill 0.0667
+    kept = refine(prob, box, RefineRule(min_fill=0.05))
+    assert kept.mask.sum() == 40 and not kept.boxes[0].fallback
+    as_box = refine(prob, box, RefineRule(min_fill=0.3, fallback="box"))
+    assert np.array_equal(as_box.mask, box) and as_box.boxes[0].fallback and as_box.fallbacks == 1
+    as_ellipse = refine(prob, box, RefineRule(min_fill=0.3, fallback="ellipse"))
+    assert as_ellipse.mask[box == 0].sum() == 0
+    assert abs(as_ellipse.mask.sum() - np.pi / 4 * 600) < 12  # the inscribed ellipse's area
+    assert as_ellipse.mask[15, 20] == 1 and as_ellipse.mask[5, 5] == 0  # centre in, corner out
+
+
+def test_threshold_decides_what_counts_as_foreground():
+    box = _box((20, 20), (0, 0, 20, 20))
+    prob = np.full((20, 20), 0.1, np.float32)
+    prob[:, :10] = 0.6
+    assert refine(prob, box, RefineRule(threshold=0.5, min_fill=0.3)).mask.sum() == 200
+    low = refine(prob, box, RefineRule(threshold=0.05, min_fill=0.3))
+    assert low.mask.sum() == 400 and low.boxes[0].fill == 1.0
+    high = refine(prob, box, RefineRule(threshold=0.7, min_fill=0.3))  # nothing predicted -> the box
+    assert high.boxes[0].fill == 0.0 and high.boxes[0].fallback and high.mask.sum() == 400
+
+
+def test_several_boxes_are_judged_one_by_one():
+    box = _box((50, 80), (5, 5, 25, 25), (40, 10, 70, 40), (60, 42, 75, 48), (75, 48, 80, 50))
+    prob = np.zeros((50, 80), np.float32)
+    prob[8:22, 8:22] = 0.9  # box 1 well predicted: kept as predicted
+    prob[12:14, 42:45] = 0.9  # box 2 barely seen (6 of 900): falls back
+    prob[42:48, 60:75] = 0.9  # box 3 fully predicted
+    out = refine(prob, box, RefineRule(min_fill=0.4))
+    stats = {tuple(s.bbox): s for s in out.boxes}
+    # the last two boxes touch only at a corner: separate regions under 4-connectivity
+    assert set(stats) == {(5, 5, 25, 25), (40, 10, 70, 40), (60, 42, 75, 48), (75, 48, 80, 50)}
+    assert stats[(5, 5, 25, 25)].fill == pytest.approx(196 / 400) and not stats[(5, 5, 25, 25)].fallback
+    assert stats[(40, 10, 70, 40)].fallback and stats[(75, 48, 80, 50)].fallback
+    assert not stats[(60, 42, 75, 48)].fallback
+    assert out.mask[5:25, 5:25].sum() == 196 and out.mask[10:40, 40:70].sum() == 900
+    assert out.fallbacks == 2 and out.mask[box == 0].sum() == 0
+
+
+def test_overlapping_boxes_form_one_region():
+    box = _box((30, 30), (2, 2, 15, 15), (10, 10, 25, 25))
+    out = refine(np.zeros((30, 30), np.float32), box, RefineRule())
+    (stat,) = out.boxes
+    assert stat.bbox == [2, 2, 25, 25] and stat.area == int(box.sum()) and stat.fallback
+    ellipse = refine(np.zeros((30, 30), np.float32), box, RefineRule(fallback="ellipse")).mask
+    assert ellipse[box == 0].sum() == 0 and 0 < ellipse.sum() < box.sum()
+
+
+def test_no_box_means_an_empty_mask():
+    out = refine(np.full((10, 10), 0.99, np.float32), np.zeros((10, 10), np.uint8), RefineRule())
+    assert out.mask.sum() == 0 and out.boxes == []
+
+
+def test_fill_holes_closes_a_ring_prediction():
+    box = _box((30, 30), (5, 5, 25, 25))
+    prob = np.zeros((30, 30), np.float32)
+    prob[8:22, 8:22] = 0.9
+    prob[12:18, 12:18] = 0.0
+    assert refine(prob, box, RefineRule()).mask.sum() == 196 - 36
+    assert refine(prob, box, RefineRule(fill_holes=True)).mask.sum() == 196
+
+
+def test_blend_mode_is_the_seeds_rule():
+    box = _box((10, 10), (0, 0, 5, 10))
+    prob = np.zeros((10, 10), np.float32)
+    prob[:, 3:8] = 0.5
+    prob[:, 8:] = 0.8
+    # alpha 0.5, threshold 0.5: every box pixel with p > 0 -> the box, outside needs p > 1
+    seed = refine(prob, box, RefineRule(mode="blend", blend_alpha=0.5))
+    assert np.array_equal(seed.mask[:, 3:], np.pad(np.ones((10, 2), np.uint8), ((0, 0), (0, 5))))
+    # alpha 0.3: inside needs p > 2/7, outside p > 5/7
+    mixed = refine(prob, box, RefineRule(mode="blend", blend_alpha=0.3, soft=True))
+    assert mixed.mask[:, :3].sum() == 0 and mixed.mask[:, 3:5].all() and mixed.mask[:, 5:8].sum() == 0 and mixed.mask[:, 8:].all()
+    assert mixed.soft[0, 4] == pytest.approx(0.3 + 0.7 * 0.5) and mixed.soft[0, 9] == pytest.approx(0.56)
+
+
+def test_soft_label_of_inside_box_mode():
+    box = _box((10, 20), (0, 0, 10, 10), (12, 0, 20, 10))
+    prob = np.zeros((10, 20), np.float32)
+    prob[:, :8] = 0.7
+    prob[:, 10:12] = 0.9  # outside the boxes
+    out = refine(prob, box, RefineRule(soft=True, min_fill=0.5))
+    assert out.soft[0, 0] == pytest.approx(0.7) and out.soft[0, 9] == 0.0 and out.soft[0, 10] == 0.0
+    assert (out.soft[:, 12:] == 1.0).all()  # the empty second box fell back: certain foreground
+
+
+def test_rule_parameters_are_validated_and_serialise():
+    with pytest.raises(ConfigError, match="mode"):
+        RefineRule(mode="grabcut")
+    with pytest.raises(ConfigError, match="threshold"):
+        RefineRule(threshold=1.5)
+    with pytest.raises(ConfigError, match="min_fill"):
+        RefineRule(min_fill=-0.1)
+    with pytest.raises(ConfigError, match="fallback"):
+        RefineRule(fallback="circle")
+    rule = RefineRule(min_fill=0.3, fallback="ellipse")
+    assert RefineRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+    with pytest.raises(ConfigError, match="unknown refine rule key"):
+        RefineRule.from_dict({"min_fil": 0.3})
+
+
+def test_ellipse_in_is_symmetric_and_inscribed():
+    e = ellipse_in(9, 15)
+    assert e[4].all() and e[:, 7].all() and not e[0, 0] and np.array_equal(e, e[::-1, ::-1])
+
+
+# ------------------------------------------------------------------------------ make_hybrid
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A toy dataset (24 images, 10 hand-labelled) split into BASELINE/EVAL/TEST, and a teacher.
+
+    The teacher learns from the exact masks of every image (a stand-in for a good model), so
+    its refined labels must come much closer to the truth than the boxes.
+    """
+    tmp = tmp_path_factory.mktemp("hybrid")
+    root = tmp / "datasets"
+    source = make_source_dataset(root, n=24, labelled=10)
+    make_splits("toy", root, progress=False)
+    oracle = root / "toy_TRUTH"
+    for sub in ("images", "masks"):
+        (oracle / sub).mkdir(parents=True)
+    for path in sorted((source / "images").iterdir()):
+        link_or_copy(path, oracle / "images" / path.name)
+        link_or_copy(source / "truth" / path.name, oracle / "masks" / path.name)
+    cfg = from_dict(tiny_config_dict(root, tmp / "teacher", epochs=6, train_dataset="toy_TRUTH", visualization_samples=0))
+    checkpoint = Trainer(cfg, progress=False).fit().checkpoint
+    shutil.rmtree(oracle)
+    result = make_hybrid("toy", checkpoint, root, progress=False)
+    return root, checkpoint, result
+
+
+def _stems(folder):
+    return {p.stem for p in folder.iterdir()}
+
+
+def test_hybrid_holds_box_only_and_baseline_never_eval_or_test(world):
+    root, _, result = world
+    assert result.path == root / "toy_H1" and result.number == 1
+    images, masks = _stems(result.path / "images"), _stems(result.path / "masks")
+    box_only = {f"img_{i:03d}" for i in range(10, 24)}
+    baseline = _stems(root / "toy_BASELINE" / "images")
+    held_out = _stems(root / "toy_EVAL" / "images") | _stems(root / "toy_TEST" / "images")
+    assert len(baseline) == 6 and len(held_out) == 4
+    assert images == masks == box_only | baseline
+    assert not images & held_out
+    leakage = result.manifest["leakage"]
+    assert set(leakage["excluded_images"]) == held_out and leakage["eval_or_test_images_included"] == 0
+    assert set(leakage["excluded_splits"]) == {"toy_EVAL", "toy_TEST"}
+    for stem in baseline:  # BASELINE keeps its exact masks
+        assert np.array_equal(read_mask(result.path / "masks" / f"{stem}.png"), read_mask(root / "toy_BASELINE" / "masks" / f"{stem}.png"))
+    for stem in box_only:  # refined masks never leave the boxes
+        assert read_mask(result.path / "masks" / f"{stem}.png")[read_mask(root / "toy" / "masks" / f"{stem}.png") == 0].sum() == 0
+
+
+def test_refined_labels_are_closer_to_the_truth_than_the_boxes(world):
+    root, _, result = world
+    q = result.label_quality
+    assert q["images"] == 14
+    assert q["hybrid_iou_per_image"] > q["box_iou_per_image"] + 0.1
+    assert q["hybrid_iou_pixels"] > q["box_iou_pixels"] + 0.1
+    # the same numbers recomputed from the files on disk
+    again = measure_folder(result.path, root / "toy")
+    for key in ("box_iou_per_image", "box_iou_pixels", "hybrid_iou_per_image", "hybrid_iou_pixels"):
+        assert again[key] == pytest.approx(q[key])
+    saved = json.loads((result.path / "label_quality.json").read_text())
+    assert saved["hybrid_iou_pixels"] == pytest.approx(q["hybrid_iou_pixels"])
+
+
+def test_manifest_records_source_checkpoint_rule_counts_and_per_image_stats(world):
+    root, checkpoint, result = world
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest == json.loads(json.dumps(result.manifest))
+    assert manifest["source"] == str((root / "toy").resolve())
+    assert manifest["checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert manifest["checkpoint"]["path"] == str(checkpoint.resolve())
+    assert manifest["rule"]["mode"] == "inside_box" and manifest["rule"]["min_fill"] == RefineRule().min_fill
+    counts = manifest["counts"]
+    assert (counts["images"], counts["refined"], counts["baseline"], counts["excluded_eval"], counts["excluded_test"]) == (20, 14, 6, 2, 2)
+    refined = [row for row in manifest["images"] if row["origin"] == "refined"]
+    assert counts["boxes"] == sum(len(r["boxes"]) for r in refined) == 14
+    assert counts["fallback_boxes"] == sum(b["fallback"] for r in refined for b in r["boxes"])
+    for row in refined:
+        stem = row["image"][:-4]
+        box = read_mask(root / "toy" / "masks" / f"{stem}.png")
+        hybrid = read_mask(result.path / "masks" / f"{stem}.png")
+        assert row["changed_fraction"] == pytest.approx((box != hybrid).mean(), abs=1e-5)
+        (b,) = row["boxes"]
+        x0, y0, x1, y1 = b["bbox"]
+        assert b["area"] == box.sum() == (x1 - x0) * (y1 - y0)
+        if not b["fallback"]:
+            assert b["fill"] == pytest.approx(hybrid.sum() / box.sum(), abs=1e-4)
+
+
+def test_images_are_hard_linked_not_copied(world):
+    root, _, result = world
+    a, b = root / "toy" / "images" / "img_015.png", result.path / "images" / "img_015.png"
+    assert os.stat(a).st_ino == os.stat(b).st_ino
+
+
+def test_next_number_existing_number_and_overwrite(world):
+    root, checkpoint, result = world
+    assert next_number("toy", root) == 2
+    before = (result.path / "manifest.json").read_text()
+    with pytest.raises(BSSError, match="already exists"):
+        make_hybrid("toy", checkpoint, root, number=1, progress=False)
+    assert (result.path / "manifest.json").read_text() == before
+    again = make_hybrid("toy", checkpoint, root, number=1, overwrite=True, rule=RefineRule(min_fill=1.0), progress=False)
+    try:
+        assert again.path == result.path and again.manifest["rule"]["min_fill"] == 1.0
+        # min_fill 1: every box region not entirely predicted falls back -> (almost) the boxes
+        assert again.label_quality["hybrid_iou_pixels"] < result.label_quality["hybrid_iou_pixels"]
+    finally:
+        make_hybrid("toy", checkpoint, root, number=1, overwrite=True, progress=False)
+    with pytest.raises(BSSError, match="positive integer"):
+        make_hybrid("toy", checkpoint, root, number=0, progress=False)
+
+
+def test_interrupted_run_leaves_nothing(world, monkeypatch):
+    root, checkpoint, _ = world
+    import bss.hybrid.make as make
+
+    calls = {"n": 0}
+    real = make.refine
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(make, "refine", failing)
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        make_hybrid("toy", checkpoint, root, number=7, progress=False)
+    assert calls["n"] >= 5  # (writer threads may have started a few more)
+    assert sorted(p.name for p in root.iterdir()) == before  # no toy_H7, no temporary folder
+
+
+def test_missing_split_is_a_clear_error(tmp_path, world):
+    _, checkpoint, _ = world
+    root = tmp_path / "datasets"
+    make_source_dataset(root)
+    with pytest.raises(DatasetError, match="run drivers/preprocess.py --dataset toy first"):
+        make_hybrid("toy", checkpoint, root, progress=False)
+    assert sorted(p.name for p in root.iterdir()) == ["toy"]
+
+
+def test_dataset_without_box_masks_or_without_boxes(tmp_path, world):
+    _, checkpoint, _ = world
+    root = tmp_path / "datasets"
+    source = make_source_dataset(root)
+    make_splits("toy", root, progress=False)
+    for mask in (source / "masks").iterdir():
+        write_mask(mask, np.zeros((64, 64), np.uint8))
+    with pytest.raises(DatasetError, match="no box-only image has a box"):
+        make_hybrid("toy", checkpoint, root, progress=False)
+    shutil.rmtree(source / "masks")
+    with pytest.raises(DatasetError, match="no masks/ folder"):
+        make_hybrid("toy", checkpoint, root, progress=False)
+    assert not list(root.glob("toy_H*")) and not list(root.glob(".toy_H*"))
+
+
+def test_dataset_with_nothing_to_refine(tmp_path, world):
+    _, checkpoint, _ = world
+    root = tmp_path / "datasets"
+    make_source_dataset(root, n=6, labelled=6)
+    make_splits("toy", root, progress=False)
+    with pytest.raises(DatasetError, match="no box-only image"):
+        make_hybrid("toy", checkpoint, root, progress=False)
+    assert not list(root.glob("*_H*"))
+
+
+def test_bad_checkpoint_writes_nothing(world, tmp_path):
+    root, checkpoint, _ = world
+    payload = read_checkpoint(checkpoint)
+    payload["config"]["model"]["args"]["encoder_name"] = "resnet34"
+    torch.save(payload, tmp_path / "wrong_arch.pt")
+    with pytest.raises(BSSError, match="do not fit"):
+        make_hybrid("toy", tmp_path / "wrong_arch.pt", root, number=9, progress=False)
+    payload = read_checkpoint(checkpoint)
+    payload["config"]["train_dataset"] = "toy_TEST"
+    torch.save(payload, tmp_path / "leaky.pt")
+    with pytest.raises(BSSError, match="leak TEST"):
+        make_hybrid("toy", tmp_path / "leaky.pt", root, number=9, progress=False)
+    assert not (root / "toy_H9").exists() and not list(root.glob(".toy_H9*"))
+
+
+def test_labels_added_after_the_split_do_not_leak(tmp_path, world):
+    """An image labelled after preprocess is neither box-only nor in a split: left out; EVAL stays out."""
+    _, checkpoint, _ = world
+    root = tmp_path / "datasets"
+    source = make_source_dataset(root, n=12, labelled=9)
+    make_splits("toy", root, progress=False)
+    eval_stems = _stems(root / "toy_EVAL" / "images")
+    # relabel: drop the hand labels of the EVAL images (they now look box-only), label img_011
+    from bss.data.via import read_via_csv
+
+    labels = read_via_csv(source / "labels.csv")
+    rows = {name: ([] if name[:-4] in eval_stems else [{"name": r.shape, **r.attrs} for r in labels.regions[name]]) for name in labels.regions}
+    rows["img_011.png"] = [{"name": "rect", "x": 1, "y": 1, "width": 5, "height": 5}]
+    write_via_csv(source / "labels.csv", rows)
+    result = make_hybrid("toy", checkpoint, root, progress=False)
+    images = _stems(result.path / "images")
+    assert not images & eval_stems and "img_011" not in images
+    assert {"img_009", "img_010"} <= images
+
+
+def test_driver_prints_label_quality_and_errors_cleanly(world, tmp_path):
+    root, checkpoint, _ = world
+    env = dict(os.environ, TQDM_DISABLE="1")
+    run = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "make_hybrid.py"), "--dataset", "toy", "--model", str(checkpoint), "--data-root", str(root), "--min-fill", "0.3", "--fallback", "ellipse", "--workers", "0", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    number = next_number("toy", root) - 1
+    assert f"toy_H{number}" in run.stdout and "boxes :" in run.stdout and "hybrid:" in run.stdout
+    manifest = json.loads((root / f"toy_H{number}" / "manifest.json").read_text())
+    assert manifest["rule"]["fallback"] == "ellipse" and manifest["rule"]["min_fill"] == 0.3
+    shutil.rmtree(root / f"toy_H{number}")
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "make_hybrid.py"), "--dataset", "toy", "--model", str(checkpoint), "--data-root", str(root), "--number", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ") and "already exists" in bad.stderr
