@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
+# the decode-once image cache of every test run goes to a throw-away folder, not ~/.cache
+os.environ.setdefault("BSS_CACHE_DIR", tempfile.mkdtemp(prefix="bss-test-cache-"))
 for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
     os.environ.setdefault(_key, _value)
 

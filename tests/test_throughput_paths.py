@@ -243,14 +243,15 @@ def test_evaluate_matches_plain_metrics(split_root, tmp_path, monkeypatch):
 def test_gpu_check_cpu_path_runs(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path))
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--size", "64x64", "--steps", "2", "--quick", "--batch", "2", "--encoder", "resnet18",
-                           "--concurrent", "1,2", "--threads", "1", "--budget", "500"],
+                           "--concurrent", "1", "--threads", "1", "--budget", "500",
+                           "--trainer-images", "8", "--trainer-repeats", "1", "--trainer-workers", "0"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     import json
 
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {"fp32", "amp", "amp+channels_last"} <= {row["name"] for row in report["single"]}
-    assert report["concurrent"]["1"]["images_per_s"] > 0 and report["concurrent"]["2"]["images_per_s"] > 0
+    assert report["concurrent"]["1"]["images_per_s"] > 0
 
 
 def test_cache_module_defaults(monkeypatch, tmp_path):
