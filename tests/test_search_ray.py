@@ -237,3 +237,99 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(reference, tmp_path):
     runs = mlflow_runs(inputs["tracking_uri"])
     assert len(runs["loop"]) == 1 and len(runs["iteration"]) == 2 and len(runs["trial"]) == 4
     assert all(r.info.status != "RUNNING" for kind in runs.values() for r in kind)
+
+
+# --------------------------------------------------------------------------- kill races (no Ray)
+
+_HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from bss.search.trial import acquire_trial_lock
+lock = acquire_trial_lock(sys.argv[2], sys.argv[3])
+print("locked", flush=True)
+time.sleep(float(sys.argv[4]))
+"""
+
+
+def _context(tmp_path: Path, mlflow: dict | None = None) -> TrialContext:
+    return TrialContext(base={}, space=None, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=1, mlflow=mlflow)
+
+
+def test_cleanup_waits_for_a_worker_of_the_killed_driver_that_still_holds_its_trial(tmp_path):
+    """A Ray worker can outlive the SIGKILLed driver for a moment: the resumed search's cleanup
+    waits for it (trial lock) before deleting its MLflow run and folder, so the worker cannot
+    reopen the deleted run and record a bogus failure that the resume would then replay."""
+    from bss.search.trial import RECORD
+    from bss.search.tune_search import clean_interrupted
+
+    context = _context(tmp_path)
+    folder = Path(context.trials_dir) / "t002-abcdef12"
+    folder.mkdir(parents=True)
+    (folder / RECORD).write_text(json.dumps({"state": "running", "attempt": "old", "run_id": None}))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(REPO), context.trials_dir, folder.name, "1.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        assert clean_interrupted(context.trials_dir, context) == 1
+        assert time.monotonic() - start > 1.0  # it waited for the holder (1.5 s) to let go
+        assert not folder.exists()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait()
+
+
+def test_a_superseded_attempt_never_writes_into_its_trial_folder(tmp_path):
+    from bss.search.state import atomic_write_json
+    from bss.search.trial import RECORD, Superseded, _append_row, _save_record
+
+    folder = tmp_path / "trials" / "t002-abcdef12"
+    folder.mkdir(parents=True)
+    mine = {"state": "running", "attempt": "mine", "run_id": "r1"}
+    atomic_write_json(folder / RECORD, mine)
+    _save_record(folder, dict(mine, evaluations=1))  # still the owner
+    atomic_write_json(folder / RECORD, {"state": "running", "attempt": "newer", "run_id": "r2"})  # taken over
+    with pytest.raises(Superseded):
+        _save_record(folder, dict(mine, state="failed", error="MlflowException: deleted"))
+    assert json.loads((folder / RECORD).read_text())["attempt"] == "newer"
+    import shutil
+
+    shutil.rmtree(folder)  # removed by the resumed search's cleanup
+    with pytest.raises(Superseded):
+        _save_record(folder, dict(mine, state="failed"))
+    with pytest.raises(Superseded):
+        _append_row(folder, {"epoch": 1.0})
+    assert not folder.exists()  # not recreated
+
+
+def test_cleanup_deletes_trial_runs_no_record_names_and_finishes_the_others(tmp_path):
+    """A kill between creating a trial's MLflow run and recording its id leaves a RUNNING run
+    that no record names: deleted on resume. A kill between a trial's 'complete' record and its
+    MLflow end leaves the run RUNNING: finished on resume. Deleted runs are never reopened."""
+    from mlflow.tracking import MlflowClient
+
+    from bss import tracking
+    from bss.search.state import atomic_write_json
+    from bss.search.trial import RECORD, _run_usable
+    from bss.search.tune_search import clean_interrupted
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.setup(uri, "bss-search")
+    client = MlflowClient(uri)
+    parent = client.create_run(exp, run_name="iteration 1").info.run_id
+    context = _context(tmp_path, {"uri": uri, "experiment_id": exp, "parent_run_id": parent})
+
+    def trial_run(key):
+        return client.create_run(exp, run_name=key, tags={"mlflow.parentRunId": parent, "bss.kind": "trial", "bss.trial_key": key}).info.run_id
+
+    orphan = trial_run("t001-aaaaaaaa")  # its record was written before the run existed: names no run
+    atomic_write_json(Path(context.trials_dir) / "t001-aaaaaaaa" / RECORD, {"state": "complete", "attempt": "a", "run_id": None})
+    done = trial_run("t002-bbbbbbbb")
+    atomic_write_json(Path(context.trials_dir) / "t002-bbbbbbbb" / RECORD, {"state": "complete", "attempt": "b", "run_id": done})
+    cut = trial_run("t003-cccccccc")
+    atomic_write_json(Path(context.trials_dir) / "t003-cccccccc" / RECORD, {"state": "running", "attempt": "c", "run_id": cut})
+    assert clean_interrupted(context.trials_dir, context) == 1
+    assert client.get_run(orphan).info.lifecycle_stage == "deleted"
+    assert client.get_run(done).info.lifecycle_stage == "active" and client.get_run(done).info.status == "FINISHED"
+    assert client.get_run(cut).info.lifecycle_stage == "deleted" and not (Path(context.trials_dir) / "t003-cccccccc").exists()
+    assert not _run_usable(context, cut) and _run_usable(context, done)

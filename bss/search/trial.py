@@ -14,7 +14,11 @@ cache**: when a search is restarted after a kill, a trial whose folder says it f
 (complete, stopped by ASHA, or failed) does not train again; it reports its recorded rows (or
 raises its recorded error), so the searcher and ASHA see exactly what the first run saw and the
 restarted search proposes the same trials. A trial that was cut off mid-training trains again
-from scratch (its half-written MLflow run is deleted first).
+from scratch with a fresh MLflow run (its half-written run is deleted first; a deleted run id is
+never reopened). Each attempt holds a lock on its trial key (``<trials>/.<key>.lock``) and stamps
+its record with an ``attempt`` id: after a SIGKILL the killed driver's Ray worker can live on for
+a moment, so the resumed search waits for that lock before cleaning up, and an attempt whose
+folder was removed or taken over stops without writing anything (:class:`Superseded`).
 
 Start-up: the heavy imports (torch, the trainer, MLflow) happen inside the function, once per
 worker process; with ``reuse_actors`` the next trial on the same worker skips them. Each report
@@ -29,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +46,15 @@ CHECKPOINT = "promote.pt"
 FINISHED_STATES = ("complete", "stopped", "failed")
 
 
+LOCK_WAIT = 120.0  # seconds to wait for a previous attempt's worker to die after a kill
+
+
 class TrialFailed(RuntimeError):
     """A replayed trial that failed the first time fails again with the same message."""
+
+
+class Superseded(RuntimeError):
+    """This attempt no longer owns its trial folder (a resumed search took it over): stop quietly."""
 
 
 @dataclass
@@ -106,7 +118,59 @@ def read_rows(folder: str | Path) -> list[dict]:
     return rows
 
 
+def lock_path(trials_dir: str | Path, key: str) -> Path:
+    return Path(trials_dir) / f".{key}.lock"
+
+
+def acquire_trial_lock(trials_dir: str | Path, key: str, timeout: float = LOCK_WAIT):
+    """An exclusive lock on one trial key, held by the attempt that trains it (``flock``).
+
+    After a SIGKILL of the driver, its Ray worker can outlive it for a moment and keep writing
+    into the trial folder (and its MLflow run). The resumed search takes the lock before it
+    cleans up or re-runs that trial, so it waits for that worker to die (the kernel releases
+    the lock with the process). Returns the open handle (close it to release), or None when
+    locking is unavailable or the wait timed out (the ownership checks still apply then).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    path = lock_path(trials_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except OSError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                return None
+            time.sleep(0.05)
+
+
+def _owned(folder: Path, attempt: str) -> bool:
+    """Whether ``folder`` still belongs to this attempt (not removed nor taken over since)."""
+    if not folder.is_dir():
+        return False
+    try:
+        record = read_record(folder)
+    except Exception:  # noqa: BLE001
+        return False
+    return record is not None and record.get("attempt") == attempt
+
+
+def _save_record(folder: Path, state: dict) -> None:
+    """Write the attempt's record, unless the folder was taken over (then raise Superseded)."""
+    if not _owned(folder, state["attempt"]):
+        raise Superseded(f"{folder.name}: attempt {state['attempt']} was superseded")
+    atomic_write_json(folder / RECORD, state)
+
+
 def _append_row(folder: Path, row: dict) -> None:
+    if not folder.is_dir():
+        raise Superseded(f"{folder.name}: the trial folder was removed")
     with open(folder / ROWS, "a") as handle:
         handle.write(json.dumps(row) + "\n")
         handle.flush()
@@ -164,6 +228,16 @@ def _end_run(ctx: TrialContext, run_id: str | None, status: str, tags: dict | No
         pass
 
 
+def _run_usable(ctx: TrialContext, run_id: str | None) -> bool:
+    """Whether a recorded MLflow run can be reopened (exists and is not deleted)."""
+    if not ctx.mlflow or not run_id:
+        return False
+    try:
+        return _mlflow_client(ctx).get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # noqa: BLE001 - gone
+        return False
+
+
 def _delete_stale_run(ctx: TrialContext, run_id: str | None) -> None:
     if ctx.mlflow and run_id:
         try:
@@ -184,6 +258,17 @@ def train_trial(params: dict, context: TrialContext) -> None:
     ordinal = int(params["replica"]) if "replica" in params else ordinal_from_name(tune.get_context().get_trial_name())
     config = context.trial_config(params)
     key = trial_key(ordinal, config)
+    lock = acquire_trial_lock(context.trials_dir, key)
+    try:
+        _train_trial(params, context, entry, wall_entry, cold, ordinal, config, key)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_trial(params: dict, context: TrialContext, entry: float, wall_entry: float, cold: bool, ordinal: int, config: dict, key: str) -> None:
+    from ray import tune
+
     folder = Path(context.trials_dir) / key
     record = read_record(folder)
     rule = context.rule
@@ -216,28 +301,38 @@ def train_trial(params: dict, context: TrialContext) -> None:
     from bss.training.trainer import Trainer
 
     import_seconds = time.perf_counter() - entry
-    run_id = record.get("run_id") if skip else _create_run(context, ordinal, key, params, config)
+    attempt = uuid.uuid4().hex
     state = {
         "state": "running",
+        "attempt": attempt,
         "ordinal": ordinal,
         "key": key,
         "iteration": context.iteration,
         "params": params,
         "config": config,
-        "run_id": run_id,
+        "run_id": None,
         "best": None,
         "checkpoint": None,
         "evaluations": 0,
         "cold_start": cold,
         "import_seconds": import_seconds,
     }
+    # the record claims the folder (and names no run yet) before the MLflow run exists, so a
+    # kill in between leaves a run that no record names: the resumed search deletes such runs
     atomic_write_json(folder / RECORD, state)
+    # a trial cut off mid-training always gets a fresh run; a stopped trial trained again keeps
+    # its run unless that run is gone (deleted), and a deleted run id is never reused
+    reuse = bool(skip and record.get("run_id") and _run_usable(context, record.get("run_id")))
+    run_id = record.get("run_id") if reuse else _create_run(context, ordinal, key, params, config)
+    state["run_id"] = run_id
+    _save_record(folder, state)
 
     import mlflow
 
     if context.mlflow:
         mlflow.set_tracking_uri(context.mlflow["uri"])
     status, tags = "FAILED", {}
+    superseded = False
     try:
         trainer = Trainer(from_dict(config), output_dir=folder, progress=False)
         setup_seconds = time.perf_counter() - entry
@@ -260,7 +355,7 @@ def train_trial(params: dict, context: TrialContext) -> None:
             row["since_entry"] = time.perf_counter() - entry
             if evaluations <= skip:
                 return
-            if evaluations == skip + 1 and skip and run_id:
+            if evaluations == skip + 1 and skip and reuse:
                 mlflow.start_run(run_id=run_id)  # resume logging where the recording ended
             _append_row(folder, row)
             state.update(best=best, checkpoint=str(folder / CHECKPOINT), evaluations=evaluations)
@@ -268,7 +363,7 @@ def train_trial(params: dict, context: TrialContext) -> None:
                 # the last evaluation: the trial is complete now. ASHA may answer this report
                 # with STOP (it has reached max_t), so everything final is written before it.
                 finish(row)
-            atomic_write_json(folder / RECORD, state)
+            _save_record(folder, state)
             tune.report(dict(row, **base_metrics, replayed=False))
 
         def finish(row: dict) -> None:
@@ -283,21 +378,27 @@ def train_trial(params: dict, context: TrialContext) -> None:
             _end_run(context, run_id, status, tags)
 
         trainer.callbacks.append(on_evaluation)
-        if run_id and not skip:
+        if run_id and not reuse:
             mlflow.start_run(run_id=run_id)
         trainer.fit()
         if state["state"] != "complete":  # (the last evaluation normally completes the trial)
             finish({"since_entry": time.perf_counter() - entry})
-            atomic_write_json(folder / RECORD, state)
+            _save_record(folder, state)
         (folder / "best.pt").unlink(missing_ok=True)  # the trainer's own pick; promote.pt is ours
+    except Superseded:
+        superseded = True
+        raise
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         if state["state"] == "complete":  # every evaluation is in: the trial stands, note the error
             state["warning"] = message[:2000]
-            atomic_write_json(folder / RECORD, state)
+            _save_record(folder, state)
             return
+        if not _owned(folder, attempt):  # the folder was taken over: this attempt records nothing
+            superseded = True
+            raise Superseded(f"{key}: attempt {attempt} was superseded ({message[:200]})") from exc
         state.update(state="failed", error=message[:2000])
-        atomic_write_json(folder / RECORD, state)
+        _save_record(folder, state)
         tags = {"bss.outcome": "failed", "bss.error": message}
         raise
     except BaseException:  # SystemExit: Tune stopped the trial (ASHA, time budget)
@@ -305,7 +406,13 @@ def train_trial(params: dict, context: TrialContext) -> None:
             status, tags = "KILLED", {"bss.outcome": "stopped"}
         raise
     finally:
-        if state["state"] != "complete" or mlflow.active_run() is not None:
+        if superseded:  # the run may be deleted or in other hands: only drop the local handle
+            if mlflow.active_run() is not None:
+                try:
+                    mlflow.end_run(status)
+                except Exception:  # noqa: BLE001
+                    pass
+        elif state["state"] != "complete" or mlflow.active_run() is not None:
             if mlflow.active_run() is not None:
                 mlflow.end_run(status)
             _end_run(context, run_id, status, tags)

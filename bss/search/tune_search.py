@@ -26,7 +26,7 @@ from pathlib import Path
 from bss.errors import BSSError
 from bss.search.promotion import Candidate, PromotionRule
 from bss.search.state import atomic_write_json
-from bss.search.trial import TrialContext, read_record, read_rows, train_trial, trial_key
+from bss.search.trial import TrialContext, acquire_trial_lock, read_record, read_rows, train_trial, trial_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -268,7 +268,7 @@ def _error_text(trial) -> str | None:
     return getattr(trial, "error_msg", None)
 
 
-def _mark_run(context: TrialContext, run_id: str | None, status: str, tags: dict) -> None:
+def _mark_run(context: TrialContext, run_id: str | None, status: str, tags: dict, only_running: bool = False) -> None:
     """Give a trial's MLflow run its final status (never leave it RUNNING)."""
     if not context.mlflow or not run_id:
         return
@@ -279,7 +279,9 @@ def _mark_run(context: TrialContext, run_id: str | None, status: str, tags: dict
         run = client.get_run(run_id)
     except Exception:  # noqa: BLE001 - deleted
         return
-    if run.info.status == "RUNNING" or status == "FAILED":
+    if run.info.lifecycle_stage != "active":
+        return
+    if run.info.status == "RUNNING" or (status == "FAILED" and not only_running):
         for k, v in tags.items():
             client.set_tag(run_id, k, str(v)[:5000])
         client.set_terminated(run_id, status)
@@ -425,24 +427,71 @@ def run_search(
 def clean_interrupted(trials_dir: str | Path, context: TrialContext) -> int:
     """Before a (re)started search: a trial folder still 'running' was cut off by a kill.
 
-    Its MLflow run is deleted and the folder removed, so the trial trains again from scratch if
-    the searcher proposes it again. Runs of finished trials get their final status if a kill
-    came before the driver could set it. Returns how many folders were removed.
+    Its MLflow run is deleted and the folder removed, so the trial trains again from scratch
+    (with a fresh run) if the searcher proposes it again. Each folder is handled under its trial
+    lock: a Ray worker of the killed driver that still trains that trial is waited for, so it
+    cannot write into the folder (or reopen the deleted run) after the cleanup. Runs of finished
+    trials get their final status if a kill came before the trial or the driver could set it,
+    and trial runs that no record names (a kill between creating the run and recording its id)
+    are deleted. Returns how many folders were removed.
     """
     removed = 0
     for folder in sorted(Path(trials_dir).glob("t*-*")):
-        record = read_record(folder)
-        state = (record or {}).get("state")
-        if state in (None, "running"):
-            if record and record.get("run_id") and context.mlflow:
-                from mlflow.tracking import MlflowClient
+        if not folder.is_dir():
+            continue
+        lock = acquire_trial_lock(trials_dir, folder.name)
+        try:
+            record = read_record(folder)
+            state = (record or {}).get("state")
+            if state in (None, "running"):
+                if record and record.get("run_id") and context.mlflow:
+                    from mlflow.tracking import MlflowClient
 
-                try:
-                    MlflowClient(context.mlflow["uri"]).delete_run(record["run_id"])
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-            shutil.rmtree(folder)
-            removed += 1
-        elif state == "stopped":
-            _mark_run(context, record.get("run_id"), "KILLED", {"bss.outcome": "stopped"})
+                    try:
+                        MlflowClient(context.mlflow["uri"]).delete_run(record["run_id"])
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+                shutil.rmtree(folder)
+                removed += 1
+            elif state == "stopped":
+                _mark_run(context, record.get("run_id"), "KILLED", {"bss.outcome": "stopped"})
+            elif state == "complete":
+                _mark_run(context, record.get("run_id"), "FINISHED", {"bss.outcome": "complete"}, only_running=True)
+            elif state == "failed":
+                _mark_run(context, record.get("run_id"), "FAILED", {"bss.outcome": "failed", "bss.error": record.get("error") or ""}, only_running=True)
+        finally:
+            if lock is not None:
+                lock.close()
+    _delete_unrecorded_runs(trials_dir, context)
     return removed
+
+
+def _delete_unrecorded_runs(trials_dir: str | Path, context: TrialContext) -> None:
+    """Delete this search's RUNNING trial runs that no trial record names (orphans of a kill)."""
+    if not context.mlflow or not context.mlflow.get("parent_run_id"):
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(context.mlflow["uri"])
+        runs = client.search_runs(
+            [context.mlflow["experiment_id"]],
+            filter_string=f"tags.mlflow.parentRunId = '{context.mlflow['parent_run_id']}' and tags.`bss.kind` = 'trial' and attributes.status = 'RUNNING'",
+            max_results=5000,
+        )
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return
+    for run in runs:
+        key = run.data.tags.get("bss.trial_key")
+        if not key:
+            continue
+        try:
+            record = read_record(Path(trials_dir) / key) or {}
+        except Exception:  # noqa: BLE001
+            record = {}
+        if record.get("run_id") == run.info.run_id:
+            continue
+        try:
+            client.delete_run(run.info.run_id)
+        except Exception:  # noqa: BLE001
+            pass
