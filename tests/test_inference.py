@@ -71,7 +71,8 @@ def test_batching_workers_and_order_do_not_change_results(teacher, tmp_path):
     assert [p for p, _ in one] == paths == [p for p, _ in many]
     for (_, a), (_, b), path in zip(one, many, paths):
         assert a.shape == read_image(path).shape[:2]
-        assert np.allclose(a, b, atol=1e-5)
+        # batch size changes the CPU kernels' summation order: equal up to float noise, not bit for bit
+        assert np.abs(a - b).max() < 1e-4
     assert np.abs(one[0][1] - one[3][1]).max() > 1e-3  # different images (same size), different maps
 
 
