@@ -13,8 +13,13 @@ the refined masks is printed and saved in the manifest.
 from __future__ import annotations
 
 import argparse
+import signal
 
 import _common
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # a killed run cleans up its temporary folder like Ctrl-C does
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -50,6 +55,7 @@ def main() -> int:
     infer.add_argument("--device", default="auto")
     infer.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
 
     from bss.hybrid import RefineRule, format_quality, make_hybrid
 

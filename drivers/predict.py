@@ -10,8 +10,13 @@ refused unless --overwrite (which only replaces a previous prediction folder).
 from __future__ import annotations
 
 import argparse
+import signal
 
 import _common
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # a killed run cleans up its temporary folder like Ctrl-C does
 
 
 def main() -> int:
@@ -29,6 +34,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
 
     from bss.predict import predict_folder
 

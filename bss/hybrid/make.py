@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bss.data.io import atomic_folder, link_or_copy, write_mask
+from bss.data.io import atomic_folder, link_or_copy, read_mask, write_mask
 from bss.data.layout import Sample, SourceDataset, list_samples, resolve_dataset
 from bss.errors import BSSError, DatasetError
 from bss.hybrid.label_quality import LabelQuality, counts, truth_files
@@ -109,11 +109,7 @@ def _check_teacher(predictor: Predictor, source: SourceDataset, checkpoint: Path
 
 def _first_box(samples: list[Sample]) -> bool:
     """Whether any box mask holds a box (stops at the first one found)."""
-    for sample in samples:
-        with Image.open(sample.mask) as im:
-            if im.convert("L").getbbox() is not None:
-                return True
-    return False
+    return any(read_mask(sample.mask).any() for sample in samples)
 
 
 def make_hybrid(
@@ -177,6 +173,8 @@ def make_hybrid(
             """Refine one image and write it (runs in a writer thread, overlapping the next forward pass)."""
             if box.shape != prob.shape:
                 raise DatasetError(f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}.")
+            if truth is not None and truth.shape != box.shape:
+                raise DatasetError(f"{truths[sample.stem]}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}.")
             refined = refine(prob, box, rule)
             write_mask(tmp / "masks" / f"{sample.stem}.png", refined.mask)
             if refined.soft is not None:
