@@ -17,7 +17,6 @@ keeps ``truth/`` masks, the label quality of the boxes and of the refined masks 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bss.data.io import atomic_folder, link_or_copy, read_mask, write_mask
+from bss.data.io import atomic_folder, file_sha256, link_or_copy, read_mask, write_mask
 from bss.data.layout import Sample, SourceDataset, list_samples, resolve_dataset
 from bss.errors import BSSError, DatasetError
 from bss.hybrid.label_quality import LabelQuality, counts, truth_files
@@ -90,14 +89,6 @@ def _splits(source: SourceDataset) -> tuple[list[Sample], dict[str, set[str]]]:
     if overlap:
         raise DatasetError(f"{folders['BASELINE']}: image {overlap[0]!r} is also in EVAL or TEST; the split is inconsistent, rerun drivers/preprocess.py --dataset {source.name} --overwrite.")
     return baseline, held_out
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_teacher(predictor: Predictor, source: SourceDataset, checkpoint: Path) -> None:

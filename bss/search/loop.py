@@ -30,7 +30,6 @@ trials (bss.search.tune_search).
 from __future__ import annotations
 
 import copy
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from bss.data.io import file_sha256
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.search.promotion import PromotionRule, choose, promote
 from bss.search.state import LoopState
@@ -110,14 +110,6 @@ def _say(text: str = "") -> None:
 def _count_images(folder: Path) -> int:
     images = folder / "images"
     return sum(1 for _ in images.iterdir()) if images.is_dir() else 0
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- settings
@@ -354,7 +346,7 @@ class Loop:
             (self.run_dir / "base_config.yaml.tmp").replace(self.run_dir / "base_config.yaml")
             shutil.copyfile(space_path, self.run_dir / "space.yaml.tmp")
             (self.run_dir / "space.yaml.tmp").replace(self.run_dir / "space.yaml")
-            s["config_digest"] = _sha256(self.run_dir / "base_config.yaml")[:12]
+            s["config_digest"] = file_sha256(self.run_dir / "base_config.yaml")[:12]
             s["space_digest"] = self.space.digest()
             self.state = LoopState.new(self.run_dir, s)
             self.state.save()
@@ -533,7 +525,7 @@ class Loop:
         checkpoint = Path(self.state.get("best")["checkpoint"])
         if "number" not in hybrid:
             hybrid["number"] = int(next_number(dataset, root))
-            hybrid["checkpoint_sha256"] = _sha256(checkpoint)
+            hybrid["checkpoint_sha256"] = file_sha256(checkpoint)
             self.state.save()  # the number is fixed before the folder exists: a resume never makes a second one
         number = hybrid["number"]
         folder = root / hybrid_name(dataset, number)
