@@ -1,16 +1,17 @@
 """Throughput and memory of make_hybrid against a bare loop of the same model's forward passes.
 
     python bench/hybrid_throughput.py [--sizes 100 400] [--checkpoint best.pt] [--data-root DIR --dataset NAME]
-                                      [--batch-size 8] [--workers 1] [--repeats 2] [--json out.json]
+                                      [--batch-size 8] [--workers N] [--repeats 3] [--json out.json]
 
 For each dataset size N (box-only images) a fresh child process (so peak memory is its own):
 
 1. runs make_hybrid once and samples the resident memory (PSS) of the process and its
    DataLoader workers every 20 ms (peak, and its rise over the memory before the call),
-2. then alternates, ``--repeats`` times each, a *bare loop* (the same images already decoded,
+2. then alternates, ``--repeats`` times each (default 3), a *bare loop* (the same images already decoded,
    resized and normalised in memory, batched, ``sigmoid(model(x))`` under inference_mode: the
    forward passes and nothing else) and make_hybrid (decode, resize, forward, resize back, refine,
-   write masks, link images, manifest), and reports the best images/s of each and their ratio.
+   write masks, link images, manifest), and reports the best images/s of each, their ratio, and
+   the CPU time per image of each (process and workers together).
 
 Without ``--checkpoint`` a randomly initialised model is saved (a forward pass costs the same
 whatever the weights); without ``--dataset`` a synthetic obstacle dataset (256x192) is generated.
@@ -91,6 +92,13 @@ class PeakSampler:
         self.peak = max(self.peak, tree_pss_kib())
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 # ------------------------------------------------------------------------------- setup
 def make_checkpoint(path: Path, image_size: list[int], encoder: str) -> Path:
     from bss.config import from_dict
@@ -139,8 +147,11 @@ def child(args) -> dict:
     from bss.hybrid import make_hybrid
     from bss.training.checkpoint import load_model
 
+    from bss.inference import default_workers
+
     root, name = Path(args.data_root), args.dataset
-    kwargs = dict(data_root=root, overwrite=True, batch_size=args.batch_size, num_workers=args.workers, progress=False)
+    workers = default_workers() if args.workers is None else args.workers
+    kwargs = dict(data_root=root, overwrite=True, batch_size=args.batch_size, num_workers=workers, progress=False)
     model, config = load_model(args.checkpoint)
     with torch.inference_mode():  # warm up the model (first calls allocate)
         model(torch.zeros(args.batch_size, 3, config.height, config.width))
@@ -154,22 +165,26 @@ def child(args) -> dict:
     images = [to_tensor(resize_image(read_image(s.image), config.height, config.width)) for s in source.samples if s.image.name in refined]
     batches = [torch.stack(images[i: i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
 
-    def bare() -> float:
-        start = time.perf_counter()
+    def bare() -> None:
         with torch.inference_mode():
             for batch in batches:
                 torch.sigmoid(model(batch))
-        return len(images) / (time.perf_counter() - start)
 
-    def hybrid() -> float:
-        start = time.perf_counter()
+    def hybrid() -> None:
         make_hybrid(name, args.checkpoint, number=2, **kwargs)
-        return n / (time.perf_counter() - start)
+
+    def timed(fn) -> tuple[float, float]:
+        """(images/s, CPU ms per image, the process and its workers together)"""
+        cpu, start = _cpu_seconds(), time.perf_counter()
+        fn()
+        return n / (time.perf_counter() - start), (_cpu_seconds() - cpu) * 1000 / n
 
     bare_runs, hybrid_runs = [], []
-    for _ in range(args.repeats):
-        bare_runs.append(bare())
-        hybrid_runs.append(hybrid())
+    for _ in range(args.repeats):  # alternate, so both see the same machine load
+        bare_runs.append(timed(bare))
+        hybrid_runs.append(timed(hybrid))
+    bare_cpu, hybrid_cpu = min(c for _, c in bare_runs), min(c for _, c in hybrid_runs)
+    bare_runs, hybrid_runs = [r for r, _ in bare_runs], [r for r, _ in hybrid_runs]
     return {
         "images": n,
         "bare_imgs_per_s": max(bare_runs),
@@ -181,6 +196,9 @@ def child(args) -> dict:
         "pss_rise_mib": (mem.peak - mem.start) / 1024,
         "model": f"{config.model.name}/{config.model.args.get('encoder_name')} at {config.height}x{config.width}",
         "torch_threads": torch.get_num_threads(),
+        "workers": workers,
+        "bare_cpu_ms_per_img": bare_cpu,
+        "hybrid_cpu_ms_per_img": hybrid_cpu,
     }
 
 
@@ -194,8 +212,8 @@ def main() -> int:
     parser.add_argument("--data-root", help="where --dataset lives (default: generate a synthetic one)")
     parser.add_argument("--dataset", default="obstacle")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, help="DataLoader workers of make_hybrid (default: bss.inference.default_workers())")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the best is reported")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -220,7 +238,7 @@ def main() -> int:
         for n in args.sizes:
             name = make_subset(source_root, dataset, n, tmp / "sets")
             cmd = [sys.executable, __file__, "--child", "--data-root", str(tmp / "sets"), "--dataset", name, "--checkpoint", str(checkpoint),
-                   "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--repeats", str(args.repeats)]
+                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)] + (["--workers", str(args.workers)] if args.workers is not None else [])
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 print(run.stderr, file=sys.stderr)
@@ -228,7 +246,9 @@ def main() -> int:
             row = json.loads(run.stdout.strip().splitlines()[-1])
             results.append(row)
             print(f"{row['images']:5d} images  bare loop {row['bare_imgs_per_s']:6.1f} img/s   make_hybrid {row['hybrid_imgs_per_s']:6.1f} img/s   "
-                  f"ratio {row['ratio']:.2f}   peak PSS {row['peak_pss_mib']:.0f} MiB (+{row['pss_rise_mib']:.0f} during the call)   [{row['model']}, batch {args.batch_size}, workers {args.workers}]", flush=True)
+                  f"ratio {row['ratio']:.2f}   CPU ms/img {row['bare_cpu_ms_per_img']:.1f} vs {row['hybrid_cpu_ms_per_img']:.1f}   "
+                  f"peak PSS {row['peak_pss_mib']:.0f} MiB (+{row['pss_rise_mib']:.0f} during the call)   "
+                  f"[{row['model']}, batch {args.batch_size}, workers {row['workers']}, torch threads {row['torch_threads']}]", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -63,10 +63,29 @@ class Config:
     compile: bool = False  # torch.compile the model
     cache_images: bool = True  # decode + resize each image once, keep at training resolution
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps it (tests, smoke runs)
+    train_steps: int = 0  # >0: at least this many optimizer steps (and at least `epochs` epochs), whatever the dataset's size; 0: `epochs` decides
+    evaluations: int = 0  # >0: this many EVAL evaluations spread evenly over the run (instead of val_per_epoch per epoch)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def steps_per_epoch(self, train_images: int) -> int:
+        """Optimizer steps in one epoch over ``train_images`` images (the last partial batch is dropped)."""
+        full = train_images // self.batch_size if train_images > self.batch_size else 1
+        return min(full, self.max_steps_per_epoch) if self.max_steps_per_epoch else full
+
+    def planned_epochs(self, train_images: int) -> int:
+        """``epochs``; with ``train_steps``, at least ``epochs`` and at least ``train_steps`` steps:
+        a small training set still gets enough steps, a larger one enough passes over its images."""
+        if not self.train_steps:
+            return self.epochs
+        return max(self.epochs, -(-self.train_steps // self.steps_per_epoch(train_images)))
+
+    def planned_evaluations(self, train_images: int) -> int:
+        """How many evaluations a run on ``train_images`` images makes."""
+        total = self.planned_epochs(train_images) * self.steps_per_epoch(train_images)
+        return min(self.evaluations, total) if self.evaluations else self.planned_epochs(train_images) * self.val_per_epoch
 
     @property
     def height(self) -> int:
@@ -128,7 +147,7 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value!r}.")
-    for key in ("visualization_samples", "num_workers", "max_steps_per_epoch", "weight_decay"):
+    for key in ("visualization_samples", "num_workers", "max_steps_per_epoch", "train_steps", "evaluations", "weight_decay"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {getattr(cfg, key)!r}.")
     if not 0.0 < cfg.threshold < 1.0:

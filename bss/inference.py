@@ -18,6 +18,7 @@ a time, so memory stays flat however many images there are.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -85,6 +86,12 @@ def collate_items(items: list[dict]) -> tuple[torch.Tensor | None, list[dict]]:
     return images, items
 
 
+def default_workers() -> int:
+    """DataLoader workers for inference: none on a machine of 2 cores or fewer (a worker would
+    only take a core from the model's own threads), else up to 4, leaving 2 cores to the model."""
+    return max(0, min(4, (os.cpu_count() or 1) - 2))
+
+
 def resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     """A float32 probability map resized (bilinear) to (height, width)."""
     if prob.shape == (height, width):
@@ -135,19 +142,25 @@ class Predictor:
 
     @torch.inference_mode()
     def check_input_size(self) -> None:
-        """One forward pass on a blank input: the model must map (1, 3, h, w) to (1, 1, h, w)."""
+        """One forward pass on a blank input: the model must map (1, 3, h, w) to (1, 1, h, w).
+
+        At the trained size (which training already ran) a 64x64 probe checks the same things
+        (RGB input, one output channel) at a fraction of the cost; an overridden size is probed
+        as it is.
+        """
         h, w = self.input_size
         if h <= 0 or w <= 0:
             raise BSSError(f"{self.source}: input size {h}x{w} must be positive.")
-        (x,) = self.runtime.to_device(torch.zeros(1, 3, h, w))
+        ph, pw = (64, 64) if (h, w) == (self.config.height, self.config.width) else (h, w)
+        (x,) = self.runtime.to_device(torch.zeros(1, 3, ph, pw))
         try:
             with self.runtime.autocast():
                 out = self.model(x)
         except (RuntimeError, ValueError) as exc:
-            raise BSSError(f"{self.source}: the model cannot take {h}x{w} RGB inputs (trained at {self.config.height}x{self.config.width}): {str(exc).splitlines()[0][:200]}") from None
-        if tuple(out.shape) != (1, 1, h, w):
+            raise BSSError(f"{self.source}: the model cannot take {ph}x{pw} RGB inputs (trained at {self.config.height}x{self.config.width}): {str(exc).splitlines()[0][:200]}") from None
+        if tuple(out.shape) != (1, 1, ph, pw):
             raise BSSError(
-                f"{self.source}: the model maps a 1x3x{h}x{w} input to {list(out.shape)}, not 1x1x{h}x{w}; "
+                f"{self.source}: the model maps a 1x3x{ph}x{pw} input to {list(out.shape)}, not 1x1x{ph}x{pw}; "
                 "a binary segmentation checkpoint (classes: 1) with an input size its encoder accepts (multiples of 32) is needed."
             )
 

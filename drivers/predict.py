@@ -30,18 +30,19 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the checkpoint's)")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes decoding images")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: 0 on 2 cores or fewer, else up to 4)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
 
+    from bss.inference import default_workers
     from bss.predict import predict_folder
 
     result = predict_folder(
         args.model, args.images, args.out, overwrite=args.overwrite, probabilities=args.probabilities,
         overlays=not args.no_overlays, threshold=args.threshold, batch_size=args.batch_size,
-        num_workers=args.workers, device=args.device, tta=args.tta, progress=not args.quiet,
+        num_workers=default_workers() if args.workers is None else args.workers, device=args.device, tta=args.tta, progress=not args.quiet,
     )
     print(f"{result.count} images -> {result.out} ({result.seconds:.1f} s, {result.count / max(result.seconds, 1e-9):.1f} images/s)")
     return 0

@@ -14,6 +14,9 @@ import argparse
 
 import _common
 
+from bss.search.promotion import PROMOTION_RULES
+from bss.search.stop import STOP_RULES
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,10 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false", help="a fresh worker process per trial (slower start-up; for benchmarks)")
     g = p.add_argument_group("the loop")
     g.add_argument("--iterations", type=int, help="iterations including iteration 0 on BASELINE (default: 3)")
+    g.add_argument("--promotion", choices=tuple(PROMOTION_RULES), help="promotion rule (default: guarded_recall: best EVAL --metric among models within --margin of the best EVAL IoU and above the EVAL boxes' own IoU; floor: best --metric with --floor-metric >= --floor)")
     g.add_argument("--metric", choices=("recall", "iou", "dice", "precision"), help="EVAL metric that promotes and decides (default: recall)")
-    g.add_argument("--floor-metric", choices=("precision", "iou", "dice", "recall"), help="EVAL metric that must clear --floor to be promoted (default: precision)")
-    g.add_argument("--floor", type=float, help="minimum EVAL --floor-metric of a promoted model (default: 0.3)")
-    g.add_argument("--tolerance", type=float, help="stop when the EVAL metric falls more than this below the best so far (default: 0.02)")
+    g.add_argument("--margin", type=float, help="guarded_recall: --metric decides among models within this EVAL IoU of the best (default: 0.03)")
+    g.add_argument("--floor-metric", choices=("precision", "iou", "dice", "recall"), help="floor rule: EVAL metric that must clear --floor to be promoted (default: precision)")
+    g.add_argument("--floor", type=float, help="floor rule: minimum EVAL --floor-metric of a promoted model (default: 0.3)")
+    g.add_argument("--stop", choices=tuple(STOP_RULES), help="stop rule (default: guarded)")
+    g.add_argument("--tolerance", type=float, help="stop when the EVAL IoU falls more than this below the best so far (default: 0.02)")
     g.add_argument("--patience", type=int, help="stop after this many iterations in a row without a new best (default: 1)")
     g.add_argument("--retrain-best", action="store_const", const=True, help="iterations >= 1 retrain the best config so far with --trials seeds instead of searching")
     g.add_argument("--seed", type=int, help="seed of the data, the splits, the searcher and the trials (default: 0)")
@@ -63,7 +69,10 @@ def main() -> int:
         concurrency=args.concurrency,
         time_budget=args.time_budget,
         iterations=args.iterations,
+        promotion=args.promotion,
         metric=args.metric,
+        margin=args.margin,
+        stop=args.stop,
         floor_metric=args.floor_metric,
         floor=args.floor,
         tolerance=args.tolerance,

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bss.config import from_dict
 from bss.data.io import link_or_copy, read_mask, write_mask
@@ -138,7 +139,7 @@ def test_soft_label_of_inside_box_mode():
 
 def test_rule_parameters_are_validated_and_serialise():
     with pytest.raises(ConfigError, match="mode"):
-        RefineRule(mode="grabcut")
+        RefineRule(mode="crf")
     with pytest.raises(ConfigError, match="threshold"):
         RefineRule(threshold=1.5)
     with pytest.raises(ConfigError, match="min_fill"):
@@ -319,6 +320,10 @@ def test_dataset_with_nothing_to_refine(tmp_path, world):
     make_splits("toy", root, progress=False)
     with pytest.raises(DatasetError, match="no box-only image"):
         make_hybrid("toy", checkpoint, root, progress=False)
+    for sub in ("images", "masks"):
+        (root / "void" / sub).mkdir(parents=True)
+    with pytest.raises(DatasetError, match="empty"):
+        make_hybrid("void", checkpoint, root, progress=False)
     assert not list(root.glob("*_H*"))
 
 
@@ -375,3 +380,121 @@ def test_driver_prints_label_quality_and_errors_cleanly(world, tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ") and "already exists" in bad.stderr
+
+
+def test_writer_threads_and_inline_writing_build_the_same_dataset(world, monkeypatch):
+    import bss.hybrid.make as make
+
+    root, checkpoint, _ = world
+    built = {}
+    for threads in (0, 3):
+        monkeypatch.setattr(make, "WRITER_THREADS", threads)
+        result = make_hybrid("toy", checkpoint, root, number=20 + threads, batch_size=3, progress=False)
+        masks = {p.name: read_mask(p) for p in (result.path / "masks").iterdir()}
+        built[threads] = (masks, result.manifest["images"], result.label_quality)
+        shutil.rmtree(result.path)
+    (masks0, rows0, q0), (masks3, rows3, q3) = built[0], built[3]
+    assert rows0 == rows3 and q0 == q3  # same order, same per-image stats
+    assert masks0.keys() == masks3.keys() and all(np.array_equal(masks0[k], masks3[k]) for k in masks0)
+
+
+def test_soft_labels_are_written_beside_the_binary_masks(world):
+    root, checkpoint, _ = world
+    result = make_hybrid("toy", checkpoint, root, number=30, rule=RefineRule(soft=True), progress=False)
+    try:
+        refined = [row["image"][:-4] for row in result.manifest["images"] if row["origin"] == "refined"]
+        assert sorted(p.stem for p in (result.path / "soft").iterdir()) == sorted(refined)
+        for stem in refined:
+            soft = np.asarray(Image.open(result.path / "soft" / f"{stem}.png"))
+            box = read_mask(root / "toy" / "masks" / f"{stem}.png")
+            hard = read_mask(result.path / "masks" / f"{stem}.png")
+            assert soft.dtype == np.uint8 and soft[box == 0].max(initial=0) == 0
+            assert (soft[hard == 1] > 127).all()  # kept foreground: probability above 0.5
+    finally:
+        shutil.rmtree(result.path)
+
+
+# ---------------------------------------------------------------------------------- choosing the rule on EVAL
+def test_choose_rule_finds_the_fill_floor_a_thin_defect_needs():
+    """A crack fills 5 % of its box: the default min_fill 0.4 falls back to the box; the grid must not."""
+    from bss.hybrid.teacher_quality import choose_rule
+
+    box = _box((40, 40), (0, 0, 40, 40))
+    truth = np.zeros((40, 40), np.uint8)
+    truth[:, 19:21] = 1  # a 2-pixel line down the box: 5 % of it
+    prob = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    quality = choose_rule([prob, prob], [box, box], [truth, truth])
+    assert quality.box_iou_pixels == pytest.approx(0.05)
+    assert quality.default.iou_pixels == pytest.approx(0.05)  # the default rule gives the box back
+    assert quality.best.rule.min_fill <= 0.05 and quality.label_iou == pytest.approx(1.0)
+    assert quality.raw_iou_pixels == pytest.approx(1.0)
+
+
+def test_choose_rule_keeps_the_default_on_ties_and_the_box_when_the_teacher_is_useless():
+    from bss.hybrid.teacher_quality import choose_rule, default_grid
+
+    box = _box((20, 20), (5, 5, 15, 15))
+    truth = box.copy()  # the box is exact
+    noise = np.random.default_rng(0).uniform(0, 1, (20, 20)).astype(np.float32)
+    quality = choose_rule([noise], [box], [truth])
+    assert quality.label_iou == pytest.approx(1.0)  # only a fallback to the box reaches it ...
+    assert quality.best.rule.fallback == "box" and quality.best.rule.min_fill == 0.5  # ... the highest fill floor
+    perfect = truth.astype(np.float32)
+    tie = choose_rule([perfect], [box], [truth])
+    assert tie.best.rule == RefineRule() and tie.best.rule == default_grid()[0]
+    assert len(default_grid()) == len({json.dumps(r.to_dict(), sort_keys=True) for r in default_grid()}) == 148
+    assert len(quality.table) == 140  # without the images, the grabcut rules are not scored
+
+
+def test_teacher_quality_on_eval_matches_the_boxes_and_beats_them(world):
+    from bss.hybrid.teacher_quality import box_quality, measure_teacher
+
+    root, checkpoint, _ = world
+    quality = measure_teacher(checkpoint, "toy", root, device="cpu")
+    boxes = box_quality("toy", root)
+    assert quality.images == 2 and quality.box_iou_pixels == pytest.approx(boxes["iou"])
+    assert boxes["recall"] == 1.0 and boxes["precision"] == pytest.approx(boxes["iou"])  # a box covers its defect
+    assert quality.label_iou >= quality.default.iou_pixels and quality.label_iou > quality.box_iou_pixels + 0.05
+    assert quality.to_dict()["rules_tried"] == 148
+
+
+def test_grabcut_follows_the_colour_edge_that_a_blurred_prediction_misses():
+    """A bright disc in a box; the teacher's probability is the disc blurred (an upsampled
+    prediction): thresholding gives a wrong-sized blob, GrabCut seeded by it recovers the disc."""
+    import cv2
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    truth = ((yy - 32) ** 2 + (xx - 30) ** 2 <= 14**2).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    image = np.where(truth[..., None] > 0, [200, 120, 60], [60, 70, 80]).astype(np.float64) + rng.normal(0, 8, (64, 64, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    box = _box((64, 64), (12, 14, 48, 50))
+    prob = cv2.GaussianBlur(truth.astype(np.float32), (0, 0), 6) * 1.6
+    prob = np.clip(cv2.resize(cv2.resize(prob, (8, 8)), (64, 64)), 0, 1)  # coarse, as from a low-resolution model
+
+    def iou_of(mask):
+        return (mask & truth).sum() / (mask | truth).sum()
+
+    plain = refine(prob, box, RefineRule(threshold=0.5, min_fill=0.0)).mask
+    cut = refine(prob, box, RefineRule(mode="grabcut", threshold=0.3, sure=0.9, min_fill=0.0), image=image).mask
+    assert iou_of(cut) > iou_of(plain) + 0.05 and iou_of(cut) > 0.9
+    assert cut[box == 0].sum() == 0  # never outside the boxes
+    with pytest.raises(ConfigError, match="needs the image"):
+        refine(prob, box, RefineRule(mode="grabcut"))
+    with pytest.raises(ConfigError, match="'sure' must be at least 'threshold'"):
+        RefineRule(mode="grabcut", threshold=0.7, sure=0.5)
+
+
+def test_make_hybrid_with_the_grabcut_rule(world, tmp_path):
+    root, checkpoint, _ = world
+    result = make_hybrid("toy", checkpoint, root, number=7, rule=RefineRule(mode="grabcut", threshold=0.3, min_fill=0.0), progress=False)
+    try:
+        assert result.manifest["rule"]["mode"] == "grabcut" and "GrabCut" in result.manifest["rule"]["description"]
+        q = result.label_quality
+        assert q["hybrid_iou_pixels"] > q["box_iou_pixels"] + 0.1
+        for stem in (p.stem for p in (result.path / "masks").iterdir()):
+            if (root / "toy_BASELINE" / "masks" / f"{stem}.png").exists():
+                continue
+            assert read_mask(result.path / "masks" / f"{stem}.png")[read_mask(root / "toy" / "masks" / f"{stem}.png") == 0].sum() == 0
+    finally:
+        shutil.rmtree(result.path)

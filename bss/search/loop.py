@@ -40,8 +40,9 @@ import yaml
 
 from bss.data.io import file_sha256
 from bss.errors import BSSError, ConfigError, DatasetError
-from bss.search.promotion import PromotionRule, choose, promote
+from bss.search.promotion import PromotionRule, build_promotion_rule, promote
 from bss.search.state import LoopState
+from bss.search.stop import Outcome, build_stop_rule
 from bss.search.tune_search import Resources, local_resources, plan_resources, quiet_environment, run_search, start_ray
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -50,7 +51,7 @@ SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 SYNTHETIC = {"cpu": {"count": 300, "hand_labelled": 120, "width": 256, "height": 192}, "gpu": {"count": 1000, "hand_labelled": 200, "width": 256, "height": 192}}
 
 # settings that change results: stored at the start, a different value on --resume is an error
-RESULT_SETTINGS = ("dataset", "data_root", "config", "space", "trials", "iterations", "metric", "floor_metric", "floor", "tolerance", "patience", "retrain_best", "seed", "algorithm", "scheduler", "time_budget", "split_fractions")
+RESULT_SETTINGS = ("dataset", "data_root", "config", "space", "trials", "iterations", "promotion", "metric", "margin", "floor_metric", "floor", "stop", "tolerance", "patience", "retrain_best", "seed", "algorithm", "scheduler", "time_budget", "split_fractions")
 
 
 @dataclass
@@ -63,9 +64,12 @@ class LoopOptions:
     concurrency: int | None = None
     time_budget: float | None = None  # seconds per search
     iterations: int | None = None  # including iteration 0 (default 3)
+    promotion: str | None = None  # guarded_recall | floor (bss.search.promotion)
     metric: str | None = None  # recall
-    floor_metric: str | None = None  # precision
-    floor: float | None = None  # 0.3
+    margin: float | None = None  # guarded_recall: recall decides among models within this of the best EVAL IoU
+    floor_metric: str | None = None  # floor rule: precision
+    floor: float | None = None  # floor rule: 0.3
+    stop: str | None = None  # guarded (bss.search.stop)
     tolerance: float | None = None  # 0.02
     patience: int | None = None  # 1
     retrain_best: bool | None = None
@@ -85,7 +89,7 @@ class LoopOptions:
     hybrid_batch_size: int = 8
 
 
-DEFAULTS = {"data_root": "datasets", "config": "config.yaml", "iterations": 3, "metric": "recall", "floor_metric": "precision", "floor": 0.3, "tolerance": 0.02, "patience": 1, "retrain_best": False, "seed": 0, "experiment": "bss-search", "split_fractions": [0.6, 0.2, 0.2]}
+DEFAULTS = {"data_root": "datasets", "config": "config.yaml", "iterations": 3, "promotion": "guarded_recall", "metric": "recall", "margin": 0.03, "floor_metric": "precision", "floor": 0.3, "stop": "guarded", "tolerance": 0.02, "patience": 1, "retrain_best": False, "seed": 0, "experiment": "bss-search", "split_fractions": [0.6, 0.2, 0.2]}
 
 
 @dataclass
@@ -168,8 +172,12 @@ def load_inputs(settings: dict, run_dir: Path, resuming: bool):
     return base, space, config_path, space_path
 
 
-def trial_base(base: dict, settings: dict, train_dataset: str) -> dict:
+def trial_base(base: dict, settings: dict, train_dataset: str, image_size: list | None = None) -> dict:
+    """The config every trial starts from; ``image_size`` (from the dataset's fingerprint) replaces
+    the base config's, and a search space that fixes or searches ``image_size`` overrides both."""
     cfg = copy.deepcopy(base)
+    if image_size is not None:
+        cfg["image_size"] = list(image_size)
     dataset = settings["dataset"]
     cfg.update(
         train_dataset=train_dataset,
@@ -181,8 +189,8 @@ def trial_base(base: dict, settings: dict, train_dataset: str) -> dict:
     return cfg
 
 
-def max_evaluations(space, base: dict) -> int:
-    """The most evaluations a trial can report (ASHA's max_t)."""
+def max_evaluations(space, base: dict, train_images: int = 1) -> int:
+    """The most evaluations a trial on ``train_images`` images can report (ASHA's max_t)."""
     from bss.config import from_dict
 
     worst = 1
@@ -192,7 +200,7 @@ def max_evaluations(space, base: dict) -> int:
             probes += [{p.key: v} for v in (p.labels if p.kind == "choice" else (p.low, p.high))]
     for probe in probes:
         cfg = from_dict(space.apply(base, probe) if space is not None else base)
-        worst = max(worst, cfg.epochs * cfg.val_per_epoch)
+        worst = max(worst, cfg.planned_evaluations(train_images))
     return worst
 
 
@@ -232,6 +240,9 @@ def prepare_data(settings: dict, cpus: int, progress: bool) -> dict:
         missing = [str(splits[s]) for s in SPLITS if s not in present]
         raise DatasetError(f"the splits of {dataset} are incomplete: {', '.join(missing)} missing. Remove the other {dataset}_BASELINE/EVAL/TEST folders to redraw them, or run drivers/preprocess.py.")
     info["counts"] = {s: _count_images(p) for s, p in splits.items()}
+    from bss.search.fingerprint import fingerprint
+
+    info["fingerprint"] = fingerprint(source)
     return info
 
 
@@ -332,10 +343,33 @@ class Loop:
             s["trials"] = int(self.space.searcher.get("trials", 8))
         s["algorithm"] = s["algorithm"] or self.space.searcher["algorithm"]
         s["scheduler"] = s["scheduler"] or self.space.scheduler["name"]
-        self.rule = PromotionRule(s["metric"], s["floor_metric"], float(s["floor"]))
+        self.rule = self.promotion_rule(floor_iou=0.0)  # checks the flags now; the IoU floor comes with the data
+        self.stop_rule = build_stop_rule(s["stop"], metric=s["metric"], tolerance=float(s["tolerance"]), patience=int(s["patience"]))
         self.resources: Resources = plan_resources(self.cpus, self.gpus, s["trials"], opts.concurrency, opts.cpus_per_trial, opts.gpus_per_trial)
         self.inputs = (config_path, space_path)
         self.state = stored
+
+    def promotion_rule(self, floor_iou: float) -> PromotionRule:
+        s = self.settings
+        return build_promotion_rule(s["promotion"], metric=s["metric"], margin=s["margin"], floor_iou=floor_iou, floor_metric=s["floor_metric"], floor=s["floor"])
+
+    def measure_boxes(self) -> dict:
+        """The EVAL box masks' own IoU/Dice/Recall/Precision against the exact masks (once per run)."""
+        from bss.hybrid.teacher_quality import box_quality
+
+        st, s = self.state, self.settings
+        if "boxes_eval" not in st.data:
+            st.set("boxes_eval", box_quality(s["dataset"], s["data_root"]))
+        boxes = st.get("boxes_eval")
+        self.rule = self.promotion_rule(floor_iou=float(boxes["iou"]))
+        fp = st.get("data", {}).get("fingerprint")
+        if fp:
+            sized = "the search space's" if self.space.sets("image_size") else f"[{fp['input_size'][0]}, {fp['input_size'][1]}] (from the images' shape)"
+            _say(f"  images: median {fp['median_shape'][1]}x{fp['median_shape'][0]} (WxH); network input {sized}")
+        _say(f"  the EVAL boxes themselves: IoU {boxes['iou']:.3f}  Dice {boxes['dice']:.3f}  Recall {boxes['recall']:.3f}  Precision {boxes['precision']:.3f} (a model must segment better than this)")
+        _say(f"  promotion: {self.rule.describe()}")
+        _say(f"  stop rule: {self.stop_rule.describe()}")
+        return boxes
 
     def create_state(self) -> None:
         """A new run's state, written once its data is ready (a failed start leaves no run folder)."""
@@ -357,7 +391,6 @@ class Loop:
         _say(f"BSS self-training loop: dataset {s['dataset']} (data root {s['data_root']}), run folder {self.run_dir}" + ("  [resumed]" if self.opts.resume else ""))
         _say(f"  {s['iterations']} iteration(s) max; each: {mode} of {s['trials']} trials" + (" (iterations >= 1: retrain the best config)" if s["retrain_best"] else "") + f"; {r.describe()}")
         _say(f"  search space {s['space']}: " + "; ".join(self.space.describe()))
-        _say(f"  promotion: {self.rule.describe()}; stop when EVAL {s['metric']} falls more than {s['tolerance']:g} below the best, or after {s['patience']} iteration(s) without gain")
 
     def start_tracking(self) -> None:
         s = self.settings
@@ -399,7 +432,7 @@ class Loop:
             space, algorithm = None, "replicas"
             seeds = {j: derive_seed(int(s["seed"]), k, j) for j in range(1, s["trials"] + 1)}
         else:
-            base = trial_base(self.base, s, it["train_dataset"])
+            base = trial_base(self.base, s, it["train_dataset"], self.state.get("data", {}).get("fingerprint", {}).get("input_size"))
             space, algorithm, seeds = self.space, s["algorithm"], {}
         context = TrialContext(
             base=base,
@@ -425,14 +458,14 @@ class Loop:
             iter_dir,
             algorithm=algorithm,
             scheduler=scheduler,
-            max_evaluations=max_evaluations(space, base),
+            max_evaluations=max_evaluations(space, base, n_images),
             time_budget=s["time_budget"],
             reuse_actors=self.opts.reuse_actors,
             label=f"[iter {k}]",
             progress=self.opts.progress,
         )
         counts = {state: sum(1 for c in outcome.candidates if c.state == state) for state in ("complete", "stopped", "failed", "lost")}
-        winner = choose(outcome.candidates, self.rule)
+        winner = self.rule.choose(outcome.candidates)
         it["search"] = {
             "done": True,
             "mode": "retrain" if retrain else "search",
@@ -446,13 +479,9 @@ class Loop:
         if winner is None:
             it["promoted"] = None
             self.state.save()
-            _say(f"iteration {k}: no trial reached EVAL {self.rule.floor_metric} >= {self.rule.floor:g} ({summary}, {outcome.wall_seconds:.0f} s)")
+            _say(f"iteration {k}: no trial reached {self.rule.floor_text()} ({summary}, {outcome.wall_seconds:.0f} s)")
             if k == 0:
-                budget = f" (the --time-budget of {s['time_budget']:g} s may have cut them short)" if s["time_budget"] else ""
-                raise BSSError(
-                    f"iteration 0: none of the {len(outcome.candidates)} trials reached EVAL {self.rule.floor_metric} >= {self.rule.floor:g}{budget}, so there is no model to promote. "
-                    "Lower --floor, give the trials more epochs (the space's fixed: epochs) or more trials, and start again with another --run-dir."
-                )
+                raise BSSError(self.no_model_message(outcome.candidates))
             return
         promoted = promote(winner, k, iter_dir)
         overlays = None
@@ -474,40 +503,72 @@ class Loop:
         m = promoted.metrics
         _say(f"iteration {k}: promoted trial {promoted.ordinal} ({short(promoted.params)}) - EVAL recall {m['eval_recall']:.3f} precision {m['eval_precision']:.3f} IoU {m['eval_iou']:.3f} Dice {m['eval_dice']:.3f}   [{summary}; {outcome.wall_seconds:.0f} s]")
 
-    def decide(self, k: int, it: dict) -> dict:
+    def no_model_message(self, candidates) -> str:
+        """Why iteration 0 has nothing to promote, with the numbers and what to change."""
         s = self.settings
-        metric = f"eval_{s['metric']}"
-        best = self.state.get("best")
-        promoted = it.get("promoted")
-        no_gain = int(self.state.get("no_gain", 0))
-        if promoted is None:
-            value = None
-        else:
-            value = float(promoted["metrics"][metric])
-        if best is None:
-            verdict, stop, new_best = "baseline", False, True
-        elif value is None:
-            verdict, stop, new_best = "stop: no admissible model", True, False
-        elif value > best["value"]:
-            verdict, stop, new_best = f"improved (+{value - best['value']:.3f})", False, True
-        elif value < best["value"] - float(s["tolerance"]):
-            verdict, stop, new_best = f"stop: {s['metric']} {value - best['value']:+.3f} below the best (tolerance {s['tolerance']:g})", True, False
-        else:
-            no_gain += 1
-            stop = no_gain >= int(s["patience"])
-            verdict, new_best = (f"stop: no gain for {no_gain} iteration(s) (patience {s['patience']})" if stop else f"no gain ({value - best['value']:+.3f}, {no_gain}/{s['patience']})"), False
-        if new_best:
-            no_gain = 0
-            self.state.data["best"] = {"iteration": k, "value": value, "checkpoint": promoted["checkpoint"]}
-        self.state.data["no_gain"] = no_gain
-        decision = {"verdict": verdict, "stop": stop, "new_best": new_best, "value": value}
+        rows = [c for c in candidates if c.best]
+        best = max(rows, key=lambda c: float(c.best["eval_iou"]), default=None)
+        boxes = self.state.get("boxes_eval") or {}
+        figures = "no trial finished an evaluation"
+        if best is not None:
+            b = best.best
+            figures = f"the best trial ({best.ordinal}) reached EVAL IoU {b['eval_iou']:.3f}, Recall {b['eval_recall']:.3f}, Precision {b['eval_precision']:.3f}"
+        if boxes:
+            figures += f"; the EVAL boxes themselves score IoU {boxes['iou']:.3f}, Recall {boxes['recall']:.3f}, Precision {boxes['precision']:.3f}"
+        failed = sum(c.state == "failed" for c in candidates)
+        budget = f" (the --time-budget of {s['time_budget']:g} s may have cut them short)" if s["time_budget"] else ""
+        return (
+            f"iteration 0: none of the {len(candidates)} trials reached {self.rule.floor_text()}{budget}" + (f", {failed} failed" if failed else "") + f", so there is no model to promote: {figures}. "
+            "Give the trials more training (the space's fixed: train_steps), more --trials or a larger image_size, or hand-label more images; start again with another --run-dir."
+        )
+
+    def decide(self, k: int, it: dict) -> dict:
+        """The stop rule on this run's history (bss.search.stop); the state keeps the best so far."""
+        history = [Outcome(j, (x.get("promoted") or {}).get("metrics"), bool((x.get("decision") or {}).get("new_best"))) for j, x in enumerate(self.state.iterations[: k + 1])]
+        decision = self.stop_rule.decide(history).to_dict()
+        if decision["new_best"]:
+            self.state.data["best"] = {"iteration": k, "value": decision["value"], "checkpoint": it["promoted"]["checkpoint"]}
         it["decision"] = decision
-        if stop:
-            self.state.data["stopped"] = verdict
+        if decision["stop"]:
+            self.state.data["stopped"] = decision["verdict"]
         self.state.save()
-        self.tracker.tag(it["run_id"], "bss.decision", verdict)
-        _say(f"iteration {k}: {verdict}" + ("" if stop else f"; best so far: iteration {self.state.get('best')['iteration']} ({s['metric']} {self.state.get('best')['value']:.3f})"))
+        self.tracker.tag(it["run_id"], "bss.decision", decision["verdict"])
+        best = self.state.get("best")
+        _say(f"iteration {k}: {decision['verdict']}" + ("" if decision["stop"] else f"; best so far: iteration {best['iteration']}"))
         return decision
+
+    def measure_teacher(self, k: int, it: dict) -> dict | None:
+        """EVAL label IoU of the promoted model as a teacher, and the refinement rule chosen on EVAL."""
+        if not it.get("promoted"):
+            return None
+        if "teacher" not in it:
+            from bss.hybrid.teacher_quality import measure_teacher
+
+            start = time.perf_counter()
+            quality = measure_teacher(it["promoted"]["checkpoint"], self.settings["dataset"], self.settings["data_root"], batch_size=self.opts.hybrid_batch_size, device="cpu" if not self.gpus else "auto")
+            it["teacher"] = dict(quality.to_dict(), seconds=round(time.perf_counter() - start, 2))
+            self.state.save()
+            self.tracker.metrics(it["run_id"], {"eval_label_iou": quality.label_iou, "eval_box_label_iou": quality.box_iou_pixels, "eval_raw_label_iou": quality.raw_iou_pixels, "eval_default_rule_label_iou": quality.default.iou_pixels})
+            self.tracker.params(it["run_id"], {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
+            self.say_teacher(k, it["teacher"])
+        return it["teacher"]
+
+    def say_teacher(self, k: int, t: dict) -> None:
+        rule = t["rule"]
+        _say(
+            f"iteration {k}: as a teacher on EVAL: label IoU {t['label_iou_pixels']:.3f} with the chosen rule ({rule['mode']}, threshold {rule['threshold']:g}, min_fill {rule['min_fill']:g}, "
+            f"fallback {rule['fallback']}{', holes filled' if rule['fill_holes'] else ''}; default rule {t['default_rule_iou_pixels']:.3f}); the EVAL boxes {t['box_iou_pixels']:.3f}, raw prediction {t['raw_iou_pixels']:.3f}"
+        )
+
+    def current_label_iou(self, k: int) -> tuple[float, str]:
+        """EVAL label IoU of the labels iteration k trained on: the teacher that made its H<n>, or the boxes."""
+        train = self.state.iterations[k]["train_dataset"]
+        for j in range(k - 1, -1, -1):
+            prev = self.state.iterations[j]
+            if (prev.get("hybrid") or {}).get("name") == train:
+                return float(prev["teacher"]["label_iou_pixels"]), f"{train} (made with EVAL label IoU {prev['teacher']['label_iou_pixels']:.3f})"
+        boxes = self.state.iterations[k]["teacher"]["box_iou_pixels"]
+        return float(boxes), f"the boxes (EVAL label IoU {boxes:.3f})"
 
     def make_next_dataset(self, k: int, it: dict, decision: dict) -> None:
         s = self.settings
@@ -519,8 +580,20 @@ class Loop:
             self.state.save()
             _say(f"iteration {k}: no new best, iteration {k + 1} trains again on {it['train_dataset']} with new seeds")
             return
-        from bss.hybrid import hybrid_name, make_hybrid, next_number, read_manifest
+        from bss.hybrid import RefineRule, hybrid_name, make_hybrid, next_number, read_manifest
 
+        teacher = self.measure_teacher(k, it)
+        current, what = self.current_label_iou(k)
+        if teacher["label_iou_pixels"] <= current:
+            verdict = f"stop: the new teacher's EVAL label IoU {teacher['label_iou_pixels']:.3f} does not beat the current training labels, {what}; no H<n> is made"
+            hybrid.update(done=True, refused=verdict)
+            decision.update(stop=True, verdict=verdict)
+            self.state.data["stopped"] = verdict
+            self.state.save()
+            self.tracker.tag(it["run_id"], "bss.decision", verdict)
+            _say(f"iteration {k}: {verdict}")
+            return
+        rule = RefineRule.from_dict(teacher["rule"])
         dataset, root = s["dataset"], Path(s["data_root"])
         checkpoint = Path(self.state.get("best")["checkpoint"])
         if "number" not in hybrid:
@@ -539,7 +612,7 @@ class Loop:
             _say(f"iteration {k}: {folder.name} already made by this run (adopted after a resume)")
         else:
             _say(f"iteration {k}: refining the box-only images of {dataset} with the promoted model -> {folder.name} ...")
-            result = make_hybrid(dataset, checkpoint, data_root=root, number=number, overwrite=False, batch_size=self.opts.hybrid_batch_size, progress=False)
+            result = make_hybrid(dataset, checkpoint, data_root=root, number=number, rule=rule, overwrite=False, batch_size=self.opts.hybrid_batch_size, progress=False)
             manifest, label_quality, folder = result.manifest, result.label_quality, Path(result.path)
         hybrid.update(done=True, path=str(folder), name=folder.name, images=_count_images(folder), label_quality=label_quality, seconds=round(time.perf_counter() - start, 2))
         nxt["train_dataset"] = folder.name
@@ -585,6 +658,9 @@ class Loop:
             for m in ("iou", "dice", "recall", "precision"):
                 row[f"eval_{m}"] = promoted["metrics"].get(f"eval_{m}") if promoted else None
                 row[f"test_{m}"] = it.get("test", {}).get(m) if promoted else None
+            if it.get("teacher"):
+                row["eval_label_iou"] = it["teacher"]["label_iou_pixels"]  # this model as a teacher, EVAL boxes refined
+                row["eval_box_label_iou"] = it["teacher"]["box_iou_pixels"]
             if it.get("hybrid", {}).get("name"):
                 row["made"] = it["hybrid"]["name"]
                 for key, value in (it["hybrid"].get("label_quality") or {}).items():
@@ -658,6 +734,7 @@ class Loop:
         st = self.state
         if "data" not in st.data:
             st.set("data", data)
+        self.measure_boxes()
         if not self.ray_started:
             _, _, self.ray_started = start_ray(None, self.cpus, self.gpus)
         self.start_tracking()
@@ -676,6 +753,7 @@ class Loop:
                 self.current_run = run_id = self.iteration_run(k, it)
                 if not it.get("search", {}).get("done"):
                     self.search(k, it, run_id)
+                self.measure_teacher(k, it)
                 decision = it.get("decision") or self.decide(k, it)
                 if not decision["stop"] and k + 1 < int(s["iterations"]) and not it.get("hybrid", {}).get("done"):
                     self.make_next_dataset(k, it, decision)

@@ -131,6 +131,16 @@ class SearchSpace:
             out[key] = float(f"{value:.4g}") if isinstance(value, float) else value
         return out
 
+    def sets(self, key: str) -> bool:
+        """Whether the space fixes or searches the config key ``key`` (dotted)."""
+        node = self.fixed
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                node = None
+                break
+            node = node[part]
+        return node is not None or any(p.key == key or p.key.startswith(key + ".") for p in self.params)
+
     def digest(self) -> str:
         text = json.dumps({"fixed": self.fixed, "params": [dataclasses.asdict(p) for p in self.params], "searcher": self.searcher, "scheduler": self.scheduler}, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]

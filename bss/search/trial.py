@@ -359,7 +359,7 @@ def _train_trial(params: dict, context: TrialContext, entry: float, wall_entry: 
                 mlflow.start_run(run_id=run_id)  # resume logging where the recording ended
             _append_row(folder, row)
             state.update(best=best, checkpoint=str(folder / CHECKPOINT), evaluations=evaluations)
-            if abs(row["epoch"] - trainer.config.epochs) < 1e-6:
+            if abs(row["epoch"] - trainer.epochs) < 1e-6:
                 # the last evaluation: the trial is complete now. ASHA may answer this report
                 # with STOP (it has reached max_t), so everything final is written before it.
                 finish(row)

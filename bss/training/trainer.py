@@ -118,6 +118,7 @@ class Trainer:
         seed_everything(config.seed)
         self.runtime = Runtime.from_config(config)
         self.train_set, self.eval_set = self.build_datasets()
+        self.epochs = config.planned_epochs(len(self.train_set))  # train_steps: from the training set's size
         self.model = self.runtime.prepare_model(self.build_model())
         self.loss_fn = self.build_loss()
         self.optimizer = self.configure_optimizer(self.model)
@@ -197,7 +198,13 @@ class Trainer:
         cfg, start = self.config, time.perf_counter()
         train_loader, eval_loader = self._loader(self.train_set, True), self._loader(self.eval_set, False)
         steps = len(train_loader) if not cfg.max_steps_per_epoch else min(cfg.max_steps_per_epoch, len(train_loader))
-        eval_at = {max(1, math.ceil(steps * (k + 1) / cfg.val_per_epoch)) for k in range(cfg.val_per_epoch)}
+        total = self.epochs * steps
+        if cfg.evaluations:  # spread evenly over the whole run
+            count = min(cfg.evaluations, total)
+            eval_at = {max(1, math.ceil(total * (k + 1) / count)) for k in range(count)}
+        else:  # val_per_epoch in every epoch
+            per_epoch = [max(1, math.ceil(steps * (k + 1) / cfg.val_per_epoch)) for k in range(cfg.val_per_epoch)]
+            eval_at = {e * steps + s for e in range(self.epochs) for s in per_epoch}
         # reading a loss waits for the GPU: on CUDA the running sum is checked every CHECK_EVERY
         # steps and at each evaluation; on the CPU it costs nothing, so every step
         check_every = 1 if not self.runtime.is_cuda else self.CHECK_EVERY
@@ -205,9 +212,9 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         evaluation = 0
-        for epoch in range(cfg.epochs):
+        for epoch in range(self.epochs):
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress, leave=False)
             epoch_start = last_postfix = time.perf_counter()
             step = 0
             for step, (images, masks) in enumerate(train_loader, start=1):
@@ -216,7 +223,7 @@ class Trainer:
                     break
                 loss = self.train_step(images, masks)
                 loss_sum += loss
-                evaluate_now = step in eval_at
+                evaluate_now = epoch * steps + step in eval_at
                 if evaluate_now or step % check_every == 0:
                     if not math.isfinite(float(loss_sum)):
                         raise self._diverged(float(loss) if not math.isfinite(float(loss)) else float(loss_sum))
@@ -241,8 +248,8 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(dict(row, checkpoint=str(checkpoint)))
             bar.close()
-            if self.progress:
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {float(loss_sum) / max(step, 1):.4f}  eval IoU {history[-1]['eval_iou']:.3f}  Dice {history[-1]['eval_dice']:.3f}  Recall {history[-1]['eval_recall']:.3f}  Precision {history[-1]['eval_precision']:.3f}")
+            if self.progress and history:
+                tqdm.write(f"epoch {epoch + 1}/{self.epochs}: loss {float(loss_sum) / max(step, 1):.4f}  eval IoU {history[-1]['eval_iou']:.3f}  Dice {history[-1]['eval_dice']:.3f}  Recall {history[-1]['eval_recall']:.3f}  Precision {history[-1]['eval_precision']:.3f}")
         if cfg.visualization_samples:
             self.write_overlays(self.output_dir / "overlays.png", checkpoint)
         return TrainResult(best_metrics=best, best_epoch=best_epoch, checkpoint=checkpoint, history=history, seconds=time.perf_counter() - start)

@@ -1,0 +1,157 @@
+"""How well a teacher refines boxes, measured where the truth is known: the EVAL images.
+
+Every EVAL image has both its box mask (in the source's ``masks/``) and its exact mask (in
+``NAME_EVAL/masks``). The teacher predicts the EVAL images exactly as :func:`make_hybrid`
+predicts the box-only ones; each candidate :class:`RefineRule` of a small grid turns box +
+probability into a refined mask, scored against the exact mask: the **EVAL label IoU** (over
+all pixels, and the mean per image). Nothing of EVAL enters a training set: EVAL only chooses
+the rule's parameters and measures.
+
+This is the label-quality estimate for real datasets, which have no ``truth/``. The loop uses it
+
+* to choose the rule per iteration (:func:`choose_rule`, on probabilities computed once), and
+* as a guard: an ``H<n+1>`` whose EVAL label IoU does not beat that of the current training
+  labels (the boxes, for ``H1``) is not made.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bss.data.io import read_mask
+from bss.data.layout import list_samples, resolve_dataset
+from bss.errors import DatasetError
+from bss.hybrid.label_quality import counts, iou
+from bss.hybrid.refine import RefineRule, refine
+
+# The grid the loop searches. inside_box: 5 thresholds x 7 fill floors x 2 fallbacks x 2 = 140
+# rules; grabcut (colour refinement, ~50 ms an image): 2 thresholds x 2 sure levels x 2 fill floors = 8.
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_FILLS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+FALLBACKS = ("box", "ellipse")
+FILL_HOLES = (False, True)
+GRABCUT = {"threshold": (0.3, 0.5), "sure": (0.9, 0.95), "min_fill": (0.0, 0.2)}
+
+
+def default_grid(grabcut: bool = True) -> list[RefineRule]:
+    """The default rule first (it wins ties), then every combination of the grid."""
+    grid = [RefineRule()]
+    for t, f, fb, holes in itertools.product(THRESHOLDS, MIN_FILLS, FALLBACKS, FILL_HOLES):
+        rule = RefineRule(threshold=t, min_fill=f, fallback=fb, fill_holes=holes)
+        if rule != grid[0]:
+            grid.append(rule)
+    if grabcut:
+        for t, sure, f in itertools.product(*GRABCUT.values()):
+            grid.append(RefineRule(mode="grabcut", threshold=t, sure=sure, min_fill=f))
+    return grid
+
+
+@dataclass
+class RuleScore:
+    rule: RefineRule
+    iou_pixels: float
+    iou_per_image: float
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule.to_dict(), "iou_pixels": round(self.iou_pixels, 4), "iou_per_image": round(self.iou_per_image, 4)}
+
+
+@dataclass
+class TeacherQuality:
+    """The EVAL label IoU of the boxes, of the raw prediction, and of the best rule of the grid."""
+
+    images: int
+    box_iou_pixels: float
+    box_iou_per_image: float
+    raw_iou_pixels: float  # probability > 0.5, boxes ignored
+    best: RuleScore
+    default: RuleScore  # the default rule's score, for comparison
+    table: list[RuleScore] = field(default_factory=list)
+
+    @property
+    def label_iou(self) -> float:
+        """The headline figure: EVAL label IoU over all pixels of the chosen rule."""
+        return self.best.iou_pixels
+
+    def to_dict(self, top: int = 10) -> dict:
+        ranked = sorted(self.table, key=lambda s: -s.iou_pixels)[:top]
+        return {
+            "images": self.images,
+            "box_iou_pixels": round(self.box_iou_pixels, 4),
+            "box_iou_per_image": round(self.box_iou_per_image, 4),
+            "raw_iou_pixels": round(self.raw_iou_pixels, 4),
+            "label_iou_pixels": round(self.best.iou_pixels, 4),
+            "label_iou_per_image": round(self.best.iou_per_image, 4),
+            "default_rule_iou_pixels": round(self.default.iou_pixels, 4),
+            "rule": self.best.rule.to_dict(),
+            "top_rules": [s.to_dict() for s in ranked],
+            "rules_tried": len(self.table),
+        }
+
+
+def _score(rows: list[list[int]]) -> tuple[float, float]:
+    table = np.asarray(rows, dtype=np.int64)
+    return iou(table.sum(0).tolist()), float(np.mean([iou(r) for r in rows]))
+
+
+def choose_rule(probabilities: list[np.ndarray], boxes: list[np.ndarray], truths: list[np.ndarray], grid: list[RefineRule] | None = None, images: list[np.ndarray] | None = None) -> TeacherQuality:
+    """Score every rule of ``grid`` on (probability, box, truth) triples; the best by IoU over all
+    pixels wins (ties: the earlier rule in the grid, so the default rule wins a tie). Rules that
+    need the image (``grabcut``) are scored only when ``images`` are given."""
+    if not probabilities:
+        raise ValueError("choose_rule needs at least one image")
+    grid = [r for r in (grid or default_grid()) if images is not None or r.mode != "grabcut"]
+    images = images if images is not None else [None] * len(probabilities)
+    scores = []
+    for rule in grid:
+        rows = [counts(refine(p, b, rule, image=im).mask, t) for p, b, t, im in zip(probabilities, boxes, truths, images)]
+        scores.append(RuleScore(rule, *_score(rows)))
+    best = max(scores, key=lambda s: s.iou_pixels)  # first of equals
+    box = _score([counts(b, t) for b, t in zip(boxes, truths)])
+    raw = _score([counts(p > 0.5, t) for p, t in zip(probabilities, truths)])
+    return TeacherQuality(len(probabilities), box[0], box[1], raw[0], best, scores[0], scores)
+
+
+def eval_triples(dataset: str, data_root: str | Path) -> list[tuple[Path, Path, Path]]:
+    """(image, box mask, exact mask) of every EVAL image of ``dataset``."""
+    root = Path(data_root)
+    source = resolve_dataset(dataset, root)
+    boxes = {s.stem: s.mask for s in list_samples(source)}
+    out = []
+    for sample in list_samples(resolve_dataset(f"{Path(dataset).name}_EVAL", root)):
+        if sample.stem not in boxes:
+            raise DatasetError(f"{source / 'masks'}: the EVAL image {sample.image.name} has no box mask in the source dataset; the splits do not belong to it (rerun drivers/preprocess.py --overwrite).")
+        out.append((sample.image, boxes[sample.stem], sample.mask))
+    return out
+
+
+def measure_teacher(checkpoint: str | Path, dataset: str, data_root: str | Path, grid: list[RefineRule] | None = None, batch_size: int = 8, device: str = "auto") -> TeacherQuality:
+    """Predict the EVAL images with ``checkpoint`` (as make_hybrid does) and score the grid."""
+    from bss.inference import ImageFolderDataset, Predictor
+
+    triples = eval_triples(dataset, data_root)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    data = ImageFolderDataset([t[0] for t in triples], predictor.input_size, extras={"box": [t[1] for t in triples], "truth": [t[2] for t in triples]}, keep_image=True)
+    probs, boxes, truths, images = [], [], [], []
+    for item, prob in predictor.predict(data, batch_size, 0, progress=False):
+        probs.append(prob)
+        boxes.append(np.asarray(item["box"]) > 0)
+        truths.append(np.asarray(item["truth"]) > 0)
+        images.append(item["rgb"])
+    return choose_rule(probs, boxes, truths, grid, images)
+
+
+def box_quality(dataset: str, data_root: str | Path) -> dict:
+    """The EVAL box masks' own figures against the exact masks (no model): IoU, Dice, Recall, Precision over all pixels."""
+    total = np.zeros(4, dtype=np.int64)
+    for _, box, truth in eval_triples(dataset, data_root):
+        b, t = read_mask(box), read_mask(truth)
+        if b.shape != t.shape:
+            raise DatasetError(f"{box}: box mask is {b.shape[1]}x{b.shape[0]} but the exact mask {truth} is {t.shape[1]}x{t.shape[0]}.")
+        total += np.asarray(counts(b, t))
+    tp, fp, fn, _ = (int(v) for v in total)
+    ratio = lambda a, b: a / b if b else 1.0  # noqa: E731
+    return {"iou": ratio(tp, tp + fp + fn), "dice": ratio(2 * tp, 2 * tp + fp + fn), "recall": ratio(tp, tp + fn), "precision": ratio(tp, tp + fp)}
