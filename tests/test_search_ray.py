@@ -129,6 +129,9 @@ def test_end_to_end_loop(reference):
     manifest = json.loads((root / "toy_H1" / "manifest.json").read_text())
     assert manifest["checkpoint"]["train_dataset"] == "toy_BASELINE" and manifest["counts"]["refined"] == 3
     assert not (root / "toy_H2").exists()  # the last iteration refines nothing
+    # iteration 1's search tries the best config so far first (Optuna's points_to_evaluate)
+    first = min(state["iterations"][1]["search"]["trials"], key=lambda t: t["ordinal"])
+    assert first["params"] == pytest.approx(state["iterations"][0]["promoted"]["params"])
     # promoted checkpoints load, with the config of the trial that won
     for k, it in enumerate(state["iterations"]):
         model, cfg = load_model(run / f"iter_{k}" / "best.pt")

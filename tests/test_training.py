@@ -44,6 +44,28 @@ def test_val_per_epoch_and_callbacks(split_root, tmp_path):
     assert result.best_metrics["iou"] == best["eval_iou"]
 
 
+def test_step_budget_and_spread_evaluations(split_root, tmp_path):
+    """train_steps: at least that many steps and at least `epochs` passes; evaluations: spread evenly."""
+    rows = []
+    cfg = from_dict(tiny_config_dict(split_root, tmp_path, epochs=1, batch_size=2, train_steps=7, evaluations=3))
+    trainer = Trainer(cfg, callbacks=[rows.append], progress=False)
+    assert trainer.epochs == 4  # 5 images, batch 2: 2 steps an epoch, 7 steps -> 4 epochs (8 steps)
+    trainer.fit()
+    assert [round(r["epoch"], 2) for r in rows] == [1.5, 3.0, 4.0]  # after steps 3, 6 and 8
+    assert cfg.planned_evaluations(5) == 3 and cfg.planned_epochs(500) == 1  # 250 steps an epoch: one pass
+    assert from_dict(tiny_config_dict(split_root, tmp_path, epochs=6, batch_size=2, train_steps=7)).planned_epochs(5) == 6
+
+
+def test_input_size_from_the_images_shape(tmp_path):
+    from bss.search.fingerprint import input_size, median_shape
+
+    assert input_size((192, 256)) == [128, 160] and input_size((200, 200)) == [160, 160]
+    assert input_size((288, 352), long_side=128) == [96, 128] and input_size((20, 1000)) == [32, 160]
+    for i, (h, w) in enumerate([(100, 200), (120, 160), (300, 400)]):
+        Image.new("RGB", (w, h)).save(tmp_path / f"{i}.png")
+    assert median_shape(tmp_path) == (120, 200)
+
+
 def test_checkpoint_is_weights_only_and_reloads(split_root, tmp_path):
     cfg = from_dict(tiny_config_dict(split_root, tmp_path))
     trainer = Trainer(cfg, progress=False)

@@ -420,6 +420,16 @@ class Loop:
         promoted = self.state.iterations[self.state.get("best")["iteration"]]["promoted"]
         return yaml.safe_load(Path(promoted["config_path"]).read_text())
 
+    def incumbent(self) -> list[dict] | None:
+        """The best model's searched params, tried first by the next search (Optuna's
+        points_to_evaluate): with a handful of trials, the known-good config on the new labels is
+        the most informative first trial, and TPE proposes the rest."""
+        best = self.state.get("best")
+        if best is None:
+            return None
+        params = self.state.iterations[best["iteration"]]["promoted"]["params"]
+        return [dict(params)] if set(params) == {p.key for p in self.space.params} else None
+
     def search(self, k: int, it: dict, run_id: str) -> None:
         s = self.settings
         iter_dir = self.run_dir / f"iter_{k}"
@@ -447,8 +457,9 @@ class Loop:
             seeds=seeds,
         )
         scheduler = dict(self.space.scheduler, name=s["scheduler"]) if not retrain else {"name": "fifo"}
+        points = None if retrain else self.incumbent()
         n_images = _count_images(Path(s["data_root"]) / it["train_dataset"])
-        what = f"retrain the best config (iteration {self.state.get('best')['iteration']}) with {s['trials']} seed(s)" if retrain else f"search {s['trials']} trials"
+        what = f"retrain the best config (iteration {self.state.get('best')['iteration']}) with {s['trials']} seed(s)" if retrain else f"search {s['trials']} trials" + (" (the first: the best config so far)" if points else "")
         _say(f"\n== iteration {k}: {what} on {it['train_dataset']} ({n_images} images), judged on {s['dataset']}_EVAL ==")
         self.tracker.params(run_id, {"train_dataset": it["train_dataset"], "mode": "retrain" if retrain else "search", "trials": s["trials"], "seed": seed, "algorithm": algorithm})
         outcome = run_search(
@@ -463,6 +474,7 @@ class Loop:
             reuse_actors=self.opts.reuse_actors,
             label=f"[iter {k}]",
             progress=self.opts.progress,
+            points=points,
         )
         counts = {state: sum(1 for c in outcome.candidates if c.state == state) for state in ("complete", "stopped", "failed", "lost")}
         winner = self.rule.choose(outcome.candidates)
