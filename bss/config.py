@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'image_size' must be [height, width] (two integers), got {size!r}.")
     if any(v <= 0 or v % 32 for v in size):
         raise ConfigError(f"config key 'image_size' must be [height, width] with each a positive multiple of 32 (the UNet downsamples 5 times), got {size!r}.")
+    for key in ("learning_rate", "weight_decay", "threshold"):
+        if not math.isfinite(getattr(cfg, key)):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {getattr(cfg, key)!r}.")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "val_per_epoch": cfg.val_per_epoch, "learning_rate": cfg.learning_rate}
     for key, value in positive.items():
         if value <= 0:
@@ -174,9 +178,12 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, following ``_base_`` (relative to the file) recursively."""
+def read_yaml(path: str | Path, _chain: tuple = ()) -> dict:
+    """Read a YAML mapping, following ``_base_`` (relative to the file) recursively; a cycle is an error."""
     path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in _chain + (path.resolve(),))
+        raise ConfigError(f"{path}: '_base_' chain loops back on itself ({cycle}); remove one of the _base_ lines.")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found.")
     try:
@@ -187,7 +194,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: the config must be a mapping of keys to values.")
     base = data.pop("_base_", None)
     if base is not None:
-        data = merge(read_yaml(path.parent / base), data)
+        data = merge(read_yaml(path.parent / base, _chain + (path.resolve(),)), data)
     return data
 
 

@@ -39,6 +39,8 @@ def test_base_inheritance_and_overrides(tmp_path):
         ({"selection_metric": "f1"}, "'selection_metric' must be one of"),
         ({"criterion": {"args": {}}}, "'criterion' is incomplete"),
         ({"device": "tpu"}, "'device' must be auto"),
+        ({"learning_rate": float("nan")}, "'learning_rate' must be a finite number"),
+        ({"weight_decay": float("inf")}, "'weight_decay' must be a finite number"),
     ],
 )
 def test_bad_config_names_the_key(data, fragment):
@@ -62,3 +64,21 @@ def test_bad_override_syntax():
 def test_to_dict_round_trip():
     cfg = from_dict({"epochs": 2, "model": {"name": "FPN", "args": {"encoder_name": "resnet18"}}})
     assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_base_cycle_is_one_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\nepochs: 2\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"'_base_' chain loops back on itself \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("_base_: self.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_loss_arguments_of_the_wrong_type_name_the_key():
+    from bss.config import NamedArgs
+    from bss.losses import build_loss
+
+    with pytest.raises(ConfigError, match=r"'criterion.args.alpha' must be a finite number, got 'abc'"):
+        build_loss(NamedArgs("TverskyLoss", {"alpha": "abc", "beta": 0.5}))

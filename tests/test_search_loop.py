@@ -272,6 +272,7 @@ def test_labels_no_better_than_the_current_ones_make_no_hybrid(setup_loop):
     assert len(calls) == 1 and not (root / "toy_H1").exists()
     assert result.stopped.startswith("stop: the new teacher's EVAL label IoU 0.700 does not beat the current training labels, the boxes (EVAL label IoU 0.760)")
     assert result.final_iteration == 0 and result.rows[0]["eval_label_iou"] == pytest.approx(0.70)
+    assert result.rows[0]["decision"].startswith("baseline; then stop: the new teacher's")
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(setup_loop):

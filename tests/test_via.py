@@ -67,6 +67,10 @@ def test_polygon_fills_its_interior():
         (csv_row("../a.png", 1, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}), "without a folder"),
         (csv_row("a.png", 2, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}) * 2, "duplicate entry"),
         ('a.png,1,"{}",x,0,"{}","{}"\n', "integers"),
+        (csv_row("a.png", 5, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}), "declares region_count 5 but the file has 1 region row(s)"),
+        (csv_row("a.png", 2, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}) + csv_row("a.png", 3, 1, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}), "region_count 3 here but 2 on line 2"),
+        (csv_row("a.png", 1, 0, {"name": "rect", "x": 10, "y": 1, "width": -50, "height": 5}), "width -50; it must be positive"),
+        (csv_row("a.png", 1, 0, {"name": "circle", "cx": 10, "cy": 1, "r": 0}), "r 0; it must be positive"),
         ("", "no rows"),
     ],
 )
@@ -91,3 +95,15 @@ def test_polygon_outside_image_is_an_error(tmp_path):
     region = read_via_csv(path).regions["a.png"][0]
     with pytest.raises(DatasetError, match="outside the 20x10 image"):
         rasterize([region], 10, 20, "a.png")
+
+
+def test_encodings_utf16_is_read_latin1_is_one_clear_error(tmp_path):
+    body = HEADER + csv_row("café.png", 1, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2})
+    path = tmp_path / "labels.csv"
+    path.write_bytes(body.encode("utf-16"))  # Excel's "Unicode text": UTF-16 with a BOM
+    assert read_via_csv(path).labelled == ["café.png"]
+    path.write_bytes(("\ufeff" + body).encode("utf-8"))  # VIA's own export: UTF-8 with a BOM
+    assert read_via_csv(path).labelled == ["café.png"]
+    path.write_bytes(body.encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"labels.csv: not UTF-8 text \(byte 0xe9 on line 2"):
+        read_via_csv(path)

@@ -39,6 +39,7 @@ _REQUIRED = {
     "circle": ("cx", "cy", "r"),
     "ellipse": ("cx", "cy", "rx", "ry"),
 }
+_POSITIVE = {"rect": ("width", "height"), "circle": ("r",), "ellipse": ("rx", "ry")}
 # A drawn point may sit this many pixels outside the image (VIA snaps to the border loosely).
 EDGE_TOLERANCE_PX = 2.0
 
@@ -112,6 +113,9 @@ def parse_region(text: str, where: str) -> Region:
     else:
         for key in _REQUIRED[shape] + (("theta",) if shape == "ellipse" and "theta" in attrs else ()):
             attrs[key] = _number(attrs[key], where, key)
+        for key in _POSITIVE[shape]:
+            if attrs[key] <= 0:
+                raise DatasetError(f"{where}: {shape} region has {key} {attrs[key]:g}; it must be positive. Redraw the region in VIA.")
     return Region(shape=shape, attrs=attrs, where=where)
 
 
@@ -122,14 +126,33 @@ def check_filename(name: str, where: str) -> str:
     return name
 
 
+def read_text(path: Path) -> str:
+    """The CSV's text: UTF-8 (with or without a BOM, as VIA writes it) or UTF-16 with a BOM (as
+    Excel's "Unicode text" saves it); anything else is one error naming the encoding problem."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}; a latin-1/Windows-1252 save?). "
+            "Export the CSV from VIA again, or save it as UTF-8."
+        ) from None
+
+
 def read_via_csv(path: str | Path) -> ViaLabels:
     """Parse a VIA CSV export; every problem raises one :class:`DatasetError` naming the line."""
+    import io
+
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: labels file not found. Export it from VIA as CSV (see README).")
     labels = ViaLabels(path=path)
     seen_ids: set[tuple[str, int]] = set()
-    with path.open(newline="", encoding="utf-8-sig") as fh:
+    declared: dict[str, tuple[int, int]] = {}  # filename -> (region_count, first line)
+    with io.StringIO(read_text(path), newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in ("filename", "region_count", "region_id", "region_shape_attributes") if c not in (reader.fieldnames or [])]
         if missing:
@@ -143,6 +166,8 @@ def read_via_csv(path: str | Path) -> ViaLabels:
             except ValueError:
                 raise DatasetError(f"{where}: region_count and region_id must be integers.") from None
             regions = labels.regions.setdefault(name, [])
+            if declared.setdefault(name, (count, line))[0] != count:
+                raise DatasetError(f"{where}: {name!r} has region_count {count} here but {declared[name][0]} on line {declared[name][1]}; the export is inconsistent.")
             if (name, region_id) in seen_ids:
                 raise DatasetError(f"{where}: duplicate entry for {name!r} region {region_id}; each image and region may appear once.")
             seen_ids.add((name, region_id))
@@ -153,6 +178,9 @@ def read_via_csv(path: str | Path) -> ViaLabels:
             regions.append(parse_region(row["region_shape_attributes"] or "", where))
     if not labels.regions:
         raise DatasetError(f"{path}: the labels file has no rows.")
+    for name, (count, line) in declared.items():
+        if count and len(labels.regions[name]) != count:
+            raise DatasetError(f"{path} line {line}: {name!r} declares region_count {count} but the file has {len(labels.regions[name])} region row(s); the export is incomplete. Export it from VIA again.")
     return labels
 
 

@@ -8,6 +8,8 @@ tests/test_losses.py). alpha = beta = 0.5 is the Dice loss.
 """
 from __future__ import annotations
 
+import math
+
 import segmentation_models_pytorch as smp
 import torch
 
@@ -24,6 +26,8 @@ def _binary(cls):
     make.__name__ = cls.__name__
     return make
 
+
+NUMERIC_ARGS = ("alpha", "beta", "gamma", "smooth", "eps", "pos_weight")  # checked here: smp would fail mid-training
 
 LOSSES = {
     "TverskyLoss": _binary(smp.losses.TverskyLoss),
@@ -48,6 +52,9 @@ def build_loss(spec: NamedArgs) -> torch.nn.Module:
             losses.append(build_loss(NamedArgs(term["name"], term.get("args") or {})))
             weights.append(float(term.get("weight", 1.0)))
         return WeightedSum(losses, weights)
+    for key, value in spec.args.items():
+        if key in NUMERIC_ARGS and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ConfigError(f"config key 'criterion.args.{key}' must be a finite number, got {value!r}.")
     try:
         return LOSSES[spec.name](**spec.args)
     except TypeError as exc:

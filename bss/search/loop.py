@@ -1,13 +1,14 @@
 """The automated self-training loop (``drivers/search.py``).
 
-Iteration 0 searches on ``NAME_BASELINE``, promotes the best trial and refines the box-only
-images with it into ``NAME_H1``. Iteration k >= 1 searches again (or, with ``retrain_best``,
-retrains the best config so far with new seeds) on ``NAME_H<k>`` and is judged on ``NAME_EVAL``:
-
-* its promoted EVAL metric beats the best so far -> new best; it refines the next ``H<k+1>``;
-* it is worse than the best by more than ``tolerance`` -> stop;
-* otherwise (no gain, within tolerance) -> one more iteration on the same ``H<k>`` with new
-  seeds, until ``patience`` iterations in a row brought no gain -> stop.
+Iteration 0 searches on ``NAME_BASELINE`` and promotes a model with the promotion rule
+(:mod:`bss.search.promotion`; its IoU floor is the EVAL boxes' own IoU, measured first). The
+promoted model is measured as a teacher on EVAL (:mod:`bss.hybrid.teacher_quality`: its EVAL
+label IoU and the refinement rule chosen there) and refines the box-only images into
+``NAME_H1``, unless its labels would be no better than the current ones. Iteration k >= 1
+searches again (the best config so far first; or, with ``retrain_best``, retrains it with new
+seeds) on ``NAME_H<k>`` and is judged on ``NAME_EVAL`` by the stop rule (:mod:`bss.search.stop`):
+a new best refines the next ``H<k+1>``; an EVAL IoU drop beyond the tolerance, no admissible
+model, or ``patience`` iterations without gain stop the loop.
 
 After the last decision every promoted model is evaluated on ``NAME_TEST`` for the report; no
 decision ever reads TEST. The final model (the best by EVAL) is copied to ``<run-dir>/best.pt``.
@@ -599,10 +600,10 @@ class Loop:
         if teacher["label_iou_pixels"] <= current:
             verdict = f"stop: the new teacher's EVAL label IoU {teacher['label_iou_pixels']:.3f} does not beat the current training labels, {what}; no H<n> is made"
             hybrid.update(done=True, refused=verdict)
-            decision.update(stop=True, verdict=verdict)
+            decision.update(stop=True, verdict=f"{decision['verdict']}; then {verdict}")
             self.state.data["stopped"] = verdict
             self.state.save()
-            self.tracker.tag(it["run_id"], "bss.decision", verdict)
+            self.tracker.tag(it["run_id"], "bss.decision", decision["verdict"])
             _say(f"iteration {k}: {verdict}")
             return
         rule = RefineRule.from_dict(teacher["rule"])
