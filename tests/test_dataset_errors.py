@@ -60,12 +60,60 @@ def test_truncated_image(data_root):
         from bss.data.io import read_image
 
         read_image(path)
-    # the split decodes labelled images' headers only; training then names the file
-    from bss.data.segmentation_dataset import SegmentationDataset
+    # preprocess decodes every image once and names the file; nothing is written
+    expect_error(data_root, "img_004.png: corrupt or truncated")
+    # a box-only image too (the loop's trials would all fail on it)
+    box_only = data_root / "toy" / "images" / "img_011.png"
+    path.write_bytes((data_root / "toy" / "images" / "img_005.png").read_bytes())
+    box_only.write_bytes(box_only.read_bytes()[:300])
+    expect_error(data_root, "img_011.png: corrupt or truncated")
 
-    ds = SegmentationDataset(data_root / "toy", (64, 64))
-    with pytest.raises(DatasetError, match="img_004.png"):
-        ds[4]
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ([0, 128, 255], "not binary (values 0, 128, 255; 3 distinct)"),
+        ([0, 7], None),  # 0 and one foreground value: fine
+        ([3, 7], "not binary (values 3, 7; 2 distinct)"),
+    ],
+)
+def test_non_binary_box_mask_is_refused(data_root, values, fragment):
+    from PIL import Image
+
+    mask = np.zeros((64, 64), np.uint8)
+    for band, v in zip(np.array_split(np.arange(64), len(values)), values):
+        mask[:, band] = v
+    Image.fromarray(mask).save(data_root / "toy" / "masks" / "img_010.png")
+    if fragment is None:
+        make_splits("toy", data_root, progress=False)
+        return
+    msg = expect_error(data_root, fragment)
+    assert "img_010.png" in msg
+
+
+def test_colour_mask_and_noise_mask_are_refused(data_root):
+    from PIL import Image
+
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[10:20, 10:20] = 255
+    Image.fromarray(rgb).save(data_root / "toy" / "masks" / "img_010.png")
+    expect_error(data_root, "img_010.png: the mask is RGB, not single-channel")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)
+    Image.fromarray(noise).save(data_root / "toy" / "masks" / "img_010.png")
+    expect_error(data_root, "256 distinct")
+
+
+def test_sixteen_bit_grey_image_is_scaled_not_white(tmp_path):
+    from PIL import Image
+
+    from bss.data.io import read_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16") or Image.open(tmp_path / "g16.png").mode == "I"
+    rgb = read_image(tmp_path / "g16.png")
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and 120 <= rgb[32, 0, 0] <= 135  # a ramp, not all white
 
 
 def test_duplicate_stems(data_root):

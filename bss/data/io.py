@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -25,13 +26,26 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey (modes I;16*, I, F) scaled to 8 bits by the type's range (Pillow's
+    own convert clips them at 255, which turns a 16-bit frame all white)."""
+    if not (im.mode.startswith("I;16") or im.mode in ("I", "F")):
+        return im
+    arr = np.asarray(im).astype(np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255) else 255.0
+    if im.mode == "F":
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """An RGB uint8 array (H, W, 3); grey images are repeated over three channels."""
+    """An RGB uint8 array (H, W, 3); grey images are repeated over three channels, 16-bit ones
+    scaled to 8 bits."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(_to_8bit(im).convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: image not found.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -50,16 +64,28 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A binary uint8 mask (H, W) of 0/1 from a png of 0/255 or 0/1 (any value > 0 is foreground)."""
+    """A binary uint8 mask (H, W) of 0/1 from a single-channel png of 0/255 or 0/1.
+
+    Anything else is refused, naming the file and the values found: a colour mask, or grey
+    values other than 0 and one foreground value (a noisy or anti-aliased mask would otherwise
+    turn every non-zero pixel into a defect)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("L"))
+            if im.mode not in ("1", "L", "P", "I;16", "I;16B", "I;16L", "I", "LA", "PA"):
+                raise DatasetError(f"{path}: the mask is {im.mode}, not single-channel; save it as a grey png of 0 (background) and 255 (defect).")
+            if im.mode in ("P", "PA", "LA"):
+                im = im.convert("L")
+            arr = np.asarray(im)
     except FileNotFoundError:
         raise DatasetError(f"{path}: mask not found.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: corrupt or truncated mask ({exc}). Replace or remove the file.") from None
+    values = np.unique(arr)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        shown = ", ".join(str(int(v)) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise DatasetError(f"{path}: the mask is not binary (values {shown}; {len(values)} distinct); a mask holds 0 (background) and one value for the defect (1 or 255).")
     return (arr > 0).astype(np.uint8)
 
 
@@ -82,10 +108,15 @@ def atomic_folder(target: str | Path, overwrite: bool = False):
     if target.exists() and not overwrite:
         raise BSSError(f"{target} already exists; pass --overwrite to replace it, or choose another name.")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield tmp
+        (tmp / OWNER).unlink(missing_ok=True)
+        if target.exists() and not overwrite:  # another process made it meanwhile: keep theirs
+            raise BSSError(f"{target} appeared while this one was being written (another run?); it is left as it is and nothing was written.")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,8 +129,45 @@ def atomic_folder(target: str | Path, overwrite: bool = False):
         os.replace(tmp, target)
 
 
+OWNER = ".owner"  # "<host> <pid>" of the process writing a temporary folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove ``.<target>.tmp-*`` folders left by a killed writer on this host (its process is
+    gone); folders of a live writer, or of another host, are left alone. Returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for folder in Path(target).parent.glob(f".{Path(target).name}.tmp-*"):
+        try:
+            owner_host, pid = (folder / OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        if owner_host == host and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` (no extra disk) where the filesystem allows, else copy it."""
+    """Hard-link ``src`` to ``dst`` (no extra disk) where the filesystem allows, else copy it.
+    A symbolic link is followed: the file it points to is linked (never the link itself, which
+    would dangle in another folder)."""
+    src = Path(src)
+    if src.is_symlink():
+        real = src.resolve()
+        if not real.is_file():
+            raise DatasetError(f"{src}: symbolic link to {real}, which does not exist. Fix or remove the link.")
+        src = real
     try:
         os.link(src, dst)
     except OSError:

@@ -119,6 +119,18 @@ class SourceDataset:
         folder = self.root / "truth"
         return folder if folder.is_dir() else None
 
+    def check_files(self, progress: bool = True) -> None:
+        """Decode every image and box mask once: a truncated JPEG or a non-binary mask is refused
+        here, naming the file, rather than failing every training trial later."""
+        from tqdm.auto import tqdm
+
+        from bss.data.io import read_image, read_mask
+
+        for sample in tqdm(self.samples, desc=f"checking {self.name}", unit="img", disable=not progress, leave=False):
+            read_image(sample.image)
+            if sample.mask is not None:
+                read_mask(sample.mask)
+
     def hand_labelled(self) -> list[Sample]:
         labelled = set(self.labels.labelled)
         return [s for s in self.samples if s.image.name in labelled]

@@ -47,6 +47,7 @@ def make_splits(dataset: str, data_root: str | Path = "datasets", fractions=(0.6
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise BSSError(f"split already exists: {', '.join(existing)}. Pass --overwrite to redraw it.")
+    source.check_files(progress)  # every image and box mask decodes (a truncated JPEG fails here, by name)
     labelled = sorted(source.hand_labelled(), key=lambda s: s.image.name)
     counts = split_counts(len(labelled), tuple(fractions))
     order = np.random.default_rng(seed).permutation(len(labelled))

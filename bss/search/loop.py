@@ -233,6 +233,10 @@ def prepare_data(settings: dict, cpus: int, progress: bool) -> dict:
         info["generated"] = True
     splits = {s: root / f"{dataset}_{s}" for s in SPLITS}
     present = [s for s, p in splits.items() if p.is_dir()]
+    if present:  # make_splits checks the files itself
+        from bss.data.layout import SourceDataset
+
+        SourceDataset.open(dataset, root).check_files(progress)
     if not present:
         counts = make_splits(dataset, root, tuple(settings["split_fractions"]), int(settings["seed"]), progress=False)
         _say(f"made the splits of {dataset}: " + ", ".join(f"{dataset}_{s} {n}" for s, n in counts.items()) + f" images (seed {settings['seed']})")
