@@ -68,9 +68,27 @@ def _check_out(out: Path, images_dir: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise BSSError(f"--out {out} is not empty; pass --overwrite to replace a previous prediction there, or choose another folder.")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
+        foreign = _not_written_by_predict(out)
         if foreign:
-            raise BSSError(f"--out {out} holds {foreign[0]!r}, which predict did not write; it only replaces a folder holding a previous prediction. Choose another folder.")
+            raise BSSError(f"--out {out} holds {foreign}, which predict did not write; --overwrite only replaces a previous prediction (listed in its predictions.json), nothing else. Choose another folder.")
+
+
+def _not_written_by_predict(out: Path) -> str | None:
+    """The first entry of ``out`` that a previous prediction (its predictions.json) does not account for."""
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
+    if foreign:
+        return repr(foreign[0])
+    try:
+        listed = {Path(row["image"]).stem for row in json.loads((out / "predictions.json").read_text())["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "files but no readable predictions.json (so not a previous prediction)"
+    for sub in sorted(OUTPUT_ENTRIES - {"predictions.json"}):
+        folder = out / sub
+        if folder.exists():
+            for path in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
+                if not folder.is_dir() or path.suffix != ".png" or path.stem not in listed:
+                    return repr(str(path.relative_to(out)))
+    return None
 
 
 def predict_folder(

@@ -89,6 +89,18 @@ def test_non_empty_out_needs_overwrite(checkpoint, new_images, tmp_path):
     with pytest.raises(BSSError, match="did not write"):
         predict_folder(checkpoint, new_images, out, overwrite=True, progress=False)
     assert (out / "thesis.docx").exists()
+    (out / "thesis.docx").unlink()
+    # nor a user's own masks/ beside a prediction, nor a masks/ folder with no prediction at all
+    write_png = lambda path: Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)  # noqa: E731
+    write_png(out / "masks" / "my_hand_mask.png")
+    with pytest.raises(BSSError, match=r"holds 'masks/my_hand_mask.png', which predict did not write"):
+        predict_folder(checkpoint, new_images, out, overwrite=True, progress=False)
+    mine = tmp_path / "mine"
+    (mine / "masks").mkdir(parents=True)
+    write_png(mine / "masks" / "a.png")
+    with pytest.raises(BSSError, match="no readable predictions.json"):
+        predict_folder(checkpoint, new_images, mine, overwrite=True, progress=False)
+    assert (mine / "masks" / "a.png").is_file() and (out / "masks" / "my_hand_mask.png").is_file()
     # an existing empty folder is fine
     empty = tmp_path / "empty"
     empty.mkdir()
