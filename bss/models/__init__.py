@@ -6,6 +6,9 @@ UnetPlusPlus, FPN, DeepLabV3Plus, ...). Encoders are smp's by name (``resnet34``
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+
 import segmentation_models_pytorch as smp
 import torch
 
@@ -18,10 +21,40 @@ MODELS: dict[str, type[torch.nn.Module]] = {"UNetAttention": UNetAttention}
 MODELS.update({cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()})
 
 
+def accepted_args(cls: type) -> set[str]:
+    """The named constructor arguments of ``cls`` and of the classes it passes ``**kwargs`` to."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is torch.nn.Module:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def check_args(name: str, args: dict) -> None:
+    """Refuse an argument the model does not take (smp passes unknown ones on to the encoder,
+    where a misspelt ``decoder_channelz`` is silently ignored). A timm encoder (``tu-*``) does
+    take extra keyword arguments, so there only a near-miss of a known argument is refused."""
+    valid = accepted_args(MODELS[name])
+    timm = str(args.get("encoder_name", "")).startswith("tu-")
+    for key in args:
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.75)
+        if close or not timm:
+            hint = f" Did you mean '{close[0]}'?" if close else f" {name} takes: {', '.join(sorted(valid))}."
+            raise ConfigError(f"config key 'model.args.{key}': {name} has no argument {key!r}.{hint}")
+
+
 def build_model(spec: NamedArgs) -> torch.nn.Module:
     if spec.name not in MODELS:
         raise ConfigError(f"config key 'model.name': unknown model {spec.name!r}; valid: {', '.join(MODELS)}.")
     args = dict(spec.args)
+    check_args(spec.name, args)
     args.setdefault("classes", 1)
     encoder_name = args.get("encoder_name", "resnet34")
     if encoder_name not in smp.encoders.get_encoder_names() and not str(encoder_name).startswith("tu-"):
