@@ -80,6 +80,29 @@ def test_checkpoint_is_weights_only_and_reloads(split_root, tmp_path):
     assert trainer.evaluate()["iou"] == pytest.approx(payload["metrics"]["iou"], abs=1e-6)
 
 
+def test_bad_checkpoints_are_one_line_naming_the_file(split_root, tmp_path):
+    from bss.errors import BSSError
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": {}, "config": {}, "model": torch.nn.Linear(2, 2)}, pickled)  # a pickled module
+    with pytest.raises(BSSError) as err:
+        load_model(pickled)
+    text = str(err.value)
+    assert text.startswith(f"{pickled}: not a readable BSS checkpoint: it holds pickled Python objects") and "\n" not in text
+    assert "weights_only=False" not in text
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(BSSError, match=r"garbage.pt: not a readable BSS checkpoint"):
+        load_model(garbage)
+    cfg = from_dict(tiny_config_dict(split_root, tmp_path, epochs=1))
+    result = Trainer(cfg, progress=False).fit()
+    payload = torch.load(result.checkpoint, weights_only=True)
+    payload["config"]["image_size"] = [65, 64]
+    torch.save(payload, tmp_path / "badcfg.pt")
+    with pytest.raises(BSSError, match=r"badcfg.pt: its config is not valid \(config key 'image_size'"):
+        load_model(tmp_path / "badcfg.pt")
+
+
 def test_overlay_png_has_three_panels_per_sample(split_root, tmp_path):
     cfg = from_dict(tiny_config_dict(split_root, tmp_path, visualization_samples=2))
     Trainer(cfg, progress=False).fit()

@@ -41,11 +41,24 @@ def read_checkpoint(path: str | Path) -> dict:
         raise BSSError(f"checkpoint {path} not found.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise BSSError(f"{path}: not a readable BSS checkpoint ({exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds; one line, without torch's advice
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            first = "it holds pickled Python objects, which BSS never loads (a BSS checkpoint is weights + config only)"
+        raise BSSError(f"{path}: not a readable BSS checkpoint: {first[:200]}. Use a best.pt written by BSS.") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise BSSError(f"{path}: not a BSS checkpoint (expected a dict with state_dict and config).")
     return payload
+
+
+def checkpoint_config(path: str | Path, payload: dict) -> Config:
+    """The checkpoint's config, validated; a bad one is an error naming the checkpoint."""
+    from bss.errors import ConfigError
+
+    try:
+        return from_dict(payload["config"])
+    except ConfigError as exc:
+        raise BSSError(f"{path}: its config is not valid ({exc}); the checkpoint was not written by this version of BSS, or was edited.") from None
 
 
 def load_state_into(model: torch.nn.Module, path: str | Path) -> None:
@@ -58,7 +71,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     from bss.models import build_model
 
     payload = read_checkpoint(path)
-    config = from_dict(payload["config"])
+    config = checkpoint_config(path, payload)
     # the weights come from the checkpoint: never download or read encoder weights again
     model = build_model(NamedArgs(config.model.name, {**config.model.args, "encoder_weights": None}))
     try:
