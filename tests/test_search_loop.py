@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -341,3 +342,29 @@ def test_plan_resources():
 
 
 torch.set_num_threads(1)  # the in-process inference (hybrid, TEST, overlays) of tiny models: no thread contention
+
+
+def test_a_second_driver_on_the_same_run_dir_is_refused(tmp_path):
+    """Real processes: a driver on a locked --run-dir exits at once with one error line and
+    writes nothing; the lock of a SIGKILLed holder does not outlive it."""
+    import signal
+    import subprocess
+
+    from bss.search.state import RunLock
+
+    run_dir = tmp_path / "runs" / "obstacle"
+    holder = RunLock(run_dir).acquire()
+    cmd = [sys.executable, str(REPO / "drivers" / "search.py"), "--dataset", "obstacle", "--data-root", str(tmp_path / "datasets"), "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert re.fullmatch(rf"error: {re.escape(str(run_dir))} is in use by a running loop \(pid {os.getpid()}, since [-0-9: ]+\); wait for it to finish, or use another --run-dir\.", proc.stderr.strip()), proc.stderr
+    assert not run_dir.exists() and not (tmp_path / "datasets").exists()  # nothing generated, nothing written
+    holder.release()
+    code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from bss.search.state import RunLock; lock = RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    with pytest.raises(BSSError, match=f"in use by a running loop \\(pid {child.pid},"):
+        RunLock(run_dir).acquire()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    RunLock(run_dir).acquire().release()  # the killed holder's lock is gone with it

@@ -42,7 +42,7 @@ import yaml
 from bss.data.io import file_sha256
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.search.promotion import PromotionRule, build_promotion_rule, promote
-from bss.search.state import LoopState
+from bss.search.state import LoopState, RunLock
 from bss.search.stop import Outcome, build_stop_rule
 from bss.search.tune_search import Resources, local_resources, plan_resources, quiet_environment, run_search, start_ray
 
@@ -741,6 +741,15 @@ class Loop:
 
     # ---- driver ------------------------------------------------------------------------------
     def run(self) -> LoopResult:
+        """Run or resume the loop, holding the run folder's lock throughout (a second driver on
+        the same --run-dir is refused at once; a killed driver's lock goes with its process)."""
+        lock = RunLock(self.run_dir).acquire()
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> LoopResult:
         self.setup()
         if self.state is not None and self.state.get("finished"):
             _say(f"{self.run_dir}: this loop finished earlier; its report is {self.state.get('report', {}).get('md')}.")

@@ -51,6 +51,42 @@ def read_json(path: str | Path) -> Any:
         raise BSSError(f"{path} is not valid JSON ({exc}); it was not written by this version of BSS, or was edited.") from None
 
 
+class RunLock:
+    """An exclusive lock on a run folder, held while a driver works in it (``flock`` on
+    ``.<run-dir>.lock`` beside it, so a refused start leaves no run folder). The kernel releases
+    it when the process ends, however it ends, so a lock left by a killed driver never blocks."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir.parent / f".{self.run_dir.name}.lock"
+        self.handle = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise BSSError(f"{self.run_dir} is in use by a running loop ({holder}); wait for it to finish, or use another --run-dir.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the flock
+            self.handle = None
+
+
 class LoopState:
     """The resume state of one loop; ``save()`` after every completed stage."""
 
