@@ -6,7 +6,9 @@ set explicitly). Open the UI with ``mlflow ui --backend-store-uri sqlite:///mlfl
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 
 from bss.errors import BSSError
@@ -29,19 +31,42 @@ def normalize_uri(uri: str) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """For a SQLite store, an exclusive lock on ``<db>.lock`` while the store and the experiment
+    are made: two loops started together on a new store would otherwise race MLflow's table
+    creation ("table experiments already exists") and one of them would die."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+
+
 def setup(uri: str, experiment: str) -> str:
-    """Point MLflow at ``uri``, create ``experiment`` if needed; return its id."""
+    """Point MLflow at ``uri``, create ``experiment`` if needed; return its id.
+
+    Safe when several processes start on one store at once: SQLite stores are made under a file
+    lock, and an experiment created by another process meanwhile is looked up again."""
     import mlflow
 
     uri = normalize_uri(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    try:
-        found = mlflow.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
-    except Exception as exc:  # noqa: BLE001 - one clear message for any store problem
-        raise BSSError(f"cannot use the MLflow store {uri} (experiment {experiment!r}): {exc}") from None
+    with _store_lock(uri):
+        for attempt in range(3):
+            try:
+                found = mlflow.get_experiment_by_name(experiment)
+                exp_id = found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+                break
+            except Exception as exc:  # noqa: BLE001 - one clear message for any store problem
+                if attempt == 2:
+                    raise BSSError(f"cannot use the MLflow store {uri} (experiment {experiment!r}): {exc}") from None
+                time.sleep(0.5 * (attempt + 1))  # another host created it meanwhile: look again
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
