@@ -163,7 +163,7 @@ def test_end_to_end_loop(reference):
     assert "final_test_recall" in parent.data.metrics and "final_eval_recall" in parent.data.metrics
 
 
-def test_failing_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path):
+def test_failing_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path, capfd):
     from bss import tracking
 
     root = tmp_path / "datasets"
@@ -190,7 +190,11 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_pat
     parent = MlflowClient(uri).create_run(exp, run_name="iteration 0").info.run_id
     context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, mlflow={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
     points = [{"learning_rate": "ok", "model.args": "good"}, {"learning_rate": "huge", "model.args": "good"}, {"learning_rate": "ok", "model.args": "broken"}]
+    capfd.readouterr()
     outcome = run_search(context, 3, Resources(1, 0, 2), tmp_path, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=2, points=points, progress=True)
+    console = "".join(capfd.readouterr())
+    # one line per failed trial on the console; the traceback stays in the record and MLflow
+    assert console.count("FAILED: ") == 2 and "Traceback" not in console and "ERROR" not in console, console[-3000:]
     by = {c.ordinal: c for c in outcome.candidates}
     assert [by[i].state for i in (1, 2, 3)] == ["complete", "failed", "failed"]
     assert "TrainingDiverged" in by[2].error and "loss became" in by[2].error

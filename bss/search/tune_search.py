@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -323,6 +324,10 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     warnings.filterwarnings("ignore", module="optuna")
+    # a failed trial is one console line from our callback; its traceback is kept in the trial's
+    # record.json and its MLflow run (tag bss.error), not dumped by Tune's own loggers
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     storage_dir = Path(storage_dir)
     tune_dir = storage_dir / "tune"
     if tune_dir.exists():  # a previous attempt of this search, cut off: restart it (trial folders replay)
