@@ -3,6 +3,7 @@ appears meanwhile is never replaced, a symbolic link is followed (never copied a
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,3 +63,56 @@ def test_symbolic_links_are_followed(tmp_path):
     (images / "gone.png").symlink_to("../store/gone.png")
     with pytest.raises(DatasetError, match="gone.png: symbolic link to .*store/gone.png, which does not exist"):
         link_or_copy(images / "gone.png", out / "gone.png")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 512 KiB filesystem (tmpfs), so a write really runs out of space."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_error_naming_the_path_and_nothing_is_left(tiny_disk, data_root):
+    import numpy as np
+
+    from bss.data.io import write_image
+
+    rng = np.random.default_rng(0)
+    images = tiny_disk.parent / "frames"
+    images.mkdir()
+    for i in range(3):
+        write_image(images / f"f{i}.png", rng.integers(0, 256, (200, 200, 3), dtype=np.uint8))  # ~120 KB of noise each
+    with pytest.raises(BSSError, match=r"tiny/copies: the disk is full \(.* MiB free in .*tiny\); nothing was written"):
+        with atomic_folder(tiny_disk / "copies") as tmp:
+            for i in range(3):
+                for j in range(3):
+                    shutil.copyfile(images / f"f{i}.png", tmp / f"f{i}-{j}.png")
+    assert list(tiny_disk.iterdir()) == []  # the temporary folder is gone, no half output
+
+
+def test_predict_on_a_full_disk_is_one_error_line(tiny_disk, tmp_path):
+    """The real driver: one error line, exit 2, no traceback, nothing left in --out's folder."""
+    import numpy as np
+
+    from bss.config import from_dict
+    from bss.data.io import write_image
+    from bss.models import build_model
+    from bss.training.checkpoint import save_checkpoint
+    from conftest import REPO, tiny_config_dict
+
+    cfg = from_dict(tiny_config_dict(tmp_path, tmp_path))
+    ckpt = save_checkpoint(tmp_path / "best.pt", build_model(cfg.model), cfg, {"iou": 0.0}, 1.0)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_image(frames / f"f{i}.png", rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    proc = subprocess.run([sys.executable, str(REPO / "drivers" / "predict.py"), "--model", str(ckpt), "--images", str(frames), "--out", str(tiny_disk / "pred"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tiny_disk / 'pred'}: the disk is full"), proc.stderr[-2000:]
+    assert list(tiny_disk.iterdir()) == []

@@ -7,6 +7,7 @@ so decoding goes through Pillow, which refuses truncated files).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -117,6 +118,12 @@ def atomic_folder(target: str | Path, overwrite: bool = False):
         (tmp / OWNER).unlink(missing_ok=True)
         if target.exists() and not overwrite:  # another process made it meanwhile: keep theirs
             raise BSSError(f"{target} appeared while this one was being written (another run?); it is left as it is and nothing was written.")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(target.parent).free
+            raise BSSError(f"{target}: the disk is full ({free / 2**20:.1f} MiB free in {target.parent}); nothing was written. Free some space, or write to another folder.") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
