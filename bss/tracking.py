@@ -7,6 +7,8 @@ set explicitly). Open the UI with ``mlflow ui --backend-store-uri sqlite:///mlfl
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -87,3 +89,105 @@ def active() -> bool:
     import mlflow
 
     return mlflow.active_run() is not None
+
+
+def _guarded(method):
+    """A tracking call that never stops the loop: the first failure is reported once and every
+    later call is skipped (the loop's own files, state.json and the report, stay complete)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.failure is not None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any store failure: the store is lost for this run
+            self.fail(exc)
+            return None
+
+    return call
+
+
+class Tracker:
+    """The loop's MLflow runs, by explicit run id (no global active run in the driver).
+
+    The store must work when the loop starts (:func:`setup` raises a clear error otherwise). If
+    it fails later (deleted, read-only, server gone), the loop goes on: one warning, then no
+    more tracking calls; everything the loop decides lives in its own run folder.
+    """
+
+    def __init__(self, uri: str, experiment: str, say=print):
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its errors are raised too, and handled here
+        self.uri = normalize_uri(uri)
+        self.experiment_id = setup(self.uri, experiment)
+        self.client = MlflowClient(self.uri)
+        self.failure: str | None = None
+        self.say = say
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def fail(self, exc: Exception) -> None:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        telling = next((line for line in lines if "Error" in line or "error" in line), lines[0] if lines else "")
+        self.failure = f"{type(exc).__name__}: {telling[:300]}"
+        self.say(f"warning: the MLflow store {self.uri} failed ({self.failure}); the loop goes on without it, recording to its own run folder (state.json, report.*)")
+
+    @_guarded
+    def create(self, name: str, parent: str | None, tags: dict) -> str:
+        tags = {k: str(v) for k, v in tags.items()}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    @_guarded
+    def reopen(self, run_id: str | None) -> None:
+        if run_id and self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
+    def end(self, run_id: str | None, status: str) -> None:
+        if run_id and self.ok:
+            try:
+                self.client.set_terminated(run_id, status)
+            except Exception:  # noqa: BLE001 - never hide the real error behind a tracking one
+                pass
+
+    @_guarded
+    def params(self, run_id: str | None, params: dict) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        have = set(self.client.get_run(run_id).data.params)
+        items = [Param(k, v) for k, v in flat.items() if k not in have]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    @_guarded
+    def metrics(self, run_id: str | None, metrics: dict, step: int = 0) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    @_guarded
+    def artifact(self, run_id: str | None, path: str | Path, folder: str | None = None) -> None:
+        if run_id and Path(path).exists():
+            self.client.log_artifact(run_id, str(path), folder)
+
+    @_guarded
+    def tag(self, run_id: str | None, key: str, value) -> None:
+        if run_id:
+            self.client.set_tag(run_id, key, str(value)[:5000])

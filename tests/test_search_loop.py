@@ -368,3 +368,29 @@ def test_a_second_driver_on_the_same_run_dir_is_refused(tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
     RunLock(run_dir).acquire().release()  # the killed holder's lock is gone with it
+
+
+def test_a_lost_tracking_store_does_not_stop_the_loop(setup_loop, capsys):
+    """The store is deleted during iteration 1: one warning, and the loop finishes on its own files."""
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    TEACHER.clear()
+    PLAN.update({0: [(0.9, 0.9, 0.85)], 1: [(0.95, 0.9, 0.86)]})
+    db = tmp_path / "lost" / "mlflow.db"
+    real_search = loop_mod.run_search
+
+    def losing_search(context, *args, **kwargs):
+        if context.iteration == 1:
+            db.unlink()  # the store disappears mid-run
+        return real_search(context, *args, **kwargs)
+
+    loop_mod.run_search = losing_search
+    try:
+        result = run_loop(options(iterations=2, tracking_uri=f"sqlite:///{db}"))
+    finally:
+        loop_mod.run_search = real_search
+    out = capsys.readouterr().out
+    assert out.count("warning: the MLflow store") == 1 and "the loop goes on without it" in out
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["finished"] and [it["train_dataset"] for it in state["iterations"]] == ["toy_BASELINE", "toy_H1"]
+    assert result.final_iteration == 1 and (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "best.pt").is_file()

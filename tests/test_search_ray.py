@@ -343,3 +343,30 @@ def test_cleanup_deletes_trial_runs_no_record_names_and_finishes_the_others(tmp_
     assert client.get_run(done).info.lifecycle_stage == "active" and client.get_run(done).info.status == "FINISHED"
     assert client.get_run(cut).info.lifecycle_stage == "deleted" and not (Path(context.trials_dir) / "t003-cccccccc").exists()
     assert not _run_usable(context, cut) and _run_usable(context, done)
+
+
+def test_trials_train_on_when_the_tracking_store_is_lost(ray_cluster, tmp_path):
+    """A tracking failure is not a training failure: with the store deleted before the trials
+    start, they complete, promote normally, and say what happened in their records."""
+    from bss import tracking
+
+    root = tmp_path / "datasets"
+    make_source_dataset(root)
+    make_splits("toy", root, progress=False)
+    base = tiny_config_dict(root, tmp_path, train_dataset="toy_BASELINE", max_steps_per_epoch=2, epochs=2, visualization_samples=0)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"params": {"learning_rate": {"loguniform": [1e-3, 1e-2]}}}))
+    space = load_space(space_file, base)
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    exp = tracking.setup(uri, "bss-search")
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(uri).create_run(exp, run_name="iteration 0").info.run_id
+    db.unlink()
+    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, mlflow={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
+    outcome = run_search(context, 2, Resources(1, 0, 2), tmp_path, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=2, progress=False)
+    assert [c.state for c in outcome.candidates] == ["complete", "complete"]
+    assert choose(outcome.candidates, context.rule) is not None
+    records = [json.loads((Path(context.trials_dir) / c.key / "record.json").read_text()) for c in outcome.candidates]
+    assert all(r["run_id"] is None and "tracking_error" in r for r in records)

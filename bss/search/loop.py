@@ -44,6 +44,7 @@ from bss.errors import BSSError, ConfigError, DatasetError
 from bss.search.promotion import PromotionRule, build_promotion_rule, promote
 from bss.search.state import LoopState, RunLock
 from bss.search.stop import Outcome, build_stop_rule
+from bss.tracking import Tracker
 from bss.search.tune_search import Resources, local_resources, plan_resources, quiet_environment, run_search, start_ray
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -251,70 +252,6 @@ def prepare_data(settings: dict, cpus: int, progress: bool) -> dict:
     return info
 
 
-# --------------------------------------------------------------------------- MLflow (driver side)
-
-
-class Tracker:
-    """The loop's MLflow runs, by explicit run id (no global active run in the driver)."""
-
-    def __init__(self, uri: str, experiment: str):
-        import logging
-
-        from mlflow.tracking import MlflowClient
-
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-        from bss import tracking
-
-        self.uri = tracking.normalize_uri(uri)
-        self.experiment_id = tracking.setup(self.uri, experiment)
-        self.client = MlflowClient(self.uri)
-
-    def create(self, name: str, parent: str | None, tags: dict) -> str:
-        tags = {k: str(v) for k, v in tags.items()}
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-
-    def reopen(self, run_id: str) -> None:
-        if self.client.get_run(run_id).info.status != "RUNNING":
-            self.client.update_run(run_id, status="RUNNING")
-
-    def end(self, run_id: str | None, status: str) -> None:
-        if run_id:
-            try:
-                self.client.set_terminated(run_id, status)
-            except Exception:  # noqa: BLE001 - never hide the real error behind a tracking one
-                pass
-
-    def params(self, run_id: str, params: dict) -> None:
-        from mlflow.entities import Param
-
-        from bss import tracking
-
-        flat = tracking.flatten(params)
-        have = set(self.client.get_run(run_id).data.params)
-        items = [Param(k, v) for k, v in flat.items() if k not in have]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start:start + 100])
-
-    def metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
-        if items:
-            self.client.log_batch(run_id, metrics=items)
-
-    def artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
-        if Path(path).exists():
-            self.client.log_artifact(run_id, str(path), folder)
-
-    def tag(self, run_id: str, key: str, value) -> None:
-        self.client.set_tag(run_id, key, str(value)[:5000])
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -400,7 +337,7 @@ class Loop:
     def start_tracking(self) -> None:
         s = self.settings
         uri = s.get("tracking_uri") or self.base["tracking"]["uri"]
-        self.tracker = Tracker(uri, s.get("experiment") or "bss-search")
+        self.tracker = Tracker(uri, s.get("experiment") or "bss-search", say=_say)
         st = self.state
         if not st.get("parent_run_id"):
             run_id = self.tracker.create(f"loop {s['dataset']}", None, {"bss.kind": "loop", "bss.dataset": s["dataset"], "bss.run_dir": str(self.run_dir.resolve())})
@@ -458,7 +395,7 @@ class Loop:
             iteration=k,
             cpus=self.resources.cpus_per_trial,
             gpus=self.resources.gpus_per_trial,
-            mlflow={"uri": self.tracker.uri, "experiment_id": self.tracker.experiment_id, "parent_run_id": run_id},
+            mlflow={"uri": self.tracker.uri, "experiment_id": self.tracker.experiment_id, "parent_run_id": run_id} if self.tracker.ok and run_id else None,
             seeds=seeds,
         )
         scheduler = dict(self.space.scheduler, name=s["scheduler"]) if not retrain else {"name": "fifo"}

@@ -246,6 +246,28 @@ def _delete_stale_run(ctx: TrialContext, run_id: str | None) -> None:
             pass
 
 
+def _start_run(mlflow, run_id: str, state: dict) -> None:
+    """Make the trial's run active for the trainer's logging; a store failure only stops tracking."""
+    try:
+        mlflow.start_run(run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - a tracking failure is not a training failure
+        state["tracking_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        _drop_active_run(mlflow)
+
+
+def _drop_active_run(mlflow) -> None:
+    """Forget the active run without talking to the store (which failed)."""
+    from mlflow.tracking import fluent
+
+    try:
+        fluent._active_run_stack.set([])  # noqa: SLF001 - MLflow 3 keeps the stack in a ContextVar
+    except Exception:  # noqa: BLE001
+        try:
+            fluent._active_run_stack.clear()  # noqa: SLF001 - older MLflow: a thread-local list
+        except Exception:  # noqa: BLE001
+            pass
+
+
 # --------------------------------------------------------------------------- the trainable
 
 
@@ -323,7 +345,11 @@ def _train_trial(params: dict, context: TrialContext, entry: float, wall_entry: 
     # a trial cut off mid-training always gets a fresh run; a stopped trial trained again keeps
     # its run unless that run is gone (deleted), and a deleted run id is never reused
     reuse = bool(skip and record.get("run_id") and _run_usable(context, record.get("run_id")))
-    run_id = record.get("run_id") if reuse else _create_run(context, ordinal, key, params, config)
+    try:
+        run_id = record.get("run_id") if reuse else _create_run(context, ordinal, key, params, config)
+    except Exception as exc:  # noqa: BLE001 - a tracking failure is not a training failure
+        run_id, reuse = None, False
+        state["tracking_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     state["run_id"] = run_id
     _save_record(folder, state)
 
@@ -356,7 +382,7 @@ def _train_trial(params: dict, context: TrialContext, entry: float, wall_entry: 
             if evaluations <= skip:
                 return
             if evaluations == skip + 1 and skip and reuse:
-                mlflow.start_run(run_id=run_id)  # resume logging where the recording ended
+                _start_run(mlflow, run_id, state)  # resume logging where the recording ended
             _append_row(folder, row)
             state.update(best=best, checkpoint=str(folder / CHECKPOINT), evaluations=evaluations)
             if abs(row["epoch"] - trainer.epochs) < 1e-6:
@@ -369,17 +395,21 @@ def _train_trial(params: dict, context: TrialContext, entry: float, wall_entry: 
         def finish(row: dict) -> None:
             nonlocal status, tags
             state.update(state="complete", train_seconds=row["since_entry"] - setup_seconds)
-            if mlflow.active_run() is not None and best is not None:
-                mlflow.log_metrics({f"best_{k}": v for k, v in best.items() if k.startswith("eval_")})
-                mlflow.log_metrics({"train_seconds": state["train_seconds"], "setup_seconds": setup_seconds})
             status, tags = "FINISHED", {"bss.outcome": "complete"}
-            if mlflow.active_run() is not None:
-                mlflow.end_run(status)
+            try:
+                if mlflow.active_run() is not None and best is not None:
+                    mlflow.log_metrics({f"best_{k}": v for k, v in best.items() if k.startswith("eval_")})
+                    mlflow.log_metrics({"train_seconds": state["train_seconds"], "setup_seconds": setup_seconds})
+                if mlflow.active_run() is not None:
+                    mlflow.end_run(status)
+            except Exception as exc:  # noqa: BLE001 - the trial is complete all the same
+                state["tracking_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                _drop_active_run(mlflow)
             _end_run(context, run_id, status, tags)
 
         trainer.callbacks.append(on_evaluation)
         if run_id and not reuse:
-            mlflow.start_run(run_id=run_id)
+            _start_run(mlflow, run_id, state)
         trainer.fit()
         if state["state"] != "complete":  # (the last evaluation normally completes the trial)
             finish({"since_entry": time.perf_counter() - entry})
@@ -414,5 +444,8 @@ def _train_trial(params: dict, context: TrialContext, entry: float, wall_entry: 
                     pass
         elif state["state"] != "complete" or mlflow.active_run() is not None:
             if mlflow.active_run() is not None:
-                mlflow.end_run(status)
+                try:
+                    mlflow.end_run(status)
+                except Exception:  # noqa: BLE001 - the store is gone: drop the local handle only
+                    _drop_active_run(mlflow)
             _end_run(context, run_id, status, tags)

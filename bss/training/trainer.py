@@ -109,6 +109,7 @@ def _mlflow_if_running():
 
 class Trainer:
     CHECK_EVERY = 50  # on CUDA, steps between reads of the running loss (NaN check)
+    tracking_failed: str | None = None  # set when MLflow logging failed; later logging is skipped
 
     def __init__(self, config: Config, output_dir: str | Path | None = None, callbacks: list[Callable[[dict], None]] = (), progress: bool = True):
         self.config = config
@@ -256,8 +257,13 @@ class Trainer:
 
     def _log(self, row: dict, step: int) -> None:
         mlflow = _mlflow_if_running()
-        if mlflow is not None:
+        if mlflow is None or self.tracking_failed:
+            return
+        try:
             mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        except Exception as exc:  # noqa: BLE001 - a lost tracking store never stops training
+            self.tracking_failed = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"warning: MLflow logging failed ({self.tracking_failed}); training goes on without it", file=sys.stderr)
 
     @torch.inference_mode()
     def write_overlays(self, path: Path, checkpoint: Path | None) -> Path:
