@@ -14,6 +14,7 @@ import argparse
 
 import _common
 
+from bss.search.loop import parse_duration
 from bss.search.promotion import PROMOTION_RULES
 from bss.search.stop import STOP_RULES
 
@@ -29,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--trials", type=int, help="trials per search (default: the space's searcher.trials)")
     g.add_argument("--concurrency", type=int, help="trials at a time (default: as many as the resources allow)")
     g.add_argument("--time-budget", type=float, metavar="SECONDS", help="wall-clock limit of each search; running trials are stopped")
+    g.add_argument("--budget", type=parse_duration, metavar="DURATION", help="wall-clock budget of the whole loop (600, 90s, 10m, 1.5h): each search gets its share of the time left, and no later search starts with less than a minute left")
     g.add_argument("--algorithm", choices=("tpe", "random"), help="searcher (default: the space's; tpe)")
     g.add_argument("--scheduler", choices=("asha", "fifo"), help="early stopping (default: the space's; asha)")
     g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: 1, or 2 above 8 cores; with a GPU, CPUs / concurrency)")
@@ -68,6 +70,7 @@ def main() -> int:
         trials=args.trials,
         concurrency=args.concurrency,
         time_budget=args.time_budget,
+        budget=args.budget,
         iterations=args.iterations,
         promotion=args.promotion,
         metric=args.metric,

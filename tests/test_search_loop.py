@@ -394,3 +394,30 @@ def test_a_lost_tracking_store_does_not_stop_the_loop(setup_loop, capsys):
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["finished"] and [it["train_dataset"] for it in state["iterations"]] == ["toy_BASELINE", "toy_H1"]
     assert result.final_iteration == 1 and (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_budget_is_split_over_the_searches_and_stops_the_loop_when_spent(setup_loop, monkeypatch):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    TEACHER.clear()
+    PLAN.update({0: [(0.80, 0.9, 0.85)], 1: [(0.85, 0.9, 0.86)], 2: [(0.9, 0.9, 0.9)]})
+    TEACHER.update({0: 0.85, 1: 0.9})  # each teacher better than the last: H1 and H2 are made
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(loop_mod, "_now", lambda: clock["t"])
+    budgets = []
+    fake = loop_mod.run_search
+
+    def timed_search(context, *args, **kwargs):
+        budgets.append(kwargs["time_budget"])
+        clock["t"] += 200.0 if context.iteration == 0 else 150.0  # each search takes a while
+        return fake(context, *args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "run_search", timed_search)
+    result = run_loop(options(iterations=3, budget=400.0))
+    # iteration 0: 400 s left, 3 searches -> 0.85 * 400 / 3; iteration 1: 200 s left, 2 searches
+    assert budgets == [pytest.approx(0.85 * 400 / 3), pytest.approx(0.85 * 200 / 2)]
+    assert result.stopped == "stop: the --budget of 400 s is spent (50 s left)" and len(result.rows) == 2
+    assert loop_mod.search_budget(100.0, 2, 30.0) == 30.0 and loop_mod.search_budget(None, 2, None) is None
+    assert [loop_mod.parse_duration(x) for x in ("90", "90s", "10m", "1.5h")] == [90.0, 90.0, 600.0, 5400.0]
+    with pytest.raises(BSSError, match="--budget 'soon': give a duration such as 600, 90s, 10m or 1.5h"):
+        loop_mod.parse_duration("soon")

@@ -53,7 +53,7 @@ SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 SYNTHETIC = {"cpu": {"count": 300, "hand_labelled": 120, "width": 256, "height": 192}, "gpu": {"count": 1000, "hand_labelled": 200, "width": 256, "height": 192}}
 
 # settings that change results: stored at the start, a different value on --resume is an error
-RESULT_SETTINGS = ("dataset", "data_root", "config", "space", "trials", "iterations", "promotion", "metric", "margin", "floor_metric", "floor", "stop", "tolerance", "patience", "retrain_best", "seed", "algorithm", "scheduler", "time_budget", "split_fractions")
+RESULT_SETTINGS = ("dataset", "data_root", "config", "space", "trials", "iterations", "promotion", "metric", "margin", "floor_metric", "floor", "stop", "tolerance", "patience", "retrain_best", "seed", "algorithm", "scheduler", "time_budget", "budget", "split_fractions")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class LoopOptions:
     trials: int | None = None  # per search (default: the space's searcher.trials)
     concurrency: int | None = None
     time_budget: float | None = None  # seconds per search
+    budget: float | None = None  # seconds for the whole loop (each start of it): split over the searches left
     iterations: int | None = None  # including iteration 0 (default 3)
     promotion: str | None = None  # guarded_recall | floor (bss.search.promotion)
     metric: str | None = None  # recall
@@ -102,6 +103,34 @@ class LoopResult:
     final_iteration: int | None = None
     stopped: str | None = None
     report: dict | None = None
+
+
+BUDGET_RESERVE = 0.15  # of the time left: teacher measurement, hybrid, TEST evaluation, report
+MIN_SEARCH_SECONDS = 60.0  # a later search with less than this left is not started
+_now = time.monotonic  # the budget's clock (tests move it)
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``/``"90s"``, ``"10m"``, ``"1.5h"`` -> seconds (for ``--budget``)."""
+    value = str(text).strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(value[-1:], None)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise BSSError(f"--budget {text!r}: give a duration such as 600, 90s, 10m or 1.5h.") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise BSSError(f"--budget {text!r} must be a positive duration.")
+    return seconds
+
+
+def search_budget(time_left: float | None, searches_left: int, per_search: float | None) -> float | None:
+    """Seconds for the next search: its share of the loop's time left (after a reserve for the
+    stages around the searches), and never more than ``--time-budget``."""
+    if time_left is None:
+        return per_search
+    share = max(1.0, time_left * (1.0 - BUDGET_RESERVE) / max(1, searches_left))
+    return share if per_search is None else min(share, per_search)
 
 
 def derive_seed(*parts: int) -> int:
@@ -148,6 +177,8 @@ def _check_numbers(s: dict) -> None:
         raise BSSError(f"--tolerance must be 0 or more, got {s['tolerance']}.")
     if s["patience"] < 1:
         raise BSSError(f"--patience must be at least 1, got {s['patience']}.")
+    if s.get("budget") is not None and s["budget"] <= 0:
+        raise BSSError(f"--budget must be positive, got {s['budget']}.")
     if s["time_budget"] is not None and s["time_budget"] <= 0:
         raise BSSError(f"--time-budget must be positive (seconds per search), got {s['time_budget']}.")
     if s["algorithm"] not in (None, "tpe", "random"):
@@ -362,6 +393,11 @@ class Loop:
         promoted = self.state.iterations[self.state.get("best")["iteration"]]["promoted"]
         return yaml.safe_load(Path(promoted["config_path"]).read_text())
 
+    def time_left(self) -> float | None:
+        """Seconds of ``--budget`` left (None without one); the budget counts from this start."""
+        budget = self.settings.get("budget")
+        return None if budget is None else float(budget) - (_now() - self.started)
+
     def incumbent(self) -> list[dict] | None:
         """The best model's searched params, tried first by the next search (Optuna's
         points_to_evaluate): with a handful of trials, the known-good config on the new labels is
@@ -412,7 +448,7 @@ class Loop:
             algorithm=algorithm,
             scheduler=scheduler,
             max_evaluations=max_evaluations(space, base, n_images),
-            time_budget=s["time_budget"],
+            time_budget=search_budget(self.time_left(), int(s["iterations"]) - k, s["time_budget"]),
             reuse_actors=self.opts.reuse_actors,
             label=f"[iter {k}]",
             progress=self.opts.progress,
@@ -687,6 +723,7 @@ class Loop:
             lock.release()
 
     def _run(self) -> LoopResult:
+        self.started = _now()
         self.setup()
         if self.state is not None and self.state.get("finished"):
             _say(f"{self.run_dir}: this loop finished earlier; its report is {self.state.get('report', {}).get('md')}.")
@@ -709,6 +746,13 @@ class Loop:
                     _say(f"iteration {k}: done earlier ({(it.get('decision') or {}).get('verdict', '')}); skipped")
                     continue
                 if st.get("stopped"):
+                    break
+                left = self.time_left()
+                if k > 0 and left is not None and left < MIN_SEARCH_SECONDS and not (st.iterations[k] if k < len(st.iterations) else {}).get("search", {}).get("done"):
+                    verdict = f"stop: the --budget of {s['budget']:g} s is spent ({max(0.0, left):.0f} s left)"
+                    st.data["stopped"] = verdict
+                    st.save()
+                    _say(f"iteration {k}: {verdict}")
                     break
                 it = st.iteration(k)
                 if k == 0:
