@@ -271,6 +271,7 @@ def test_labels_no_better_than_the_current_ones_make_no_hybrid(setup_loop):
     TEACHER.update({0: 0.70})  # refines the EVAL boxes to 0.70 < the boxes' own 0.76
     result = run_loop(options(iterations=2))
     assert len(calls) == 1 and not (root / "toy_H1").exists()
+    assert len(json.loads((tmp_path / "run" / "state.json").read_text())["iterations"]) == 1  # no empty entry for an iteration that never ran
     assert result.stopped.startswith("stop: the new teacher's EVAL label IoU 0.700 does not beat the current training labels, the boxes (EVAL label IoU 0.760)")
     assert result.final_iteration == 0 and result.rows[0]["eval_label_iou"] == pytest.approx(0.70)
     assert result.rows[0]["decision"].startswith("baseline; then stop: the new teacher's")

@@ -562,11 +562,10 @@ class Loop:
 
     def make_next_dataset(self, k: int, it: dict, decision: dict) -> None:
         s = self.settings
-        nxt = self.state.iteration(k + 1)
         hybrid = it.setdefault("hybrid", {})
         if not decision["new_best"]:  # the best model is the one that made the current set
             hybrid.update(done=True, reused=it["train_dataset"])
-            nxt["train_dataset"] = it["train_dataset"]
+            self.state.iteration(k + 1)["train_dataset"] = it["train_dataset"]
             self.state.save()
             _say(f"iteration {k}: no new best, iteration {k + 1} trains again on {it['train_dataset']} with new seeds")
             return
@@ -584,6 +583,7 @@ class Loop:
             _say(f"iteration {k}: {verdict}")
             return
         rule = RefineRule.from_dict(teacher["rule"])
+        nxt = self.state.iteration(k + 1)
         dataset, root = s["dataset"], Path(s["data_root"])
         checkpoint = Path(self.state.get("best")["checkpoint"])
         if "number" not in hybrid:
