@@ -152,6 +152,8 @@ def box_quality(dataset: str, data_root: str | Path) -> dict:
         if b.shape != t.shape:
             raise DatasetError(f"{box}: box mask is {b.shape[1]}x{b.shape[0]} but the exact mask {truth} is {t.shape[1]}x{t.shape[0]}.")
         total += np.asarray(counts(b, t))
-    tp, fp, fn, _ = (int(v) for v in total)
-    ratio = lambda a, b: a / b if b else 1.0  # noqa: E731
-    return {"iou": ratio(tp, tp + fp + fn), "dice": ratio(2 * tp, 2 * tp + fp + fn), "recall": ratio(tp, tp + fn), "precision": ratio(tp, tp + fp)}
+    import torch
+
+    from bss.metrics import scores_from_counts
+
+    return {k: float(v) for k, v in scores_from_counts(torch.from_numpy(total)).items()}

@@ -173,10 +173,6 @@ def _check_numbers(s: dict) -> None:
         raise BSSError(f"--iterations must be at least 1, got {s['iterations']}.")
     if s["trials"] is not None and s["trials"] < 1:
         raise BSSError(f"--trials must be at least 1, got {s['trials']}.")
-    if s["tolerance"] < 0:
-        raise BSSError(f"--tolerance must be 0 or more, got {s['tolerance']}.")
-    if s["patience"] < 1:
-        raise BSSError(f"--patience must be at least 1, got {s['patience']}.")
     if s.get("budget") is not None and s["budget"] <= 0:
         raise BSSError(f"--budget must be positive, got {s['budget']}.")
     if s["time_budget"] is not None and s["time_budget"] <= 0:
@@ -240,8 +236,9 @@ def max_evaluations(space, base: dict, train_images: int = 1) -> int:
 # --------------------------------------------------------------------------- data
 
 
-def prepare_data(settings: dict, cpus: int, progress: bool) -> dict:
-    """The source dataset (generated when it is a missing synthetic class) and its splits."""
+def prepare_data(settings: dict, cpus: int, progress: bool, check_files: bool = True) -> dict:
+    """The source dataset (generated when it is a missing synthetic class) and its splits;
+    ``check_files`` decodes every image and box mask once (a resumed run checked them at its start)."""
     from bss.data.splits import SPLITS, make_splits
 
     dataset, root = settings["dataset"], Path(settings["data_root"])
@@ -265,7 +262,7 @@ def prepare_data(settings: dict, cpus: int, progress: bool) -> dict:
         info["generated"] = True
     splits = {s: root / f"{dataset}_{s}" for s in SPLITS}
     present = [s for s, p in splits.items() if p.is_dir()]
-    if present:  # make_splits checks the files itself
+    if present and check_files:  # make_splits checks the files itself
         from bss.data.layout import SourceDataset
 
         SourceDataset.open(dataset, root).check_files(progress)
@@ -729,7 +726,7 @@ class Loop:
             _say(f"{self.run_dir}: this loop finished earlier; its report is {self.state.get('report', {}).get('md')}.")
             return self.summary(self.table_rows())
         self.header()
-        data = prepare_data(self.settings, self.cpus, self.opts.progress)
+        data = prepare_data(self.settings, self.cpus, self.opts.progress, check_files=self.state is None)
         self.create_state()
         st = self.state
         if "data" not in st.data:

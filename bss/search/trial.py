@@ -259,13 +259,7 @@ def _drop_active_run(mlflow) -> None:
     """Forget the active run without talking to the store (which failed)."""
     from mlflow.tracking import fluent
 
-    try:
-        fluent._active_run_stack.set([])  # noqa: SLF001 - MLflow 3 keeps the stack in a ContextVar
-    except Exception:  # noqa: BLE001
-        try:
-            fluent._active_run_stack.clear()  # noqa: SLF001 - older MLflow: a thread-local list
-        except Exception:  # noqa: BLE001
-            pass
+    fluent._active_run_stack.set([])  # noqa: SLF001 - MLflow 3's per-thread stack of active runs
 
 
 # --------------------------------------------------------------------------- the trainable
