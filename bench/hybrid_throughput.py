@@ -31,8 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for _key, _value in {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
-    os.environ.setdefault(_key, _value)
+from bss.environment import quiet  # noqa: E402
+
+quiet(offline=True)
 
 
 # ------------------------------------------------------------------------------- memory

@@ -23,8 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
-    os.environ.setdefault(key, value)
+from bss.environment import quiet  # noqa: E402
+
+quiet(offline=True, bars=False)
 
 METHODS = {"tpe+asha": ("tpe", "asha"), "random": ("random", "fifo")}
 
@@ -41,14 +42,14 @@ def main() -> int:
     p.add_argument("--methods", default="tpe+asha,random")
     p.add_argument("--out", default="runs/bench/search_efficiency.json")
     args = p.parse_args()
-    import mlflow  # noqa: F401  (configures its loggers on import; quieten them after)
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     from bench.search_overhead import ensure_data
     from bss.config import load_config
-    from bss.search.loop import derive_seed, max_evaluations, trial_base
+    from bss.search.settings import LoopSettings
+    from bss.search.stages import derive_seed, max_evaluations, trial_base
     from bss.search.promotion import PromotionRule, choose
     from bss.search.space import load_space
     from bss.search.trial import TrialContext
@@ -58,7 +59,7 @@ def main() -> int:
     ensure_data(root, args.count)
     base = load_config(ROOT / "config.yaml").to_dict()
     space = load_space(args.space, base)
-    base = trial_base(base, {"dataset": "obstacle", "data_root": str(root)}, "obstacle_BASELINE")
+    base = trial_base(base, LoopSettings(dataset="obstacle", data_root=str(root)), "obstacle_BASELINE")
     rule = PromotionRule("recall", "precision", args.floor)
     start_ray(None, args.concurrency, 0)
     work = Path(tempfile.mkdtemp(prefix="bss-efficiency-"))

@@ -30,8 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
-    os.environ.setdefault(key, value)
+from bss.environment import quiet  # noqa: E402
+
+quiet(offline=True, bars=False)
 
 
 def ensure_data(root: Path, count: int) -> None:
@@ -59,7 +60,6 @@ def main() -> int:
 
     import logging
 
-    import mlflow  # noqa: F401  (configures its loggers on import; quieten them after)
     import yaml
 
     for name in ("mlflow", "alembic"):
@@ -67,7 +67,7 @@ def main() -> int:
 
     from bss import tracking
     from bss.config import load_config
-    from bss.search.loop import trial_base
+    from bss.search.stages import trial_base
     from bss.search.promotion import PromotionRule
     from bss.search.space import load_space
     from bss.search.trial import TrialContext
@@ -82,7 +82,9 @@ def main() -> int:
     space_file.write_text(yaml.safe_dump(spec))
     base = load_config(ROOT / "config.yaml").to_dict()
     space = load_space(space_file, base)
-    settings = {"dataset": "obstacle", "data_root": str(root)}
+    from bss.search.settings import LoopSettings
+
+    settings = LoopSettings(dataset="obstacle", data_root=str(root))
     base = trial_base(base, settings, "obstacle_BASELINE")
 
     t0 = time.perf_counter()
@@ -91,15 +93,13 @@ def main() -> int:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     mlflow = None
     if not args.no_mlflow:
-        exp = tracking.setup(uri, "bench")
-        from mlflow.tracking import MlflowClient
-
-        parent = MlflowClient(uri).create_run(exp, run_name="bench").info.run_id
-        mlflow = {"uri": tracking.normalize_uri(uri), "experiment_id": exp, "parent_run_id": parent}
+        tracker = tracking.Tracker.open(uri, "bench")
+        parent = tracker.create("bench", None, {"bss.kind": "bench"})
+        mlflow = {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent}
 
     results = {"ray_init_seconds": ray_init, "cpus": cpus, "trials": args.trials, "concurrency": args.concurrency, "epochs": args.epochs, "steps": args.steps, "modes": {}}
     for mode in args.modes.split(","):
-        context = TrialContext(base=base, space=space, rule=PromotionRule(), trials_dir=str(work / mode / "trials"), seed=0, iteration=0, cpus=1, mlflow=mlflow)
+        context = TrialContext(base=base, space=space, rule=PromotionRule(), trials_dir=str(work / mode / "trials"), seed=0, iteration=0, cpus=1, tracking=mlflow)
         outcome = run_search(context, args.trials, Resources(1, 0, args.concurrency), work / mode, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=args.epochs, reuse_actors=(mode == "reuse"), label=f"[{mode}]", progress=False)
         timings = outcome.timings
         train = sum(t["train_seconds"] or 0 for t in timings)

@@ -33,8 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
-    os.environ.setdefault(key, value)
+from bss.environment import quiet  # noqa: E402
+
+quiet(offline=True, bars=False)
 
 NEU = REPO.parent / "shared" / "data" / "neu_seg"
 SYNTHETIC = ("obstacle", "deposition", "deformation", "disconnect")

@@ -36,9 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-for _key, _value in {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1"}.items():
-    os.environ.setdefault(_key, _value)
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo, after PYTHONPATH (to bench another tree)
+from bss.environment import quiet  # noqa: E402
+
+quiet(offline=True, bars=False)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

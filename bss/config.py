@@ -8,7 +8,6 @@ naming the key, with a did-you-mean for misspellings.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from bss.errors import ConfigError
+from bss.errors import ConfigError, suggest
 
-METRICS = ("iou", "dice", "recall", "precision")
+METRICS = ("iou", "dice", "recall", "precision")  # the one list of metric names (bss.metrics computes them)
 
 
 @dataclass
@@ -98,8 +97,7 @@ class Config:
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
+    return suggest(key, valid, "Valid keys")
 
 
 def _build(cls, data: Any, prefix: str):

@@ -16,3 +16,15 @@ class ConfigError(BSSError):
 
 class DatasetError(BSSError):
     """A dataset folder is missing, empty, or holds a file that cannot be used."""
+
+
+def suggest(word: str, valid, otherwise: str | None = "Valid", cutoff: float = 0.6) -> str:
+    """The did-you-mean tail of an error: ``" Did you mean 'x'?"`` for a close match, else
+    ``" <otherwise>: a, b, c."`` (``otherwise=None``: nothing, for lists too long to print)."""
+    import difflib
+
+    valid = [str(v) for v in valid]
+    close = difflib.get_close_matches(str(word), valid, n=1, cutoff=cutoff)
+    if close:
+        return f" Did you mean '{close[0]}'?"
+    return f" {otherwise}: {', '.join(valid)}." if otherwise else ""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-METRIC_NAMES = ("iou", "dice", "recall", "precision")
+from bss.config import METRICS as METRIC_NAMES
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

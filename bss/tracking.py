@@ -1,21 +1,33 @@
-"""MLflow set-up shared by training, search and the self-training loop.
+"""MLflow, for the whole project: the only module that imports it.
 
 Default store: ``sqlite:///mlflow.db`` in the working directory, artifacts in ``mlartifacts/``
 beside it (MLflow's file store is in maintenance mode; with SQLite the artifact location must be
 set explicitly). Open the UI with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+
+Which failures stop a run, in one place:
+
+* **At the start** (:func:`setup`, :meth:`Tracker.open`): a store that cannot be opened or an
+  experiment that cannot be made is one :class:`~bss.errors.BSSError` naming the URI. Nothing
+  has been trained yet, so the user fixes the URI and starts again.
+* **Later** (every :class:`Tracker` call): the first failure is reported once through ``say``
+  and recorded in :attr:`Tracker.failure`; every later call is skipped. Training, the search and
+  the loop go on: everything they decide lives in their own files (state.json, trial records),
+  so a lost store loses the dashboard, never the run.
+* **Cleanup** (deleting a killed attempt's run, giving a run its final status) never raises.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-import os
 import time
 from pathlib import Path
 
 from bss.errors import BSSError
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from bss.environment import quiet
+
+quiet()
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -33,21 +45,15 @@ def normalize_uri(uri: str) -> str:
     return uri
 
 
-@contextlib.contextmanager
 def _store_lock(uri: str):
     """For a SQLite store, an exclusive lock on ``<db>.lock`` while the store and the experiment
     are made: two loops started together on a new store would otherwise race MLflow's table
     creation ("table experiments already exists") and one of them would die."""
     if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
+        return contextlib.nullcontext()
+    from bss import filelock
 
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        yield
+    return filelock.held(f"{uri[len('sqlite:///'):]}.lock")
 
 
 def setup(uri: str, experiment: str) -> str:
@@ -85,15 +91,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def active() -> bool:
-    import mlflow
-
-    return mlflow.active_run() is not None
-
-
 def _guarded(method):
-    """A tracking call that never stops the loop: the first failure is reported once and every
-    later call is skipped (the loop's own files, state.json and the report, stay complete)."""
+    """A tracking call that never stops the caller: the first failure is reported once and every
+    later call is skipped (see the module docstring)."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
@@ -101,34 +101,47 @@ def _guarded(method):
             return None
         try:
             return method(self, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any store failure: the store is lost for this run
+        except Exception as exc:  # noqa: BLE001 - any store failure: the store is lost for this process
             self.fail(exc)
             return None
 
     return call
 
 
-class Tracker:
-    """The loop's MLflow runs, by explicit run id (no global active run in the driver).
+def _quiet_loggers() -> None:
+    import logging
 
-    The store must work when the loop starts (:func:`setup` raises a clear error otherwise). If
-    it fails later (deleted, read-only, server gone), the loop goes on: one warning, then no
-    more tracking calls; everything the loop decides lives in its own run folder.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its errors are raised too, and handled here
+
+
+class Tracker:
+    """MLflow runs by explicit run id (no global active run anywhere).
+
+    ``Tracker.open(uri, experiment)`` in a driver makes the store and the experiment (and fails
+    with one clear error if it cannot); ``Tracker(uri, experiment_id)`` in a Ray worker connects to
+    an experiment the driver made. After that, store failures follow the module's policy.
     """
 
-    def __init__(self, uri: str, experiment: str, say=print):
-        import logging
-
+    def __init__(self, uri: str, experiment_id: str, say=print, going_on: str = "going on without it"):
         from mlflow.tracking import MlflowClient
 
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its errors are raised too, and handled here
+        _quiet_loggers()
         self.uri = normalize_uri(uri)
-        self.experiment_id = setup(self.uri, experiment)
-        self.client = MlflowClient(self.uri)
+        self.experiment_id = experiment_id
         self.failure: str | None = None
-        self.say = say
+        self.say, self.going_on = say, going_on
+        try:
+            self.client = MlflowClient(self.uri)
+        except Exception as exc:  # noqa: BLE001 - a worker whose store is gone trains on untracked
+            self.client = None
+            self.fail(exc)
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, say=print, going_on: str = "going on without it") -> "Tracker":
+        _quiet_loggers()
+        return cls(uri, setup(normalize_uri(uri), experiment), say=say, going_on=going_on)
 
     @property
     def ok(self) -> bool:
@@ -138,8 +151,9 @@ class Tracker:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         telling = next((line for line in lines if "Error" in line or "error" in line), lines[0] if lines else "")
         self.failure = f"{type(exc).__name__}: {telling[:300]}"
-        self.say(f"warning: the MLflow store {self.uri} failed ({self.failure}); the loop goes on without it, recording to its own run folder (state.json, report.*)")
+        self.say(f"warning: the MLflow store {self.uri} failed ({self.failure}); {self.going_on}")
 
+    # ---- runs ----------------------------------------------------------------------------
     @_guarded
     def create(self, name: str, parent: str | None, tags: dict) -> str:
         tags = {k: str(v) for k, v in tags.items()}
@@ -152,35 +166,78 @@ class Tracker:
         if run_id and self.client.get_run(run_id).info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
 
-    def end(self, run_id: str | None, status: str) -> None:
+    def usable(self, run_id: str | None) -> bool:
+        """Whether ``run_id`` can be logged to again: it exists and is not deleted."""
+        if not run_id or not self.ok:
+            return False
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # noqa: BLE001 - gone
+            return False
+
+    def end(self, run_id: str | None, status: str, tags: dict | None = None, only_running: bool = False) -> None:
+        """Give ``run_id`` its final ``status`` (FINISHED | KILLED | FAILED) and ``tags``. A deleted
+        run is left alone, and with ``only_running`` so is a run that already has a final status.
+        Never raises: it runs on the way out of errors, which it must not hide."""
+        if not run_id or not self.ok:
+            return
+        try:
+            run = self.client.get_run(run_id)
+            if run.info.lifecycle_stage != "active" or (only_running and run.info.status != "RUNNING"):
+                return
+            for key, value in (tags or {}).items():
+                self.client.set_tag(run_id, key, str(value)[:5000])
+            self.client.set_terminated(run_id, status)
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
+
+    def delete(self, run_id: str | None) -> None:
+        """Delete a run (a killed attempt's); a run already gone is fine. Never raises."""
         if run_id and self.ok:
             try:
-                self.client.set_terminated(run_id, status)
-            except Exception:  # noqa: BLE001 - never hide the real error behind a tracking one
+                self.client.delete_run(run_id)
+            except Exception:  # noqa: BLE001 - already gone
                 pass
 
+    def running_children(self, parent: str, kind: str) -> list[tuple[str, dict]]:
+        """(run id, tags) of the RUNNING runs of ``kind`` under ``parent``; [] when the store fails."""
+        if not self.ok:
+            return []
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`bss.kind` = '{kind}' and attributes.status = 'RUNNING'",
+                max_results=5000,
+            )
+        except Exception:  # noqa: BLE001 - bookkeeping only
+            return []
+        return [(run.info.run_id, dict(run.data.tags)) for run in runs]
+
+    # ---- logging -------------------------------------------------------------------------
     @_guarded
-    def params(self, run_id: str | None, params: dict) -> None:
+    def params(self, run_id: str | None, params: dict, fresh: bool = False) -> None:
+        """Log ``params`` (flattened); keys the run already has are skipped unless ``fresh``."""
         if not run_id:
             return
         from mlflow.entities import Param
 
         flat = flatten(params)
-        have = set(self.client.get_run(run_id).data.params)
+        have = set() if fresh else set(self.client.get_run(run_id).data.params)
         items = [Param(k, v) for k, v in flat.items() if k not in have]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
 
     @_guarded
     def metrics(self, run_id: str | None, metrics: dict, step: int = 0) -> None:
+        """Log the finite numbers of ``metrics`` (bools and strings are skipped) at ``step``."""
         if not run_id:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        if items:
-            self.client.log_batch(run_id, metrics=items)
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start:start + 500])
 
     @_guarded
     def artifact(self, run_id: str | None, path: str | Path, folder: str | None = None) -> None:
@@ -191,3 +248,19 @@ class Tracker:
     def tag(self, run_id: str | None, key: str, value) -> None:
         if run_id:
             self.client.set_tag(run_id, key, str(value)[:5000])
+
+    def run(self, run_id: str | None) -> "RunLog":
+        return RunLog(self, run_id)
+
+
+class RunLog:
+    """One run of a :class:`Tracker`, for code that logs to a single run (the trainer)."""
+
+    def __init__(self, tracker: Tracker, run_id: str | None):
+        self.tracker, self.run_id = tracker, run_id
+
+    def metrics(self, metrics: dict, step: int = 0) -> None:
+        self.tracker.metrics(self.run_id, metrics, step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.tracker.artifact(self.run_id, path, folder)

@@ -1,7 +1,6 @@
 """Shared start-up for the command-line drivers: import path, quiet libraries, clean errors."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -9,8 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
-    os.environ.setdefault(key, value)
+from bss.environment import quiet  # noqa: E402
+
+quiet()
 
 
 def run(main) -> None:

@@ -17,21 +17,12 @@ import signal
 
 import _common
 
+from bss.data.io import parse_size
 from bss.hybrid.refine import MODES
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # a killed run cleans up its temporary folder like Ctrl-C does
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    from bss.errors import BSSError
-
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise BSSError(f"--input-size {text!r} must be HEIGHTxWIDTH, e.g. 192x256.") from None
-    return height, width
 
 
 def main() -> int:
@@ -52,7 +43,7 @@ def main() -> int:
     rule.add_argument("--soft", action="store_true", help="also write soft labels (8-bit probability) to soft/")
     infer = parser.add_argument_group("inference")
     infer.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
-    infer.add_argument("--input-size", help="HEIGHTxWIDTH to predict at (default: the checkpoint's image_size)")
+    infer.add_argument("--input-size", help="WIDTHxHEIGHT to predict at, e.g. 256x192 (default: the checkpoint's image_size)")
     infer.add_argument("--batch-size", type=int, default=8)
     infer.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: 0 on 2 cores or fewer, else up to 4)")
     infer.add_argument("--device", default="auto")
@@ -76,7 +67,7 @@ def main() -> int:
         progress=not args.quiet,
         device=args.device,
         tta=args.tta,
-        input_size=parse_size(args.input_size) if args.input_size else None,
+        input_size=parse_size(args.input_size, "--input-size")[::-1] if args.input_size else None,  # (height, width)
     )
     counts = result.manifest["counts"]
     print(f"{result.path}: {counts['images']} images ({counts['refined']} refined, {counts['baseline']} from BASELINE); "

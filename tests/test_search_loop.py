@@ -26,6 +26,7 @@ from bss.hybrid.refine import RefineRule  # noqa: E402
 from bss.hybrid.teacher_quality import RuleScore, TeacherQuality  # noqa: E402
 from bss.models import build_model  # noqa: E402
 from bss.search import loop as loop_mod  # noqa: E402
+from bss.search import stages  # noqa: E402
 from bss.search.loop import LoopOptions, run_loop  # noqa: E402
 from bss.search.promotion import Candidate, FloorRule, GuardedRecall, build_promotion_rule, choose  # noqa: E402
 from bss.search.stop import GuardedStop, Outcome, build_stop_rule  # noqa: E402
@@ -161,7 +162,7 @@ def setup_loop(tmp_path, monkeypatch, shared_db, request):
         score = RuleScore(RefineRule(), TEACHER.get(k, 0.9), TEACHER.get(k, 0.9))
         return TeacherQuality(2, 0.76, 0.76, 0.7, score, score, [score])
 
-    monkeypatch.setattr(loop_mod, "run_search", fake_search)
+    monkeypatch.setattr(stages, "run_search", fake_search)
     monkeypatch.setattr(teacher_quality, "measure_teacher", fake_teacher)
     monkeypatch.setattr(loop_mod, "start_ray", lambda *a, **k: (2, 0, False))
 
@@ -378,18 +379,18 @@ def test_a_lost_tracking_store_does_not_stop_the_loop(setup_loop, capsys):
     TEACHER.clear()
     PLAN.update({0: [(0.9, 0.9, 0.85)], 1: [(0.95, 0.9, 0.86)]})
     db = tmp_path / "lost" / "mlflow.db"
-    real_search = loop_mod.run_search
+    real_search = stages.run_search
 
     def losing_search(context, *args, **kwargs):
         if context.iteration == 1:
             db.unlink()  # the store disappears mid-run
         return real_search(context, *args, **kwargs)
 
-    loop_mod.run_search = losing_search
+    stages.run_search = losing_search
     try:
         result = run_loop(options(iterations=2, tracking_uri=f"sqlite:///{db}"))
     finally:
-        loop_mod.run_search = real_search
+        stages.run_search = real_search
     out = capsys.readouterr().out
     assert out.count("warning: the MLflow store") == 1 and "the loop goes on without it" in out
     state = json.loads((tmp_path / "run" / "state.json").read_text())
@@ -406,19 +407,19 @@ def test_budget_is_split_over_the_searches_and_stops_the_loop_when_spent(setup_l
     clock = {"t": 1000.0}
     monkeypatch.setattr(loop_mod, "_now", lambda: clock["t"])
     budgets = []
-    fake = loop_mod.run_search
+    fake = stages.run_search
 
     def timed_search(context, *args, **kwargs):
         budgets.append(kwargs["time_budget"])
         clock["t"] += 200.0 if context.iteration == 0 else 150.0  # each search takes a while
         return fake(context, *args, **kwargs)
 
-    monkeypatch.setattr(loop_mod, "run_search", timed_search)
+    monkeypatch.setattr(stages, "run_search", timed_search)
     result = run_loop(options(iterations=3, budget=400.0))
     # iteration 0: 400 s left, 3 searches -> 0.85 * 400 / 3; iteration 1: 200 s left, 2 searches
     assert budgets == [pytest.approx(0.85 * 400 / 3), pytest.approx(0.85 * 200 / 2)]
     assert result.stopped == "stop: the --budget of 400 s is spent (50 s left)" and len(result.rows) == 2
-    assert loop_mod.search_budget(100.0, 2, 30.0) == 30.0 and loop_mod.search_budget(None, 2, None) is None
+    assert stages.search_budget(100.0, 2, 30.0) == 30.0 and stages.search_budget(None, 2, None) is None
     assert [loop_mod.parse_duration(x) for x in ("90", "90s", "10m", "1.5h")] == [90.0, 90.0, 600.0, 5400.0]
     with pytest.raises(BSSError, match="--budget 'soon': give a duration such as 600, 90s, 10m or 1.5h"):
         loop_mod.parse_duration("soon")

@@ -188,7 +188,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_pat
     from mlflow.tracking import MlflowClient
 
     parent = MlflowClient(uri).create_run(exp, run_name="iteration 0").info.run_id
-    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, mlflow={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
+    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, tracking={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
     points = [{"learning_rate": "ok", "model.args": "good"}, {"learning_rate": "huge", "model.args": "good"}, {"learning_rate": "ok", "model.args": "broken"}]
     capfd.readouterr()
     outcome = run_search(context, 3, Resources(1, 0, 2), tmp_path, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=2, points=points, progress=True)
@@ -254,23 +254,26 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(reference, tmp_path):
 _HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from bss.search.trial import acquire_trial_lock
-lock = acquire_trial_lock(sys.argv[2], sys.argv[3])
+from bss import filelock
+from bss.search.trial_store import TrialStore
+lock = filelock.acquire(TrialStore(sys.argv[2], sys.argv[3]).lock_path)
 print("locked", flush=True)
 time.sleep(float(sys.argv[4]))
 """
 
 
-def _context(tmp_path: Path, mlflow: dict | None = None) -> TrialContext:
-    return TrialContext(base={}, space=None, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=1, mlflow=mlflow)
+def _context(tmp_path: Path, tracking: dict | None = None) -> TrialContext:
+    return TrialContext(base={}, space=None, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=1, tracking=tracking)
 
 
 def test_cleanup_waits_for_a_worker_of_the_killed_driver_that_still_holds_its_trial(tmp_path):
     """A Ray worker can outlive the SIGKILLed driver for a moment: the resumed search's cleanup
     waits for it (trial lock) before deleting its MLflow run and folder, so the worker cannot
     reopen the deleted run and record a bogus failure that the resume would then replay."""
-    from bss.search.trial import RECORD
+    from bss.search.trial_store import TrialStore
     from bss.search.tune_search import clean_interrupted
+
+    RECORD = TrialStore.RECORD
 
     context = _context(tmp_path)
     folder = Path(context.trials_dir) / "t002-abcdef12"
@@ -291,24 +294,25 @@ def test_cleanup_waits_for_a_worker_of_the_killed_driver_that_still_holds_its_tr
 
 def test_a_superseded_attempt_never_writes_into_its_trial_folder(tmp_path):
     from bss.search.state import atomic_write_json
-    from bss.search.trial import RECORD, Superseded, _append_row, _save_record
+    from bss.search.trial_store import Superseded, TrialStore
 
-    folder = tmp_path / "trials" / "t002-abcdef12"
+    store = TrialStore(tmp_path / "trials", "t002-abcdef12")
+    RECORD, folder = TrialStore.RECORD, store.folder
     folder.mkdir(parents=True)
     mine = {"state": "running", "attempt": "mine", "run_id": "r1"}
     atomic_write_json(folder / RECORD, mine)
-    _save_record(folder, dict(mine, evaluations=1))  # still the owner
+    store.save(dict(mine, evaluations=1))  # still the owner
     atomic_write_json(folder / RECORD, {"state": "running", "attempt": "newer", "run_id": "r2"})  # taken over
     with pytest.raises(Superseded):
-        _save_record(folder, dict(mine, state="failed", error="MlflowException: deleted"))
+        store.save(dict(mine, state="failed", error="MlflowException: deleted"))
     assert json.loads((folder / RECORD).read_text())["attempt"] == "newer"
     import shutil
 
     shutil.rmtree(folder)  # removed by the resumed search's cleanup
     with pytest.raises(Superseded):
-        _save_record(folder, dict(mine, state="failed"))
+        store.save(dict(mine, state="failed"))
     with pytest.raises(Superseded):
-        _append_row(folder, {"epoch": 1.0})
+        store.append_row({"epoch": 1.0})
     assert not folder.exists()  # not recreated
 
 
@@ -320,8 +324,10 @@ def test_cleanup_deletes_trial_runs_no_record_names_and_finishes_the_others(tmp_
 
     from bss import tracking
     from bss.search.state import atomic_write_json
-    from bss.search.trial import RECORD, _run_usable
+    from bss.search.trial_store import TrialStore
     from bss.search.tune_search import clean_interrupted
+
+    RECORD = TrialStore.RECORD
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.setup(uri, "bss-search")
@@ -342,7 +348,7 @@ def test_cleanup_deletes_trial_runs_no_record_names_and_finishes_the_others(tmp_
     assert client.get_run(orphan).info.lifecycle_stage == "deleted"
     assert client.get_run(done).info.lifecycle_stage == "active" and client.get_run(done).info.status == "FINISHED"
     assert client.get_run(cut).info.lifecycle_stage == "deleted" and not (Path(context.trials_dir) / "t003-cccccccc").exists()
-    assert not _run_usable(context, cut) and _run_usable(context, done)
+    assert not context.tracker().usable(cut) and context.tracker().usable(done)
 
 
 def test_trials_train_on_when_the_tracking_store_is_lost(ray_cluster, tmp_path):
@@ -364,7 +370,7 @@ def test_trials_train_on_when_the_tracking_store_is_lost(ray_cluster, tmp_path):
 
     parent = MlflowClient(uri).create_run(exp, run_name="iteration 0").info.run_id
     db.unlink()
-    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, mlflow={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
+    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, tracking={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
     outcome = run_search(context, 2, Resources(1, 0, 2), tmp_path, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=2, progress=False)
     assert [c.state for c in outcome.candidates] == ["complete", "complete"]
     assert choose(outcome.candidates, context.rule) is not None

@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from bss.filelock import held
+
 FORMAT_VERSION = 1
 _CHUNK = 32  # images decoded in flight while building (bounds the build's memory)
 
@@ -71,22 +73,6 @@ def cache_key(files: Sequence[tuple[Path, Path | None]], height: int, width: int
             st = os.stat(path)
             digest.update(f"|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:24]
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock on ``path`` (a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not Linux/macOS
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _write_npy_header(fh, shape: tuple[int, ...]) -> None:
@@ -169,7 +155,7 @@ class ResizedCache:
         entry = root / f"{height}x{width}-{cache_key(files, height, width, salt)}"
         n = len(files)
         if not cls._complete(entry, n, height, width):
-            with _locked(root / f"{entry.name}.lock"):
+            with held(root / f"{entry.name}.lock"):
                 if not cls._complete(entry, n, height, width):  # nobody built it while we waited
                     cls._build(entry, files, height, width, decode, threads)
                     prune(root, disk_bytes, keep=entry)

@@ -188,3 +188,13 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """``"256x192"`` -> (256, 192): every size on the command line is WIDTHxHEIGHT."""
+    import re
+
+    match = re.fullmatch(r"\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*", str(text))
+    if not match:
+        raise BSSError(f"{flag} {text!r} is not WIDTHxHEIGHT, e.g. 256x192.")
+    return int(match.group(1)), int(match.group(2))

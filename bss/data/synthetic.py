@@ -35,6 +35,7 @@ import numpy as np
 
 from bss.data.io import atomic_folder, write_mask
 from bss.data.via import write_via_csv
+from bss.data.io import parse_size  # noqa: F401 - the drivers' --size
 from bss.errors import BSSError
 
 DEFECTS = ("obstacle", "deposition", "deformation", "disconnect")
@@ -638,14 +639,6 @@ class Report:
     hand_labelled: int
     empty: int
     seconds: float
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"256x192"`` -> (256, 192)."""
-    match = re.fullmatch(r"\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*", str(text))
-    if not match:
-        raise BSSError(f"--size {text!r} is not WIDTHxHEIGHT, e.g. 256x192.")
-    return int(match.group(1)), int(match.group(2))
 
 
 def check_config(cfg: SynthConfig) -> None:

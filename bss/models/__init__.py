@@ -6,14 +6,13 @@ UnetPlusPlus, FPN, DeepLabV3Plus, ...). Encoders are smp's by name (``resnet34``
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 
 import segmentation_models_pytorch as smp
 import torch
 
 from bss.config import NamedArgs
-from bss.errors import ConfigError
+from bss.errors import ConfigError, suggest
 from bss.models.unet_attention import UNetAttention
 from bss.models.weights import resolve_weights
 
@@ -44,9 +43,9 @@ def check_args(name: str, args: dict) -> None:
     for key in args:
         if key in valid:
             continue
-        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.75)
-        if close or not timm:
-            hint = f" Did you mean '{close[0]}'?" if close else f" {name} takes: {', '.join(sorted(valid))}."
+        hint = suggest(key, sorted(valid), None, cutoff=0.75)
+        if hint or not timm:
+            hint = hint or f" {name} takes: {', '.join(sorted(valid))}."
             raise ConfigError(f"config key 'model.args.{key}': {name} has no argument {key!r}.{hint}")
 
 

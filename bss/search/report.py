@@ -2,6 +2,8 @@
 as Markdown, CSV and JSON, and a PNG plot of the metrics per iteration."""
 from __future__ import annotations
 
+from bss.config import METRICS
+
 import csv
 import io
 import json
@@ -9,7 +11,6 @@ from pathlib import Path
 
 from bss.search.state import atomic_write_json
 
-METRICS = ("iou", "dice", "recall", "precision")
 NAMES = {"iou": "IoU", "dice": "Dice", "recall": "Recall", "precision": "Precision"}
 
 

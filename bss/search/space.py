@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from bss.config import Config, from_dict, merge, read_yaml
-from bss.errors import ConfigError
+from bss.errors import ConfigError, suggest
+from bss.search.searchers import SPACE_SEARCHERS
 
 SECTIONS = ("fixed", "params", "searcher", "scheduler")
 KINDS = ("loguniform", "uniform", "int", "choice")
 # keys the loop sets for every trial; searching or fixing them would break the loop's bookkeeping
 LOOP_KEYS = ("train_dataset", "evaluation_dataset", "data_root", "output_dir", "tracking", "seed", "device")
-SEARCHERS = ("tpe", "random")
 SCHEDULERS = ("asha", "fifo")
 
 
@@ -97,19 +97,6 @@ class SearchSpace:
     # ---- for the searchers ---------------------------------------------------------------
     def optuna_space(self) -> dict:
         return {p.key: p.optuna() for p in self.params}
-
-    def sampler(self, seed: int, algorithm: str | None = None):
-        import optuna
-
-        algorithm = algorithm or self.searcher["algorithm"]
-        if algorithm == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=int(self.searcher["n_startup_trials"]),
-            multivariate=bool(self.searcher["multivariate"]),
-            constant_liar=True,  # concurrent trials: do not suggest the point a running trial holds
-        )
 
     # ---- trial configs -------------------------------------------------------------------
     def decode(self, sampled: dict) -> dict:
@@ -228,8 +215,7 @@ def parse_param(key: str, spec: Any) -> Param:
     extra = [k for k in spec if k not in KINDS and k != "log"]
     if len(kinds) != 1 or extra:
         bad = extra[0] if extra else None
-        close = difflib.get_close_matches(str(bad), KINDS, n=1, cutoff=0.6) if bad else []
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = suggest(bad, KINDS, None) if bad else ""
         what = f"unknown distribution '{bad}'.{hint}" if bad else ("more than one distribution." if kinds else "no distribution.")
         raise ConfigError(f"{where}: {what} {usage[0].upper()}{usage[1:]}.")
     kind = kinds[0]
@@ -272,8 +258,7 @@ def _options(section: str, given: Any, defaults: dict, allowed: dict) -> dict:
     out = dict(defaults)
     for key, value in given.items():
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.5)
-            raise ConfigError(f"{section}: unknown option '{key}'." + (f" Did you mean '{close[0]}'?" if close else f" Valid: {', '.join(allowed)}."))
+            raise ConfigError(f"{section}: unknown option '{key}'." + suggest(key, allowed, "Valid", cutoff=0.5))
         check = allowed[key]
         if not check(value):
             raise ConfigError(f"{section}.{key}: invalid value {value!r}.")
@@ -282,15 +267,14 @@ def _options(section: str, given: Any, defaults: dict, allowed: dict) -> dict:
 
 
 _positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-SEARCHER_OPTIONS = {"algorithm": lambda v: v in SEARCHERS, "trials": _positive_int, "n_startup_trials": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "multivariate": lambda v: isinstance(v, bool)}
+SEARCHER_OPTIONS = {"algorithm": lambda v: v in SPACE_SEARCHERS, "trials": _positive_int, "n_startup_trials": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "multivariate": lambda v: isinstance(v, bool)}
 SCHEDULER_OPTIONS = {"name": lambda v: v in SCHEDULERS, "grace_period": _positive_int, "reduction_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1}
 
 
 def parse_space(data: dict, path: str = "<space>") -> SearchSpace:
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), SECTIONS, n=1, cutoff=0.6)
-        raise ConfigError(f"unknown section '{unknown[0]}'." + (f" Did you mean '{close[0]}'?" if close else f" Valid sections: {', '.join(SECTIONS)}."))
+        raise ConfigError(f"unknown section '{unknown[0]}'." + suggest(unknown[0], SECTIONS, "Valid sections"))
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"fixed: must be a mapping of config keys to values, got {fixed!r}.")
@@ -334,8 +318,8 @@ def check_against(space: SearchSpace, base: dict) -> None:
             raise ConfigError(f"{where}: {exc}") from None
         for name in _encoder_names(config):
             if name not in known_encoders and not name.startswith("tu-"):
-                close = difflib.get_close_matches(name, sorted(known_encoders), n=1, cutoff=0.6)
-                raise ConfigError(f"{where}: unknown encoder {name!r}." + (f" Did you mean '{close[0]}'?" if close else " See smp.encoders.get_encoder_names(), or a timm encoder as tu-<name>."))
+                hint = suggest(name, sorted(known_encoders), None) or " See smp.encoders.get_encoder_names(), or a timm encoder as tu-<name>."
+                raise ConfigError(f"{where}: unknown encoder {name!r}.{hint}")
 
 
 def load_space(path: str | Path, base: dict | None = None) -> SearchSpace:

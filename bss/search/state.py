@@ -62,18 +62,14 @@ class RunLock:
         self.handle = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
         import time
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise BSSError(f"{self.run_dir} is in use by a running loop ({holder}); wait for it to finish, or use another --run-dir.") from None
+        from bss import filelock
+
+        handle = filelock.acquire(self.path, timeout=0)
+        if handle is None:
+            holder = self.path.read_text().strip() if self.path.is_file() else ""
+            raise BSSError(f"{self.run_dir} is in use by a running loop ({holder or 'another process'}); wait for it to finish, or use another --run-dir.") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -42,8 +42,21 @@ class Decision:
         return {"verdict": self.verdict, "stop": self.stop, "new_best": self.new_best, "value": self.value}
 
 
+class StopRule:
+    """A stop rule: a pure function of the run's history. Add one by subclassing, overriding
+    :meth:`decide` (and :meth:`describe`), and registering it in :data:`STOP_RULES`."""
+
+    name = ""
+
+    def decide(self, history: list[Outcome]) -> Decision:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
 @dataclass(frozen=True)
-class GuardedStop:
+class GuardedStop(StopRule):
     metric: str = "recall"
     tolerance: float = 0.02
     patience: int = 1

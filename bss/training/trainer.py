@@ -16,7 +16,6 @@ bare PyTorch loop.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,21 +97,13 @@ class _DeviceMetrics(SegmentationMetrics):
         return torch.cat(self._device_counts).cpu()
 
 
-def _mlflow_if_running():
-    """The mlflow module when a run is active, else None, without importing mlflow (a second or
-    more per trial) when nothing has imported it: then no run can be active."""
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None or mlflow.active_run() is None:
-        return None
-    return mlflow
-
-
 class Trainer:
     CHECK_EVERY = 50  # on CUDA, steps between reads of the running loss (NaN check)
-    tracking_failed: str | None = None  # set when MLflow logging failed; later logging is skipped
 
-    def __init__(self, config: Config, output_dir: str | Path | None = None, callbacks: list[Callable[[dict], None]] = (), progress: bool = True):
+    def __init__(self, config: Config, output_dir: str | Path | None = None, callbacks: list[Callable[[dict], None]] = (), progress: bool = True, run_log=None):
+        """``run_log``: a :class:`bss.tracking.RunLog` that gets every evaluation and the overlays (None: not tracked)."""
         self.config = config
+        self.run_log = run_log
         self.output_dir = Path(output_dir or config.output_dir)
         self.callbacks = list(callbacks)
         self.progress = progress
@@ -256,14 +247,8 @@ class Trainer:
         return TrainResult(best_metrics=best, best_epoch=best_epoch, checkpoint=checkpoint, history=history, seconds=time.perf_counter() - start)
 
     def _log(self, row: dict, step: int) -> None:
-        mlflow = _mlflow_if_running()
-        if mlflow is None or self.tracking_failed:
-            return
-        try:
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))}, step=step)
-        except Exception as exc:  # noqa: BLE001 - a lost tracking store never stops training
-            self.tracking_failed = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(f"warning: MLflow logging failed ({self.tracking_failed}); training goes on without it", file=sys.stderr)
+        if self.run_log is not None:  # a lost store never stops training (bss.tracking's policy)
+            self.run_log.metrics(row, step)
 
     @torch.inference_mode()
     def write_overlays(self, path: Path, checkpoint: Path | None) -> Path:
@@ -282,11 +267,6 @@ class Trainer:
             rows.append((denormalize(image), mask[0].numpy() > 0.5, prob > self.config.threshold))
         self.model.train()
         overlay_grid(rows, path)
-        mlflow = _mlflow_if_running()
-        if mlflow is not None:
-            mlflow.log_artifact(str(path))
+        if self.run_log is not None:
+            self.run_log.artifact(path)
         return path
-
-
-def train(config: Config, **kwargs) -> TrainResult:
-    return Trainer(config, **kwargs).fit()

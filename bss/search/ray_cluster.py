@@ -1,0 +1,117 @@
+"""Ray, for the whole project: starting or joining a cluster, and planning trial resources.
+
+The only module that calls ``ray.init``. A local Ray is started with only the CPUs (and GPUs)
+this process may use; ``--address`` joins a running cluster, whose workers get the project's
+import path and quiet environment through the runtime environment.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bss.environment import quiet
+from bss.errors import BSSError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quiet_environment() -> None:
+    quiet(extra={
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files per trial
+        "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C raises KeyboardInterrupt: the loop saves its state and exits
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    })
+
+
+def local_resources() -> tuple[int, int]:
+    """(CPUs this process may use, CUDA GPUs visible)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    import torch
+
+    return cpus, torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | None = None) -> tuple[int, int, bool]:
+    """Join ``address`` or start a local Ray; reuse one already running in this process.
+
+    Returns (cluster CPUs, cluster GPUs, whether this call started Ray).
+    """
+    import ray
+
+    quiet_environment()
+    started = False
+    if not ray.is_initialized():
+        path = os.environ.get("PYTHONPATH", "")
+        if str(ROOT) not in path.split(os.pathsep):
+            os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+        env = {k: os.environ[k] for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE") if k in os.environ}
+        try:
+            if address:
+                ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level="ERROR")
+            else:
+                ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR", object_store_memory=256 * 1024**2)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise BSSError(f"cannot start or join {where}: {exc}") from None
+        started = True
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 0)), int(res.get("GPU", 0)), started
+
+
+@dataclass
+class Resources:
+    cpus_per_trial: float
+    gpus_per_trial: float
+    concurrency: int
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus_per_trial:g} GPU" if self.gpus_per_trial else ""
+        return f"{self.concurrency} trial(s) at a time, each {self.cpus_per_trial:g} CPU{gpu}"
+
+
+def plan_resources(total_cpus: int, total_gpus: int, trials: int, concurrency: int | None = None, cpus_per_trial: float | None = None, gpus_per_trial: float | None = None) -> Resources:
+    """Resources per trial and concurrency; every flag left out is filled in.
+
+    * GPUs: 2 trials share each GPU (``gpus_per_trial`` = GPUs / concurrency), CPUs split evenly.
+    * CPUs only: 1 CPU per trial up to 8 cores (2 above), as many trials as fit.
+    """
+    if total_cpus < 1:
+        raise BSSError("the Ray cluster reports no CPU.")
+    for name, value in (("--cpus-per-trial", cpus_per_trial), ("--gpus-per-trial", gpus_per_trial)):
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            raise BSSError(f"{name} must be 0 or more, got {value}.")
+    if cpus_per_trial is not None and cpus_per_trial <= 0:
+        raise BSSError(f"--cpus-per-trial must be positive, got {cpus_per_trial}.")
+    if concurrency is not None and concurrency < 1:
+        raise BSSError(f"--concurrency must be at least 1, got {concurrency}.")
+    if gpus_per_trial and gpus_per_trial > total_gpus:
+        raise BSSError(f"--gpus-per-trial {gpus_per_trial:g} but the cluster has {total_gpus} GPU(s).")
+    if gpus_per_trial and gpus_per_trial > 1 and not float(gpus_per_trial).is_integer():
+        raise BSSError(f"--gpus-per-trial {gpus_per_trial:g}: above 1 it must be a whole number (Ray cannot split several GPUs fractionally).")
+    if gpus_per_trial is None:
+        if total_gpus:
+            concurrency = concurrency or max(1, min(trials, 2 * total_gpus))
+            share = total_gpus / concurrency
+            gpus_per_trial = float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100
+        else:
+            gpus_per_trial = 0.0
+    if gpus_per_trial and concurrency is None:
+        concurrency = max(1, min(trials, int(total_gpus / gpus_per_trial + 1e-9)))
+    if cpus_per_trial is None:
+        if gpus_per_trial:
+            cpus_per_trial = float(max(1, min(8, total_cpus // max(1, concurrency))))
+        else:
+            cpus_per_trial = 1.0 if total_cpus <= 8 else 2.0
+    if cpus_per_trial > total_cpus:
+        raise BSSError(f"--cpus-per-trial {cpus_per_trial:g} but the cluster has {total_cpus} CPU(s).")
+    if concurrency is None:
+        concurrency = max(1, min(trials, int(total_cpus // cpus_per_trial)))
+    return Resources(float(cpus_per_trial), float(gpus_per_trial), int(concurrency))
