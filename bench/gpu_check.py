@@ -141,7 +141,7 @@ def run_variant(args, device, name: str, amp: torch.dtype | None, channels_last:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     row = {"name": name, "images_per_s": steps * args.batch / seconds, "ms_per_step": 1000 * seconds / steps, "warmup_s": warm_s, "peak_gib": peak, "loss_finite": finite,
            "amp": str(amp).replace("torch.", "") if amp else None, "channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark}
-    del model, opt, batches
+    model = opt = batches = None  # free the GPU memory before the next case
     return row
 
 
@@ -258,7 +258,7 @@ def trainer_section(args, device) -> dict:
         train = statistics.median(r["images"] / r["train_seconds"] for r in runs[name])
         trial = statistics.median(r["images"] / r["trial_seconds"] for r in runs[name])
         out[name] = {"train_images_per_s": train, "train_ratio": train / bare_train, "trial_images_per_s": trial, "trial_ratio": trial / bare_trial}
-    del train_b, eval_b
+    train_b = eval_b = None  # free the GPU memory
     return {"images": args.trainer_images, "epochs": 2, "repeats": args.trainer_repeats, "sides": out}
 
 

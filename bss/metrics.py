@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from bss.config import METRICS as METRIC_NAMES
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

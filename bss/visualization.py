@@ -1,4 +1,4 @@
-"""Pictures: image | truth | prediction overlays, and metric plots."""
+"""Pictures: image | truth | prediction overlays (the loop's metric plot is bss.search.report.plot)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,28 +43,13 @@ def overlay_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: st
     return path
 
 
-def plot_metrics(table: list[dict], x_key: str, metric_keys: list[str], path: str | Path, title: str = "") -> Path:
-    """A line plot of ``metric_keys`` against ``x_key`` over the rows of ``table`` (PNG)."""
-    import matplotlib
+def overlay_rows(predict, data, samples: int, threshold: float) -> list[tuple]:
+    """(image, truth, prediction) of the first ``samples`` items of ``data``; ``predict`` maps a
+    normalised batch (1, 3, H, W) on the CPU to the foreground probability (H, W) as numpy."""
+    from bss.data.segmentation_dataset import denormalize
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    xs = [row[x_key] for row in table]
-    for key in metric_keys:
-        ys = [row.get(key) for row in table]
-        if any(y is not None for y in ys):
-            ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=key)
-    ax.set_xlabel(x_key)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    rows = []
+    for index in range(min(samples, len(data))):
+        image, mask = data[index]
+        rows.append((denormalize(image), mask[0].numpy() > 0.5, predict(image[None]) > threshold))
+    return rows

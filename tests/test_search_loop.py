@@ -423,3 +423,23 @@ def test_budget_is_split_over_the_searches_and_stops_the_loop_when_spent(setup_l
     assert [loop_mod.parse_duration(x) for x in ("90", "90s", "10m", "1.5h")] == [90.0, 90.0, 600.0, 5400.0]
     with pytest.raises(BSSError, match="--budget 'soon': give a duration such as 600, 90s, 10m or 1.5h"):
         loop_mod.parse_duration("soon")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_loop_settings_hold_every_default_and_refuse_a_changed_result_setting_on_resume():
+    from bss.search.settings import LoopSettings, help_text
+
+    new = LoopSettings.resolve({"dataset": "toy", "margin": None, "tolerance": 0.05, "concurrency": 4}, None, gpus=0)
+    assert (new.margin, new.tolerance, new.iterations, new.promotion) == (0.03, 0.05, 3, "guarded_recall")
+    assert new.space.endswith("search_spaces/cpu.yaml") and new.device_kind == "cpu"
+    assert LoopSettings.resolve({"dataset": "toy"}, None, gpus=1).space.endswith("default.yaml")
+    stored = new.to_dict()
+    assert LoopSettings.resolve({"dataset": "toy", "experiment": "other"}, stored, gpus=0).tolerance == 0.05  # not a result setting
+    with pytest.raises(BSSError, match="--tolerance was 0.05, now 0.1"):
+        LoopSettings.resolve({"dataset": "toy", "tolerance": 0.1}, stored, gpus=0)
+    assert "experiment" not in LoopSettings.names(result_only=True) and "margin" in LoopSettings.names(result_only=True)
+    assert help_text("margin").endswith("(default: 0.03)") and help_text("split_fractions").endswith("(default: 0.6, 0.2, 0.2)")
+    with pytest.raises(BSSError, match="--iterations must be at least 1"):
+        LoopSettings.resolve({"dataset": "toy", "iterations": 0}, None, gpus=0)

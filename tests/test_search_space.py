@@ -117,3 +117,25 @@ def test_not_yaml(tmp_path):
 def test_nested_params_overlap():
     with pytest.raises(ConfigError, match="lies inside"):
         parse_space({"params": {"model.args": {"choice": [{"encoder_name": "resnet18"}]}, "model.args.encoder_name": {"choice": ["resnet18"]}}})
+
+
+# --------------------------------------------------------------------------- searchers
+
+
+def test_searchers_build_what_the_tuner_needs(tmp_path):
+    from bss.errors import BSSError
+    from bss.search.searchers import SEARCHERS, SPACE_SEARCHERS, get_searcher
+    from bss.search.trial import TrialContext
+
+    assert SPACE_SEARCHERS == ("tpe", "random") and set(SEARCHERS) == {"tpe", "random", "replicas"}
+    sp = parse_space({**space(), "searcher": {"algorithm": "tpe", "trials": 5, "n_startup_trials": 4, "multivariate": False}})
+    context = TrialContext(base=BASE, space=sp, rule=None, trials_dir=str(tmp_path), seed=7, iteration=0)
+    alg, param_space, samples = get_searcher("tpe").build(context, 5, [{"learning_rate": 1e-3}])
+    assert param_space is None and samples == 5
+    sampler = get_searcher("tpe").sampler(sp, 7)
+    assert type(sampler).__name__ == "TPESampler" and sampler._n_startup_trials == 4  # the space's searcher options
+    assert type(get_searcher("random").sampler(sp, 7)).__name__ == "RandomSampler"
+    alg, param_space, samples = get_searcher("replicas").build(context, 3, None)
+    assert alg is None and samples == 1 and param_space["replica"] == {"grid_search": [1, 2, 3]}
+    with pytest.raises(BSSError, match="unknown searcher 'bayes'; choose one of: tpe, random, replicas"):
+        get_searcher("bayes")

@@ -36,10 +36,6 @@ def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, in
     return n_train, n_eval, n_test
 
 
-def split_names(dataset: str) -> dict[str, str]:
-    return {split: f"{dataset}_{split}" for split in SPLITS}
-
-
 def make_splits(dataset: str, data_root: str | Path = "datasets", fractions=(0.6, 0.2, 0.2), seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict[str, int]:
     source = SourceDataset.open(dataset, data_root)
     root = source.root.parent

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

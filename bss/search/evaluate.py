@@ -38,17 +38,13 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str, data_root: str | P
 def draw_overlays(checkpoint: str | Path, dataset: str, data_root: str | Path, path: str | Path, samples: int = 4, device: str = "cpu") -> Path | None:
     """image | truth (green) | prediction (red) for the first ``samples`` images of ``dataset``."""
     from bss.data.layout import resolve_dataset
-    from bss.data.segmentation_dataset import SegmentationDataset, denormalize
+    from bss.data.segmentation_dataset import SegmentationDataset
     from bss.training.checkpoint import load_model
-    from bss.visualization import overlay_grid
+    from bss.visualization import overlay_grid, overlay_rows
 
     if samples <= 0:
         return None
     model, config = load_model(checkpoint, device=device)
     data = SegmentationDataset(resolve_dataset(dataset, data_root), (config.height, config.width), augment=False, cache=False)
-    rows = []
-    for index in range(min(samples, len(data))):
-        image, mask = data[index]
-        prob = torch.sigmoid(model(image[None].to(device)).float())[0, 0].cpu().numpy()
-        rows.append((denormalize(image), mask[0].numpy() > 0.5, prob > config.threshold))
+    rows = overlay_rows(lambda batch: torch.sigmoid(model(batch.to(device)).float())[0, 0].cpu().numpy(), data, samples, config.threshold)
     return overlay_grid(rows, path) if rows else None

@@ -111,13 +111,6 @@ class SearchSpace:
             out = set_key(out, key, value)
         return out
 
-    def labels(self, sampled: dict) -> dict:
-        """Short, loggable values of a sample (choice labels, rounded floats)."""
-        out = {}
-        for key, value in sampled.items():
-            out[key] = float(f"{value:.4g}") if isinstance(value, float) else value
-        return out
-
     def sets(self, key: str) -> bool:
         """Whether the space fixes or searches the config key ``key`` (dotted)."""
         node = self.fixed

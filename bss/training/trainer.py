@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 
 from bss.config import Config
 from bss.data.layout import resolve_dataset
-from bss.data.segmentation_dataset import SegmentationDataset, denormalize
+from bss.data.segmentation_dataset import SegmentationDataset
 from bss.errors import BSSError
 from bss.losses import build_loss
 from bss.metrics import SegmentationMetrics, confusion_counts
 from bss.models import build_model
 from bss.training.checkpoint import save_checkpoint
 from bss.training.runtime import Runtime, seed_everything
-from bss.visualization import overlay_grid
+from bss.visualization import overlay_grid, overlay_rows
 
 
 class TrainingDiverged(BSSError):
@@ -258,13 +258,13 @@ class Trainer:
 
             load_state_into(self.model, checkpoint)
         self.model.eval()
-        rows = []
-        for index in range(min(self.config.visualization_samples, len(self.eval_set))):
-            image, mask = self.eval_set[index]
-            (batch,) = self.runtime.to_device(image[None])
+
+        def predict(batch: torch.Tensor):
+            (batch,) = self.runtime.to_device(batch)
             with self.runtime.autocast():
-                prob = torch.sigmoid(self.model(batch).float())[0, 0].cpu().numpy()
-            rows.append((denormalize(image), mask[0].numpy() > 0.5, prob > self.config.threshold))
+                return torch.sigmoid(self.model(batch).float())[0, 0].cpu().numpy()
+
+        rows = overlay_rows(predict, self.eval_set, self.config.visualization_samples, self.config.threshold)
         self.model.train()
         overlay_grid(rows, path)
         if self.run_log is not None:

@@ -1,0 +1,48 @@
+"""The code's shape, checked so CI keeps it: ruff lint and format, MLflow only behind
+bss/tracking.py, Ray started only by bss/search/ray_cluster.py, short functions in bss/search."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = sorted((REPO / "bss").rglob("*.py"))
+
+
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+def test_ruff(command):
+    done = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, f"ruff {' '.join(command)} (fix with: ruff check --fix . && ruff format .)\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_mlflow_is_imported_only_by_the_tracking_module():
+    importers = sorted(str(p.relative_to(REPO)) for p in SOURCES if "mlflow" in _imports(p))
+    assert importers == ["bss/tracking.py"]
+
+
+def test_ray_is_started_only_by_the_ray_module():
+    starters = sorted(str(p.relative_to(REPO)) for p in SOURCES if "ray.init(" in p.read_text())
+    assert starters == ["bss/search/ray_cluster.py"]
+
+
+def test_functions_in_bss_search_fit_on_a_screen():
+    long = []
+    for path in sorted((REPO / "bss" / "search").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
