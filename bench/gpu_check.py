@@ -28,6 +28,7 @@ sums their images/s.
     python bench/gpu_check.py --quick              # fewer steps
     python bench/gpu_check.py --device cpu --size 64x64 --steps 2 --quick --concurrent 1,2 --threads 1   # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,20 @@ def amp_dtype(device) -> torch.dtype:
     return amp_dtype_for(device)
 
 
-def run_variant(args, device, name: str, amp: torch.dtype | None, channels_last: bool, bss_path: bool = False, pinned: bool = True,
-                cudnn_benchmark: bool = True, compile_model: bool = False, fused: bool = False, steps: int | None = None, warmup: int | None = None) -> dict:
+def run_variant(
+    args,
+    device,
+    name: str,
+    amp: torch.dtype | None,
+    channels_last: bool,
+    bss_path: bool = False,
+    pinned: bool = True,
+    cudnn_benchmark: bool = True,
+    compile_model: bool = False,
+    fused: bool = False,
+    steps: int | None = None,
+    warmup: int | None = None,
+) -> dict:
     """Time ``steps`` training steps after ``warmup``; returns images/s and peak memory."""
     from bss.training.runtime import Runtime
 
@@ -139,8 +152,17 @@ def run_variant(args, device, name: str, amp: torch.dtype | None, channels_last:
     seconds = time.perf_counter() - t
     finite = bool(torch.isfinite(total))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    row = {"name": name, "images_per_s": steps * args.batch / seconds, "ms_per_step": 1000 * seconds / steps, "warmup_s": warm_s, "peak_gib": peak, "loss_finite": finite,
-           "amp": str(amp).replace("torch.", "") if amp else None, "channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark}
+    row = {
+        "name": name,
+        "images_per_s": steps * args.batch / seconds,
+        "ms_per_step": 1000 * seconds / steps,
+        "warmup_s": warm_s,
+        "peak_gib": peak,
+        "loss_finite": finite,
+        "amp": str(amp).replace("torch.", "") if amp else None,
+        "channels_last": channels_last,
+        "cudnn_benchmark": cudnn_benchmark,
+    }
     model = opt = batches = None  # free the GPU memory before the next case
     return row
 
@@ -184,12 +206,31 @@ def worker(args) -> None:
         step(i)
     sync(device)
     end = time.time()
-    print("RESULT " + json.dumps({"start": start, "end": end, "images": args.steps * args.batch, "images_per_s": args.steps * args.batch / (end - start)}), flush=True)
+    print(
+        "RESULT " + json.dumps({"start": start, "end": end, "images": args.steps * args.batch, "images_per_s": args.steps * args.batch / (end - start)}),
+        flush=True,
+    )
 
 
 def worker_cmd(args, kind: str, extra: list[str]) -> list[str]:
-    return [sys.executable, __file__, "--worker", kind, "--device", args.device, "--size", args.size, "--batch", str(args.batch),
-            "--encoder", args.encoder, "--warmup", str(args.warmup), "--threads", str(args.threads)] + extra
+    return [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--device",
+        args.device,
+        "--size",
+        args.size,
+        "--batch",
+        str(args.batch),
+        "--encoder",
+        args.encoder,
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+    ] + extra
 
 
 def concurrent(args, n: int, steps: int, timeout: float) -> dict:
@@ -237,7 +278,18 @@ def trainer_section(args, device) -> dict:
     tt.make_dataset(tmp / "data" / "bench_BASELINE", args.trainer_images, h, w, seed=1)
     tt.make_dataset(tmp / "data" / "bench_EVAL", 32, h, w, seed=2)
     log(f"trainer section: {args.trainer_images} + 32 JPEGs written in {time.perf_counter() - t:.1f} s")
-    ns = SimpleNamespace(size=args.size, encoder=args.encoder, tiny=False, epochs=2, batch=args.batch, overlays=0, no_augment=True, device=args.device, amp=True, channels_last=True)
+    ns = SimpleNamespace(
+        size=args.size,
+        encoder=args.encoder,
+        tiny=False,
+        epochs=2,
+        batch=args.batch,
+        overlays=0,
+        no_augment=True,
+        device=args.device,
+        amp=True,
+        channels_last=True,
+    )
     sides = {f"bss w={n}": tt.bench_config(ns, tmp / "data", tmp / f"run{n}", n) for n in args.trainer_workers}
     train_b, eval_b = tt.bare_batches(next(iter(sides.values())), device)
     names = list(sides) + ["bare"]
@@ -249,7 +301,7 @@ def trainer_section(args, device) -> dict:
     for name in names:  # warm-up (cache build, cudnn autotune)
         one(name)
     for rep in range(args.trainer_repeats):
-        for name in (names if rep % 2 == 0 else names[::-1]):
+        for name in names if rep % 2 == 0 else names[::-1]:
             runs[name].append(one(name))
     out = {}
     bare_train = statistics.median(r["images"] / r["train_seconds"] for r in runs["bare"])
@@ -296,11 +348,27 @@ def main(argv=None) -> None:
         return worker(args)
 
     device = torch.device(args.device)
-    report: dict = {"device": args.device, "size": args.size, "batch": args.batch, "encoder": args.encoder, "torch": torch.__version__, "single": [], "concurrent": {}, "skipped": []}
+    report: dict = {
+        "device": args.device,
+        "size": args.size,
+        "batch": args.batch,
+        "encoder": args.encoder,
+        "torch": torch.__version__,
+        "single": [],
+        "concurrent": {},
+        "skipped": [],
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        report.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                      bf16_native=amp_dtype(device) == torch.bfloat16, tf32_conv=torch.backends.cudnn.allow_tf32, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+        report.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            bf16_native=amp_dtype(device) == torch.bfloat16,
+            tf32_conv=torch.backends.cudnn.allow_tf32,
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
     try:
         import segmentation_models_pytorch as smp
 
@@ -408,7 +476,9 @@ def print_table(report: dict) -> None:
     if tr and "sides" in tr:
         print(f"bss Trainer vs bare loop ({tr['images']} images x {tr['epochs']} epochs, amp+channels_last, augment off; median of {tr['repeats']}):")
         for name, r in tr["sides"].items():
-            print(f"  {name:<10} train {r['train_images_per_s']:8.1f} img/s (x{r['train_ratio']:.3f})   whole trial {r['trial_images_per_s']:8.1f} img/s (x{r['trial_ratio']:.3f})")
+            print(
+                f"  {name:<10} train {r['train_images_per_s']:8.1f} img/s (x{r['train_ratio']:.3f})   whole trial {r['trial_images_per_s']:8.1f} img/s (x{r['trial_ratio']:.3f})"
+            )
     elif tr:
         print(f"bss Trainer: error: {tr['error']}")
     if report["skipped"]:

@@ -17,6 +17,7 @@ Without ``--checkpoint`` a randomly initialised model is saved (a forward pass c
 whatever the weights); without ``--dataset`` a synthetic obstacle dataset (256x192) is generated.
 Timings on a shared CPU are noisy: compare the two figures of one run, not runs with each other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,7 +107,13 @@ def make_checkpoint(path: Path, image_size: list[int], encoder: str) -> Path:
     from bss.models import build_model
     from bss.training.checkpoint import save_checkpoint
 
-    cfg = from_dict({"image_size": image_size, "model": {"name": "UNetAttention", "args": {"encoder_name": encoder, "encoder_weights": None}}, "tracking": {"enabled": False}})
+    cfg = from_dict(
+        {
+            "image_size": image_size,
+            "model": {"name": "UNetAttention", "args": {"encoder_name": encoder, "encoder_weights": None}},
+            "tracking": {"enabled": False},
+        }
+    )
     return save_checkpoint(path, build_model(cfg.model).eval(), cfg, {}, 0)
 
 
@@ -146,9 +153,8 @@ def child(args) -> dict:
     from bss.data.layout import SourceDataset
     from bss.data.segmentation_dataset import resize_image, to_tensor
     from bss.hybrid import make_hybrid
-    from bss.training.checkpoint import load_model
-
     from bss.inference import default_workers
+    from bss.training.checkpoint import load_model
 
     root, name = Path(args.data_root), args.dataset
     workers = default_workers() if args.workers is None else args.workers
@@ -164,7 +170,7 @@ def child(args) -> dict:
     source = SourceDataset.open(name, root)
     refined = {row["image"] for row in first.manifest["images"] if row["origin"] == "refined"}
     images = [to_tensor(resize_image(read_image(s.image), config.height, config.width)) for s in source.samples if s.image.name in refined]
-    batches = [torch.stack(images[i: i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
+    batches = [torch.stack(images[i : i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
 
     def bare() -> None:
         with torch.inference_mode():
@@ -238,18 +244,34 @@ def main() -> int:
         results = []
         for n in args.sizes:
             name = make_subset(source_root, dataset, n, tmp / "sets")
-            cmd = [sys.executable, __file__, "--child", "--data-root", str(tmp / "sets"), "--dataset", name, "--checkpoint", str(checkpoint),
-                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)] + (["--workers", str(args.workers)] if args.workers is not None else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--data-root",
+                str(tmp / "sets"),
+                "--dataset",
+                name,
+                "--checkpoint",
+                str(checkpoint),
+                "--batch-size",
+                str(args.batch_size),
+                "--repeats",
+                str(args.repeats),
+            ] + (["--workers", str(args.workers)] if args.workers is not None else [])
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 print(run.stderr, file=sys.stderr)
                 return run.returncode
             row = json.loads(run.stdout.strip().splitlines()[-1])
             results.append(row)
-            print(f"{row['images']:5d} images  bare loop {row['bare_imgs_per_s']:6.1f} img/s   make_hybrid {row['hybrid_imgs_per_s']:6.1f} img/s   "
-                  f"ratio {row['ratio']:.2f}   CPU ms/img {row['bare_cpu_ms_per_img']:.1f} vs {row['hybrid_cpu_ms_per_img']:.1f}   "
-                  f"peak PSS {row['peak_pss_mib']:.0f} MiB (+{row['pss_rise_mib']:.0f} during the call)   "
-                  f"[{row['model']}, batch {args.batch_size}, workers {row['workers']}, torch threads {row['torch_threads']}]", flush=True)
+            print(
+                f"{row['images']:5d} images  bare loop {row['bare_imgs_per_s']:6.1f} img/s   make_hybrid {row['hybrid_imgs_per_s']:6.1f} img/s   "
+                f"ratio {row['ratio']:.2f}   CPU ms/img {row['bare_cpu_ms_per_img']:.1f} vs {row['hybrid_cpu_ms_per_img']:.1f}   "
+                f"peak PSS {row['peak_pss_mib']:.0f} MiB (+{row['pss_rise_mib']:.0f} during the call)   "
+                f"[{row['model']}, batch {args.batch_size}, workers {row['workers']}, torch threads {row['torch_threads']}]",
+                flush=True,
+            )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

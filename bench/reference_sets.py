@@ -9,6 +9,7 @@ BASELINE plus every box-only image (EVAL and TEST never enter, as in NAME_H<n>):
 
 BASELINE alone is ``NAME_BASELINE`` itself. ``full`` needs ``truth/`` (synthetic data, neu_seg).
 """
+
 from __future__ import annotations
 
 import shutil

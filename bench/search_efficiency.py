@@ -10,6 +10,7 @@ Both methods draw their first trials from the same seeded random sampler (TPE's 
 so the comparison starts from the same points. Reported per method: the promoted recall (and its
 precision and IoU) per seed, their mean, the search wall time and how many trials ASHA stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,10 @@ def main() -> int:
 
     from bench.search_overhead import ensure_data
     from bss.config import load_config
-    from bss.search.settings import LoopSettings
-    from bss.search.stages import derive_seed, max_evaluations, trial_base
     from bss.search.promotion import PromotionRule, choose
+    from bss.search.settings import LoopSettings
     from bss.search.space import load_space
+    from bss.search.stages import derive_seed, max_evaluations, trial_base
     from bss.search.trial import TrialContext
     from bss.search.tune_search import Resources, run_search, start_ray
 
@@ -68,7 +69,16 @@ def main() -> int:
             algorithm, scheduler = METHODS[method]
             folder = work / f"{method}-{seed}"
             context = TrialContext(base=base, space=space, rule=rule, trials_dir=str(folder / "trials"), seed=derive_seed(seed, 0), iteration=0, cpus=1)
-            outcome = run_search(context, args.trials, Resources(1, 0, args.concurrency), folder, algorithm=algorithm, scheduler=dict(space.scheduler, name=scheduler), max_evaluations=max_evaluations(space, base), progress=False)
+            outcome = run_search(
+                context,
+                args.trials,
+                Resources(1, 0, args.concurrency),
+                folder,
+                algorithm=algorithm,
+                scheduler=dict(space.scheduler, name=scheduler),
+                max_evaluations=max_evaluations(space, base),
+                progress=False,
+            )
             winner = choose(outcome.candidates, rule)
             run = {
                 "method": method,
@@ -81,11 +91,17 @@ def main() -> int:
                 "precision": winner.best["eval_precision"] if winner else None,
                 "iou": winner.best["eval_iou"] if winner else None,
                 "params": winner.params if winner else None,
-                "trials": [{"params": c.params, "state": c.state, "best": c.best and {k: c.best[k] for k in ("eval_recall", "eval_precision", "eval_iou")}} for c in outcome.candidates],
+                "trials": [
+                    {"params": c.params, "state": c.state, "best": c.best and {k: c.best[k] for k in ("eval_recall", "eval_precision", "eval_iou")}}
+                    for c in outcome.candidates
+                ],
             }
             results["runs"].append(run)
-            print(f"seed {seed} {method:>9}: recall {run['recall'] or float('nan'):.3f} (precision {run['precision'] or float('nan'):.3f}, IoU {run['iou'] or float('nan'):.3f}); "
-                  f"{outcome.wall_seconds:.0f} s, {run['evaluations']} evaluations, {run['stopped']} stopped early", flush=True)
+            print(
+                f"seed {seed} {method:>9}: recall {run['recall'] or float('nan'):.3f} (precision {run['precision'] or float('nan'):.3f}, IoU {run['iou'] or float('nan'):.3f}); "
+                f"{outcome.wall_seconds:.0f} s, {run['evaluations']} evaluations, {run['stopped']} stopped early",
+                flush=True,
+            )
     print("\nmethod      mean recall   mean IoU   mean wall s   evaluations")
     for method in args.methods.split(","):
         runs = [r for r in results["runs"] if r["method"] == method]
@@ -99,7 +115,9 @@ def main() -> int:
             "evaluations_mean": statistics.mean(r["evaluations"] for r in runs),
         }
         results.setdefault("summary", {})[method] = summary
-        print(f"{method:<10} {summary['recall_mean']:.3f} ± {summary['recall_sd']:.3f}   {summary['iou_mean']:.3f}   {summary['wall_mean']:8.0f}   {summary['evaluations_mean']:8.1f}")
+        print(
+            f"{method:<10} {summary['recall_mean']:.3f} ± {summary['recall_sd']:.3f}   {summary['iou_mean']:.3f}   {summary['wall_mean']:8.0f}   {summary['evaluations_mean']:8.1f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

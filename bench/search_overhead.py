@@ -17,6 +17,7 @@ the same search (same seed: the same trials) and reports
 
 Uses FIFO (no early stopping) so both modes train exactly the same trials.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,9 @@ def main() -> int:
 
     from bss import tracking
     from bss.config import load_config
-    from bss.search.stages import trial_base
     from bss.search.promotion import PromotionRule
     from bss.search.space import load_space
+    from bss.search.stages import trial_base
     from bss.search.trial import TrialContext
     from bss.search.tune_search import Resources, run_search, start_ray
 
@@ -96,10 +97,31 @@ def main() -> int:
         parent = tracker.create("bench", None, {"bss.kind": "bench"})
         mlflow = {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent}
 
-    results = {"ray_init_seconds": ray_init, "cpus": cpus, "trials": args.trials, "concurrency": args.concurrency, "epochs": args.epochs, "steps": args.steps, "modes": {}}
+    results = {
+        "ray_init_seconds": ray_init,
+        "cpus": cpus,
+        "trials": args.trials,
+        "concurrency": args.concurrency,
+        "epochs": args.epochs,
+        "steps": args.steps,
+        "modes": {},
+    }
     for mode in args.modes.split(","):
-        context = TrialContext(base=base, space=space, rule=PromotionRule(), trials_dir=str(work / mode / "trials"), seed=0, iteration=0, cpus=1, tracking=mlflow)
-        outcome = run_search(context, args.trials, Resources(1, 0, args.concurrency), work / mode, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=args.epochs, reuse_actors=(mode == "reuse"), label=f"[{mode}]", progress=False)
+        context = TrialContext(
+            base=base, space=space, rule=PromotionRule(), trials_dir=str(work / mode / "trials"), seed=0, iteration=0, cpus=1, tracking=mlflow
+        )
+        outcome = run_search(
+            context,
+            args.trials,
+            Resources(1, 0, args.concurrency),
+            work / mode,
+            algorithm="tpe",
+            scheduler={"name": "fifo"},
+            max_evaluations=args.epochs,
+            reuse_actors=(mode == "reuse"),
+            label=f"[{mode}]",
+            progress=False,
+        )
         timings = outcome.timings
         train = sum(t["train_seconds"] or 0 for t in timings)
         cold = [t["setup_seconds"] for t in timings if t["cold_start"] and t["setup_seconds"] is not None]
@@ -118,9 +140,12 @@ def main() -> int:
             "timings": timings,
         }
         results["modes"][mode] = row
-        print(f"{mode:>6}: wall {row['wall_seconds']:.1f} s, trials trained {train:.1f} s in all, ratio {row['ratio']:.2f}; "
-              f"start-up cold {row['startup_cold_median'] or float('nan'):.1f} s x{len(cold)}, warm {row['startup_warm_median'] or float('nan'):.2f} s x{len(warm)}; "
-              f"per-trial overhead (trial wall - training) median {row['trial_overhead_median']:.1f} s", flush=True)
+        print(
+            f"{mode:>6}: wall {row['wall_seconds']:.1f} s, trials trained {train:.1f} s in all, ratio {row['ratio']:.2f}; "
+            f"start-up cold {row['startup_cold_median'] or float('nan'):.1f} s x{len(cold)}, warm {row['startup_warm_median'] or float('nan'):.2f} s x{len(warm)}; "
+            f"per-trial overhead (trial wall - training) median {row['trial_overhead_median']:.1f} s",
+            flush=True,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

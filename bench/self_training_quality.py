@@ -17,6 +17,7 @@ Synthetic classes are generated as the loop's embedded default (300 frames, 120 
 ``neu_*`` are copied from ``../shared/data/neu_seg`` into the work folder (read-only source).
 Results go to ``--out`` (JSON) and are printed as a Markdown table, with medians over seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,18 +79,40 @@ def prepare(dataset: str, seed: int, root: Path) -> None:
 
 
 def plain_run(dataset: str, kind: str, train: str, root: Path, work: Path, seed: int) -> dict:
-    args = {"config": str(REPO / "config.yaml"), "space": str(REPO / "search_spaces" / "cpu.yaml"), "train": train, "dataset": dataset, "root": str(root), "out": str(work / f"plain_{kind}"), "seed": seed}
+    args = {
+        "config": str(REPO / "config.yaml"),
+        "space": str(REPO / "search_spaces" / "cpu.yaml"),
+        "train": train,
+        "dataset": dataset,
+        "root": str(root),
+        "out": str(work / f"plain_{kind}"),
+        "seed": seed,
+    }
     proc = subprocess.run([sys.executable, "-c", PLAIN_RUN, json.dumps(args)], cwd=REPO, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"plain run {kind} on {dataset} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def loop_run(dataset: str, root: Path, work: Path, seed: int) -> dict:
     run_dir = work / "loop"
     start = time.perf_counter()
-    cmd = [sys.executable, "drivers/search.py", "--dataset", dataset, "--data-root", str(root), "--run-dir", str(run_dir), "--seed", str(seed), "--quiet", "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    cmd = [
+        sys.executable,
+        "drivers/search.py",
+        "--dataset",
+        dataset,
+        "--data-root",
+        str(root),
+        "--run-dir",
+        str(run_dir),
+        "--seed",
+        str(seed),
+        "--quiet",
+        "--tracking-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     (work / "loop.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -99,7 +122,25 @@ def loop_run(dataset: str, root: Path, work: Path, seed: int) -> dict:
     made = [r for r in rows if r.get("label_hybrid_iou_pixels") is not None]
     return {
         "seconds": round(time.perf_counter() - start, 1),
-        "iterations": [{k: r.get(k) for k in ("iteration", "train_dataset", "eval_iou", "eval_recall", "test_iou", "test_dice", "eval_label_iou", "made", "label_box_iou_pixels", "label_hybrid_iou_pixels", "decision")} for r in rows],
+        "iterations": [
+            {
+                k: r.get(k)
+                for k in (
+                    "iteration",
+                    "train_dataset",
+                    "eval_iou",
+                    "eval_recall",
+                    "test_iou",
+                    "test_dice",
+                    "eval_label_iou",
+                    "made",
+                    "label_box_iou_pixels",
+                    "label_hybrid_iou_pixels",
+                    "decision",
+                )
+            }
+            for r in rows
+        ],
         "iter0_test_iou": rows[0]["test_iou"],
         "final_iteration": final["iteration"],
         "final_test_iou": final["test_iou"],
@@ -146,10 +187,15 @@ def table(results: list[dict]) -> str:
     for r in results:
         p, lp = r.get("plain", {}), r["loop"]
         if "error" in lp:
-            lines.append(f"| {r['dataset']} | {r['seed']} | " + " | ".join(fmt(p.get(k, {}).get("test_iou")) for k in PLAIN) + f" | error: {lp['error']} | | | | | {lp['seconds']:.0f} |")
+            lines.append(
+                f"| {r['dataset']} | {r['seed']} | "
+                + " | ".join(fmt(p.get(k, {}).get("test_iou")) for k in PLAIN)
+                + f" | error: {lp['error']} | | | | | {lp['seconds']:.0f} |"
+            )
             continue
         lines.append(
-            f"| {r['dataset']} | {r['seed']} | " + " | ".join(fmt(p.get(k, {}).get("test_iou")) for k in PLAIN)
+            f"| {r['dataset']} | {r['seed']} | "
+            + " | ".join(fmt(p.get(k, {}).get("test_iou")) for k in PLAIN)
             + f" | {fmt(lp['iter0_test_iou'])} | {fmt(lp['final_test_iou'])} ({lp['final_iteration']}) | {fmt(r.get('final_over_full'))}"
             + f" | {fmt(lp['boxes_label_iou'])} -> {fmt(lp['best_h_label_iou'])} | {fmt(lp['boxes_eval_label_iou'])} -> {fmt(lp['best_eval_label_iou'])} | {lp['seconds']:.0f} |"
         )
@@ -157,7 +203,13 @@ def table(results: list[dict]) -> str:
     for r in results:
         by.setdefault(r["dataset"], []).append(r)
     if any(len(v) > 1 for v in by.values()):
-        lines += ["", "Medians over seeds (TEST IoU):", "", "| dataset | seeds | BASELINE only | full | loop iter 0 | loop final | final / full |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Medians over seeds (TEST IoU):",
+            "",
+            "| dataset | seeds | BASELINE only | full | loop iter 0 | loop final | final / full |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, rs in by.items():
             med = lambda vals: statistics.median(vals) if vals else None  # noqa: E731
             lines.append(

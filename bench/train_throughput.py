@@ -24,6 +24,7 @@ many images and reports its peak RSS (VmHWM) and its anonymous RSS at the end.
     python bench/train_throughput.py --workers 0,1,2        # DataLoader workers, interleaved
     python bench/train_throughput.py --memory 200,2000      # peak memory vs dataset size
 """
+
 from __future__ import annotations
 
 import argparse
@@ -137,7 +138,7 @@ def bare_batches(cfg, device: torch.device):
         pairs = [ds.load(i) for i in range(len(list_samples(folder)))]
         out = []
         for start in range(0, len(pairs), cfg.batch_size):
-            chunk = pairs[start: start + cfg.batch_size]
+            chunk = pairs[start : start + cfg.batch_size]
             if drop_last and len(chunk) < cfg.batch_size:
                 break
             x = torch.stack([to_tensor(rgb) for rgb, _ in chunk]).to(device)
@@ -184,7 +185,12 @@ def run_bare(cfg, train_batches, eval_batches, device: torch.device) -> dict:
         model.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"train_seconds": train_seconds, "trial_seconds": time.perf_counter() - t0, "images": len(train_batches) * cfg.batch_size * cfg.epochs, "final_loss": float(loss)}
+    return {
+        "train_seconds": train_seconds,
+        "trial_seconds": time.perf_counter() - t0,
+        "images": len(train_batches) * cfg.batch_size * cfg.epochs,
+        "final_loss": float(loss),
+    }
 
 
 # ---- throughput mode -------------------------------------------------------------------------
@@ -202,8 +208,10 @@ def throughput(args) -> dict:
     train_b, eval_b = bare_batches(next(iter(cfgs.values())), device)
     sides = list(cfgs) + ["bare"]
     results: dict[str, list[dict]] = {name: [] for name in sides}
-    print(f"# {args.images} train + {args.eval_images} EVAL images {args.source} -> {args.size}, UNetAttention/{args.encoder}{' (tiny)' if args.tiny else ''}, batch {args.batch}, "
-          f"{args.epochs} epoch(s), augment {not args.no_augment}, amp {args.amp}, channels_last {args.channels_last}, device {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"# {args.images} train + {args.eval_images} EVAL images {args.source} -> {args.size}, UNetAttention/{args.encoder}{' (tiny)' if args.tiny else ''}, batch {args.batch}, "
+        f"{args.epochs} epoch(s), augment {not args.no_augment}, amp {args.amp}, channels_last {args.channels_last}, device {device}, torch threads {torch.get_num_threads()}"
+    )
     for name in sides:  # warm-up: caches built, kernels chosen, allocator warm
         run_bss(cfgs[name]) if name != "bare" else run_bare(cfgs[next(iter(cfgs))], train_b, eval_b, device)
     for rep in range(args.repeats):
@@ -214,16 +222,28 @@ def throughput(args) -> dict:
     summary = {}
     bare_train = statistics.median(r["images"] / r["train_seconds"] for r in results["bare"])
     bare_trial = statistics.median(r["images"] / r["trial_seconds"] for r in results["bare"])
-    print(f"{'side':<10} {'train img/s':>12} {'ratio':>6} {'paired':>7} {'trial img/s':>12} {'ratio':>6} {'paired':>7}   (medians of {args.repeats}; per-repeat train img/s)")
+    print(
+        f"{'side':<10} {'train img/s':>12} {'ratio':>6} {'paired':>7} {'trial img/s':>12} {'ratio':>6} {'paired':>7}   (medians of {args.repeats}; per-repeat train img/s)"
+    )
     for name in sides:
         train = statistics.median(r["images"] / r["train_seconds"] for r in results[name])
         trial = statistics.median(r["images"] / r["trial_seconds"] for r in results[name])
         # paired: each repeat's bss against the bare run next to it in time (robust to drifting load)
-        paired_train = statistics.median((a["images"] / a["train_seconds"]) / (b["images"] / b["train_seconds"]) for a, b in zip(results[name], results["bare"]))
-        paired_trial = statistics.median((a["images"] / a["trial_seconds"]) / (b["images"] / b["trial_seconds"]) for a, b in zip(results[name], results["bare"]))
-        summary[name] = {"train_images_per_s": train, "train_ratio": train / bare_train, "train_ratio_paired": paired_train,
-                         "trial_images_per_s": trial, "trial_ratio": trial / bare_trial, "trial_ratio_paired": paired_trial,
-                         "per_repeat_train": [r["images"] / r["train_seconds"] for r in results[name]]}
+        paired_train = statistics.median(
+            (a["images"] / a["train_seconds"]) / (b["images"] / b["train_seconds"]) for a, b in zip(results[name], results["bare"])
+        )
+        paired_trial = statistics.median(
+            (a["images"] / a["trial_seconds"]) / (b["images"] / b["trial_seconds"]) for a, b in zip(results[name], results["bare"])
+        )
+        summary[name] = {
+            "train_images_per_s": train,
+            "train_ratio": train / bare_train,
+            "train_ratio_paired": paired_train,
+            "trial_images_per_s": trial,
+            "trial_ratio": trial / bare_trial,
+            "trial_ratio_paired": paired_trial,
+            "per_repeat_train": [r["images"] / r["train_seconds"] for r in results[name]],
+        }
         reps = " ".join(f"{v:.1f}" for v in summary[name]["per_repeat_train"])
         print(f"{name:<10} {train:12.2f} {train / bare_train:6.3f} {paired_train:7.3f} {trial:12.2f} {trial / bare_trial:6.3f} {paired_trial:7.3f}   [{reps}]")
     return summary
@@ -249,8 +269,18 @@ def memory_child(args) -> None:
     built = time.perf_counter() - t
     t = time.perf_counter()
     trainer.fit()
-    print(json.dumps({"images": len(trainer.train_set), "peak_rss_mb": _proc_status_mb("VmHWM"), "rss_anon_mb": _proc_status_mb("RssAnon"),
-                      "peak_before_mb": before, "init_s": built, "fit_s": time.perf_counter() - t}))
+    print(
+        json.dumps(
+            {
+                "images": len(trainer.train_set),
+                "peak_rss_mb": _proc_status_mb("VmHWM"),
+                "rss_anon_mb": _proc_status_mb("RssAnon"),
+                "peak_before_mb": before,
+                "init_s": built,
+                "fit_s": time.perf_counter() - t,
+            }
+        )
+    )
 
 
 def memory(args) -> dict:
@@ -262,15 +292,40 @@ def memory(args) -> dict:
         make_dataset(data / "bench_BASELINE", n, *src, seed=1)
         make_dataset(data / "bench_EVAL", 16, *src, seed=2)
         env = dict(os.environ, BSS_CACHE_DIR=str(data / "cache"))
-        cmd = [sys.executable, __file__, "--memory-child", "--data", str(data), "--size", args.size, "--source", args.source, "--encoder", args.encoder,
-               "--batch", str(args.batch), "--device", args.device, "--workers", str(args.workers), "--threads", str(args.threads or 1)] + (["--tiny"] if args.tiny else []) + (["--no-augment"] if args.no_augment else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                "--data",
+                str(data),
+                "--size",
+                args.size,
+                "--source",
+                args.source,
+                "--encoder",
+                args.encoder,
+                "--batch",
+                str(args.batch),
+                "--device",
+                args.device,
+                "--workers",
+                str(args.workers),
+                "--threads",
+                str(args.threads or 1),
+            ]
+            + (["--tiny"] if args.tiny else [])
+            + (["--no-augment"] if args.no_augment else [])
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         rows[n] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = rows[n]
-        print(f"{n:6d} images: peak RSS {r['peak_rss_mb']:8.1f} MB, anon RSS at end {r['rss_anon_mb']:8.1f} MB, "
-              f"(peak after imports {r['peak_before_mb']:.1f} MB), Trainer() {r['init_s']:.1f} s, fit {r['fit_s']:.1f} s")
+        print(
+            f"{n:6d} images: peak RSS {r['peak_rss_mb']:8.1f} MB, anon RSS at end {r['rss_anon_mb']:8.1f} MB, "
+            f"(peak after imports {r['peak_before_mb']:.1f} MB), Trainer() {r['init_s']:.1f} s, fit {r['fit_s']:.1f} s"
+        )
     return rows
 
 

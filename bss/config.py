@@ -5,6 +5,7 @@ another with ``_base_: other.yaml`` and override a few keys (nested dicts merge 
 Every mistake (unknown key, wrong type, bad value) raises one :class:`~bss.errors.ConfigError`
 naming the key, with a did-you-mean for misspellings.
 """
+
 from __future__ import annotations
 
 import dataclasses

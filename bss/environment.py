@@ -1,6 +1,7 @@
 """The environment every entry point sets before importing Ray, MLflow or albumentations: no
 usage statistics, no telemetry, no update checks (``os.environ.setdefault``: a user's own value
 wins). Drivers and benchmarks call :func:`quiet` first; the Ray module adds Tune's own keys."""
+
 from __future__ import annotations
 
 import os

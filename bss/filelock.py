@@ -4,6 +4,7 @@ The kernel releases a ``flock`` when its process ends, however it ends, so a loc
 killed process never blocks the next one. Where ``fcntl`` is missing (not POSIX) locking is a
 no-op: :func:`acquire` returns an open handle that locks nothing.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -15,6 +15,7 @@ a time, so memory stays flat however many images there are.
     for item, prob in predictor.predict(ImageFolderDataset(paths, predictor.input_size)):
         ...  # prob: float32 (H, W) in [0, 1] at the image's own size; item["path"], item["index"]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +50,9 @@ class ImageFolderDataset(Dataset):
     process instead of a worker traceback).
     """
 
-    def __init__(self, paths: Sequence[str | Path], input_size: tuple[int, int], extras: dict[str, Sequence[str | Path | None]] | None = None, keep_image: bool = False):
+    def __init__(
+        self, paths: Sequence[str | Path], input_size: tuple[int, int], extras: dict[str, Sequence[str | Path | None]] | None = None, keep_image: bool = False
+    ):
         self.paths = [Path(p) for p in paths]
         self.height, self.width = int(input_size[0]), int(input_size[1])
         self.extras = {k: list(v) for k, v in (extras or {}).items()}
@@ -107,7 +110,15 @@ class Predictor:
     ``tta`` averages the probability of the image and of its horizontal mirror.
     """
 
-    def __init__(self, model: torch.nn.Module, config: Config, device: str | torch.device = "auto", input_size: tuple[int, int] | None = None, tta: bool = False, source: str = "model"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: Config,
+        device: str | torch.device = "auto",
+        input_size: tuple[int, int] | None = None,
+        tta: bool = False,
+        source: str = "model",
+    ):
         device = pick_device(str(device))
         self.config = config
         self.runtime = Runtime.from_config(dataclasses.replace(config, device=str(device), compile=False))
@@ -119,7 +130,9 @@ class Predictor:
         self.check_input_size()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", input_size: tuple[int, int] | None = None, tta: bool = False) -> "Predictor":
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "auto", input_size: tuple[int, int] | None = None, tta: bool = False
+    ) -> "Predictor":
         from bss.training.checkpoint import load_model
 
         model, config = load_model(path, "cpu")
@@ -157,7 +170,9 @@ class Predictor:
             with self.runtime.autocast():
                 out = self.model(x)
         except (RuntimeError, ValueError) as exc:
-            raise BSSError(f"{self.source}: the model cannot take {ph}x{pw} RGB inputs (trained at {self.config.height}x{self.config.width}): {str(exc).splitlines()[0][:200]}") from None
+            raise BSSError(
+                f"{self.source}: the model cannot take {ph}x{pw} RGB inputs (trained at {self.config.height}x{self.config.width}): {str(exc).splitlines()[0][:200]}"
+            ) from None
         if tuple(out.shape) != (1, 1, ph, pw):
             raise BSSError(
                 f"{self.source}: the model maps a 1x3x{ph}x{pw} input to {list(out.shape)}, not 1x1x{ph}x{pw}; "
@@ -200,7 +215,9 @@ class Predictor:
             prefetch_factor=2 if num_workers > 0 else None,
         )
 
-    def predict(self, dataset: Dataset, batch_size: int = 8, num_workers: int = 0, progress: bool = True, desc: str = "predicting") -> Iterator[tuple[dict, np.ndarray]]:
+    def predict(
+        self, dataset: Dataset, batch_size: int = 8, num_workers: int = 0, progress: bool = True, desc: str = "predicting"
+    ) -> Iterator[tuple[dict, np.ndarray]]:
         """Yield ``(item, probability)`` per image, in order; probability float32 (H, W) at the image's size."""
         with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for images, items in self.loader(dataset, batch_size, num_workers):

@@ -12,10 +12,10 @@ TP, FP, FN (and TN). Then
 figures (``iou_per_image``, ...) average each image's value. A ratio whose denominator is 0
 (nothing to find and nothing predicted) counts as 1.0: the prediction agrees with the truth.
 """
+
 from __future__ import annotations
 
 import torch
-
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

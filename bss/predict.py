@@ -14,6 +14,7 @@ The output folder is written under a temporary name and renamed at the end, so a
 or an interruption leaves nothing half written. An existing non-empty ``out`` is refused unless
 ``overwrite``, and even then only a folder that holds a previous prediction is replaced.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,9 @@ def _check_out(out: Path, images_dir: Path, overwrite: bool) -> None:
             raise BSSError(f"--out {out} is not empty; pass --overwrite to replace a previous prediction there, or choose another folder.")
         foreign = _not_written_by_predict(out)
         if foreign:
-            raise BSSError(f"--out {out} holds {foreign}, which predict did not write; --overwrite only replaces a previous prediction (listed in its predictions.json), nothing else. Choose another folder.")
+            raise BSSError(
+                f"--out {out} holds {foreign}, which predict did not write; --overwrite only replaces a previous prediction (listed in its predictions.json), nothing else. Choose another folder."
+            )
 
 
 def _not_written_by_predict(out: Path) -> str | None:
@@ -117,14 +120,18 @@ def predict_folder(
     if was_empty_dir:
         out.rmdir()  # an empty folder given as --out: fill it atomically (recreated on failure)
     try:
-        return _write(predictor, paths, images_dir, out, Path(checkpoint), threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start)
+        return _write(
+            predictor, paths, images_dir, out, Path(checkpoint), threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start
+        )
     except BaseException:
         if was_empty_dir and not out.exists():
             out.mkdir()
         raise
 
 
-def _write(predictor, paths, images_dir, out, checkpoint, threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start) -> PredictResult:
+def _write(
+    predictor, paths, images_dir, out, checkpoint, threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start
+) -> PredictResult:
     rows = []
     dataset = ImageFolderDataset(paths, predictor.input_size, keep_image=overlays)
     with atomic_folder(out, overwrite=overwrite) as tmp:

@@ -15,6 +15,7 @@ Which failures stop a run, in one place:
   so a lost store loses the dashboard, never the run.
 * **Cleanup** (deleting a killed attempt's run, giving a run its final status) never raises.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,8 @@ import math
 import time
 from pathlib import Path
 
-from bss.errors import BSSError
-
 from bss.environment import quiet
+from bss.errors import BSSError
 
 quiet()
 
@@ -33,7 +33,7 @@ quiet()
 def artifact_root_for(uri: str) -> str | None:
     """For a SQLite store, an ``mlartifacts`` folder beside the database file."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        db = Path(uri[len("sqlite:///") :]).expanduser().resolve()
         return (db.parent / "mlartifacts").as_uri()
     return None
 
@@ -41,7 +41,7 @@ def artifact_root_for(uri: str) -> str | None:
 def normalize_uri(uri: str) -> str:
     """Make a relative SQLite path absolute, so Ray workers in other folders share the store."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).expanduser().resolve())
     return uri
 
 
@@ -53,7 +53,7 @@ def _store_lock(uri: str):
         return contextlib.nullcontext()
     from bss import filelock
 
-    return filelock.held(f"{uri[len('sqlite:///'):]}.lock")
+    return filelock.held(f"{uri[len('sqlite:///') :]}.lock")
 
 
 def setup(uri: str, experiment: str) -> str:
@@ -225,7 +225,7 @@ class Tracker:
         have = set() if fresh else set(self.client.get_run(run_id).data.params)
         items = [Param(k, v) for k, v in flat.items() if k not in have]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     @_guarded
     def metrics(self, run_id: str | None, metrics: dict, step: int = 0) -> None:
@@ -237,7 +237,7 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         for start in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[start:start + 500])
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
 
     @_guarded
     def artifact(self, run_id: str | None, path: str | Path, folder: str | None = None) -> None:

@@ -1,4 +1,5 @@
 """Pictures: image | truth | prediction overlays (the loop's metric plot is bss.search.report.plot)."""
+
 from __future__ import annotations
 
 from pathlib import Path

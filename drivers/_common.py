@@ -1,4 +1,5 @@
 """Shared start-up for the command-line drivers: import path, quiet libraries, clean errors."""
+
 from __future__ import annotations
 
 import sys

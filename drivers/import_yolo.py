@@ -5,6 +5,7 @@
 
 See docs/bring_your_own_data.md for the whole path from a YOLO dataset to a trained model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ def main(argv=None) -> int:
     from bss.data.yolo_import import import_yolo, summary
 
     manifest = import_yolo(
-        args.source, args.class_spec, args.name, data_root=args.data_root,
-        overwrite=args.overwrite, copy=args.copy,
+        args.source,
+        args.class_spec,
+        args.name,
+        data_root=args.data_root,
+        overwrite=args.overwrite,
+        copy=args.copy,
         log=lambda message: print(f"warning: {message}", file=sys.stderr),
     )
     print(summary(manifest))

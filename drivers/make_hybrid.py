@@ -10,13 +10,13 @@ kept only inside the boxes; a box region the model fills less than --min-fill fa
 (or its inscribed ellipse). Where the dataset keeps truth/ masks, the label IoU of the boxes and of
 the refined masks is printed and saved in the manifest.
 """
+
 from __future__ import annotations
 
 import argparse
 import signal
 
 import _common
-
 from bss.data.io import parse_size
 from bss.hybrid.refine import MODES
 
@@ -33,7 +33,12 @@ def main() -> int:
     parser.add_argument("--data-root", default="datasets")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing NAME_H<N>")
     rule = parser.add_argument_group("refinement rule")
-    rule.add_argument("--mode", choices=MODES, default="inside_box", help="inside_box: the thresholded prediction inside the boxes; grabcut: that, refined with the image's colours (GrabCut seeded by the prediction); blend: the seed's rule")
+    rule.add_argument(
+        "--mode",
+        choices=MODES,
+        default="inside_box",
+        help="inside_box: the thresholded prediction inside the boxes; grabcut: that, refined with the image's colours (GrabCut seeded by the prediction); blend: the seed's rule",
+    )
     rule.add_argument("--threshold", type=float, default=0.5, help="probability (blend: blended value) above which a pixel is foreground")
     rule.add_argument("--min-fill", type=float, default=0.4, help="inside_box: a box region predicted less full than this falls back")
     rule.add_argument("--fallback", choices=("box", "ellipse"), default="box", help="inside_box: the conservative mask of a fallback region")
@@ -54,7 +59,16 @@ def main() -> int:
     from bss.hybrid import RefineRule, format_quality, make_hybrid
     from bss.inference import default_workers
 
-    rule_obj = RefineRule(mode=args.mode, threshold=args.threshold, min_fill=args.min_fill, fallback=args.fallback, fill_holes=args.fill_holes, blend_alpha=args.blend_alpha, sure=args.sure, soft=args.soft)
+    rule_obj = RefineRule(
+        mode=args.mode,
+        threshold=args.threshold,
+        min_fill=args.min_fill,
+        fallback=args.fallback,
+        fill_holes=args.fill_holes,
+        blend_alpha=args.blend_alpha,
+        sure=args.sure,
+        soft=args.soft,
+    )
     result = make_hybrid(
         args.dataset,
         args.model,
@@ -70,8 +84,10 @@ def main() -> int:
         input_size=parse_size(args.input_size, "--input-size")[::-1] if args.input_size else None,  # (height, width)
     )
     counts = result.manifest["counts"]
-    print(f"{result.path}: {counts['images']} images ({counts['refined']} refined, {counts['baseline']} from BASELINE); "
-          f"{counts['fallback_boxes']} of {counts['boxes']} box regions fell back; EVAL ({counts['excluded_eval']}) and TEST ({counts['excluded_test']}) excluded")
+    print(
+        f"{result.path}: {counts['images']} images ({counts['refined']} refined, {counts['baseline']} from BASELINE); "
+        f"{counts['fallback_boxes']} of {counts['boxes']} box regions fell back; EVAL ({counts['excluded_eval']}) and TEST ({counts['excluded_test']}) excluded"
+    )
     print(format_quality(result.label_quality))
     return 0
 

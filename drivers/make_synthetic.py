@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Write a procedural sewer-CCTV dataset (images, box masks, VIA hand labels, exact truth).
 
-    python drivers/make_synthetic.py                       # datasets/obstacle, 1000 images
-    python drivers/make_synthetic.py --name deposition --count 200 --size 352x288
+python drivers/make_synthetic.py                       # datasets/obstacle, 1000 images
+python drivers/make_synthetic.py --name deposition --count 200 --size 352x288
 """
+
 import sys
 from pathlib import Path
 

@@ -7,6 +7,7 @@ Writes OUT/masks/<stem>.png (0/255, the image's size), OUT/overlays/<stem>.png, 
 OUT/probabilities/<stem>.png (8-bit probability) and OUT/predictions.json. A non-empty OUT is
 refused unless --overwrite (which only replaces a previous prediction folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,18 @@ def main() -> int:
     from bss.predict import predict_folder
 
     result = predict_folder(
-        args.model, args.images, args.out, overwrite=args.overwrite, probabilities=args.probabilities,
-        overlays=not args.no_overlays, threshold=args.threshold, batch_size=args.batch_size,
-        num_workers=default_workers() if args.workers is None else args.workers, device=args.device, tta=args.tta, progress=not args.quiet,
+        args.model,
+        args.images,
+        args.out,
+        overwrite=args.overwrite,
+        probabilities=args.probabilities,
+        overlays=not args.no_overlays,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        num_workers=default_workers() if args.workers is None else args.workers,
+        device=args.device,
+        tta=args.tta,
+        progress=not args.quiet,
     )
     print(f"{result.count} images -> {result.out} ({result.seconds:.1f} s, {result.count / max(result.seconds, 1e-9):.1f} images/s)")
     return 0

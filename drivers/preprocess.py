@@ -1,7 +1,8 @@
 """Split a dataset's hand-labelled images into NAME_BASELINE, NAME_EVAL and NAME_TEST.
 
-    python drivers/preprocess.py --dataset obstacle [--fractions 0.6 0.2 0.2] [--seed 0] [--overwrite]
+python drivers/preprocess.py --dataset obstacle [--fractions 0.6 0.2 0.2] [--seed 0] [--overwrite]
 """
+
 from __future__ import annotations
 
 import argparse

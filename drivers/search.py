@@ -8,13 +8,13 @@ Without a GPU the CPU search space (search_spaces/cpu.yaml) is used, with one th
 (search_spaces/default.yaml). Everything goes to --run-dir (default runs/<dataset>) and MLflow
 (open it with: mlflow ui --backend-store-uri sqlite:///mlflow.db).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
 import _common
-
 from bss.config import METRICS
 from bss.search.promotion import PROMOTION_RULES
 from bss.search.searchers import SPACE_SEARCHERS

@@ -1,7 +1,8 @@
 """Train one model from a config and record it in MLflow.
 
-    python drivers/train.py --config config.yaml [--set epochs=3 model.args.encoder_name=resnet34]
+python drivers/train.py --config config.yaml [--set epochs=3 model.args.encoder_name=resnet34]
 """
+
 from __future__ import annotations
 
 import argparse

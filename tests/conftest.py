@@ -1,13 +1,19 @@
 """Shared fixtures: tiny real datasets written to tmp folders (64 px images, real PNG files)."""
+
 from __future__ import annotations
 
 import os
-
 import tempfile
 
 # the decode-once image cache of every test run goes to a throw-away folder, not ~/.cache
 os.environ.setdefault("BSS_CACHE_DIR", tempfile.mkdtemp(prefix="bss-test-cache-"))
-for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+for _key, _value in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+}.items():
     os.environ.setdefault(_key, _value)
 
 from pathlib import Path  # noqa: E402
@@ -50,7 +56,7 @@ def make_source_dataset(root: Path, name: str = "toy", n: int = 12, labelled: in
         write_image(folder / "images" / f"img_{i:03d}.png", np.clip(img, 0, 255).astype(np.uint8))
         box = np.zeros_like(truth)
         ys, xs = np.nonzero(truth)
-        box[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] = 1
+        box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1
         write_mask(folder / "masks" / f"img_{i:03d}.png", box)
         write_mask(folder / "truth" / f"img_{i:03d}.png", truth)
         shape = {"name": "polygon", "all_points_x": px.tolist(), "all_points_y": py.tolist()}

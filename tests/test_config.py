@@ -1,12 +1,13 @@
 """Config loading: defaults, inheritance, overrides, and one clear error per mistake."""
+
 from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO
 
 from bss.config import Config, from_dict, load_config, parse_overrides
 from bss.errors import ConfigError
-from conftest import REPO
 
 
 def test_repo_config_loads():

@@ -1,4 +1,5 @@
 """Bad input gets one clear error naming the file, and nothing is written."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, make_source_dataset
 
 from bss.data.io import write_mask
 from bss.data.layout import SourceDataset
 from bss.data.splits import make_splits
 from bss.errors import BSSError, DatasetError
-from conftest import REPO, make_source_dataset
 
 
 def outputs(root):
@@ -167,7 +168,9 @@ def test_split_refuses_to_overwrite_and_source_untouched(data_root):
 
 
 def test_driver_prints_one_error_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "nope", "--data-root", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "nope", "--data-root", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dataset 'nope' not found")

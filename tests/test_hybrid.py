@@ -1,5 +1,6 @@
 """Hybrid datasets: the refinement rule on hand-made masks, and make_hybrid end to end
 (no EVAL/TEST leakage, atomic write, manifest, label quality, bad input)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, make_source_dataset, tiny_config_dict
 from PIL import Image
 
 from bss.config import from_dict
@@ -23,7 +25,6 @@ from bss.hybrid import RefineRule, make_hybrid, measure_folder, next_number, ref
 from bss.hybrid.refine import ellipse_in
 from bss.training.checkpoint import read_checkpoint
 from bss.training.trainer import Trainer
-from conftest import REPO, make_source_dataset, tiny_config_dict
 
 
 # ---------------------------------------------------------------------------------- the rule
@@ -366,8 +367,27 @@ def test_driver_prints_label_quality_and_errors_cleanly(world, tmp_path):
     root, checkpoint, _ = world
     env = dict(os.environ, TQDM_DISABLE="1")
     run = subprocess.run(
-        [sys.executable, str(REPO / "drivers" / "make_hybrid.py"), "--dataset", "toy", "--model", str(checkpoint), "--data-root", str(root), "--min-fill", "0.3", "--fallback", "ellipse", "--workers", "0", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "drivers" / "make_hybrid.py"),
+            "--dataset",
+            "toy",
+            "--model",
+            str(checkpoint),
+            "--data-root",
+            str(root),
+            "--min-fill",
+            "0.3",
+            "--fallback",
+            "ellipse",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     number = next_number("toy", root) - 1
@@ -377,7 +397,10 @@ def test_driver_prints_label_quality_and_errors_cleanly(world, tmp_path):
     shutil.rmtree(root / f"toy_H{number}")
     bad = subprocess.run(
         [sys.executable, str(REPO / "drivers" / "make_hybrid.py"), "--dataset", "toy", "--model", str(checkpoint), "--data-root", str(root), "--number", "1"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ") and "already exists" in bad.stderr
 

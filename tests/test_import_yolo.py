@@ -1,4 +1,5 @@
 """drivers/import_yolo.py and bss.data.yolo_import: YOLO boxes of one class -> a BSS dataset."""
+
 from __future__ import annotations
 
 import hashlib
@@ -58,16 +59,22 @@ def flat(tmp_path) -> Path:
     write(src / "data.yaml", "names: [joint, obstacle]\n")
     for seed, stem in enumerate("abcd"):
         save_png(src / "images" / f"{stem}.png", seed)
-    write(src / "labels" / "a.txt", "\n".join([
-        "1 0.5 0.5 0.5 0.5",       # line 1: good
-        "1 0.5 0.5 0.2",           # line 2: 4 fields
-        "1 x 0.5 0.2 0.2",         # line 3: not a number
-        "7 0.5 0.5 0.2 0.2",       # line 4: class out of range
-        "1 0.5 0.5 0 0.2",         # line 5: zero width
-        "1 1.5 0.5 0.2 0.2",       # line 6: centre outside [0, 1]
-        "",                        # line 7: blank, ignored
-        "0 0.1 0.1 0.1 0.1",       # line 8: good, another class
-    ]) + "\n")
+    write(
+        src / "labels" / "a.txt",
+        "\n".join(
+            [
+                "1 0.5 0.5 0.5 0.5",  # line 1: good
+                "1 0.5 0.5 0.2",  # line 2: 4 fields
+                "1 x 0.5 0.2 0.2",  # line 3: not a number
+                "7 0.5 0.5 0.2 0.2",  # line 4: class out of range
+                "1 0.5 0.5 0 0.2",  # line 5: zero width
+                "1 1.5 0.5 0.2 0.2",  # line 6: centre outside [0, 1]
+                "",  # line 7: blank, ignored
+                "0 0.1 0.1 0.1 0.1",  # line 8: good, another class
+            ]
+        )
+        + "\n",
+    )
     write(src / "labels" / "b.txt", "1 0.95 0.05 0.3 0.3\n")
     write(src / "labels" / "d.txt", "0 0.5 0.5 0.2 0.2\n")
     write(src / "labels" / "e.txt", "1 0.5 0.5 0.2 0.2\n")  # no image
@@ -89,6 +96,7 @@ def splits(tmp_path) -> Path:
 
 # --- the real sewer data ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sewer(tmp_path_factory):
     if not (SEWER / "dataset.yaml").is_file():
@@ -100,8 +108,7 @@ def sewer(tmp_path_factory):
 
 def test_real_import_keeps_exactly_the_images_with_an_obstacle_box(sewer):
     root, manifest = sewer
-    holding = [t for t in (SEWER / "labels").rglob("*.txt")
-               if any(line.split()[:1] == ["1"] and len(line.split()) == 5 for line in t.read_text().splitlines())]
+    holding = [t for t in (SEWER / "labels").rglob("*.txt") if any(line.split()[:1] == ["1"] and len(line.split()) == 5 for line in t.read_text().splitlines())]
     images = sorted((root / "sewer_obstacle" / "images").iterdir())
     assert len(images) == len(holding) == manifest["counts"]["images_with_class"]
     assert {p.stem for p in images} == {t.stem for t in holding}
@@ -136,6 +143,7 @@ def test_real_output_is_a_valid_source_dataset(sewer):
 
 
 # --- synthetic datasets ------------------------------------------------------------------------
+
 
 def test_malformed_lines_are_reported_with_file_and_line_and_skipped(flat, tmp_path):
     messages = []
@@ -224,13 +232,16 @@ def test_refuses_to_replace_the_source(flat):
     assert (flat / "images" / "a.png").is_file()
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda src: None, "source folder not found"),
-    (lambda src: write(src / "data.yaml", "names: [a]\n") and (src / "images").mkdir() and None, "no labels/ folder"),
-    (lambda src: [write(src / "data.yaml", "names: [a]\n"), (src / "images").mkdir(), (src / "labels").mkdir()], "no images"),
-    (lambda src: (src / "images").mkdir(parents=True), "no data.yaml or dataset.yaml"),
-    (lambda src: write(src / "data.yaml", "nc: 2\n"), "needs 'names:'"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda src: None, "source folder not found"),
+        (lambda src: write(src / "data.yaml", "names: [a]\n") and (src / "images").mkdir() and None, "no labels/ folder"),
+        (lambda src: [write(src / "data.yaml", "names: [a]\n"), (src / "images").mkdir(), (src / "labels").mkdir()], "no images"),
+        (lambda src: (src / "images").mkdir(parents=True), "no data.yaml or dataset.yaml"),
+        (lambda src: write(src / "data.yaml", "nc: 2\n"), "needs 'names:'"),
+    ],
+)
 def test_bad_source_says_what_is_expected(tmp_path, breakage, message):
     src = tmp_path / "src"
     breakage(src)
@@ -247,14 +258,13 @@ def test_no_image_with_the_class_is_an_error(flat, tmp_path):
 
 # --- the command line --------------------------------------------------------------------------
 
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "drivers" / "import_yolo.py"), *args],
-                          capture_output=True, text=True, cwd=REPO)
+    return subprocess.run([sys.executable, str(REPO / "drivers" / "import_yolo.py"), *args], capture_output=True, text=True, cwd=REPO)
 
 
 def test_cli_bad_source_exits_2_with_one_error_line(tmp_path):
-    result = run_cli("--source", str(tmp_path / "missing"), "--class", "obstacle", "--name", "x",
-                     "--data-root", str(tmp_path / "data"))
+    result = run_cli("--source", str(tmp_path / "missing"), "--class", "obstacle", "--name", "x", "--data-root", str(tmp_path / "data"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr and "data.yaml" in result.stderr

@@ -1,9 +1,11 @@
 """bss.inference: probabilities exactly as training preprocessed, batched, streamed, clean errors."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_source_dataset, tiny_config_dict
 
 from bss.config import from_dict
 from bss.data.io import read_image, write_image
@@ -13,7 +15,6 @@ from bss.errors import BSSError
 from bss.inference import ImageFolderDataset, Predictor
 from bss.training.checkpoint import load_model, read_checkpoint
 from bss.training.trainer import Trainer
-from conftest import make_source_dataset, tiny_config_dict
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def _odd_images(folder, sizes, seed=0):
     paths = []
     for i, (h, w) in enumerate(sizes):
         img = rng.integers(30, 90, size=(h, w, 3)).astype(np.uint8)
-        img[h // 4: h // 2, w // 3: w // 2 + i] = 220
+        img[h // 4 : h // 2, w // 3 : w // 2 + i] = 220
         paths.append(folder / f"odd_{i}.png")
         write_image(paths[-1], img)
     return paths
@@ -55,7 +56,7 @@ def test_probabilities_match_the_training_preprocessing(teacher, tmp_path):
     rgb = read_image(path)
     with torch.inference_mode():
         expected = torch.sigmoid(model(to_tensor(resize_image(rgb, 64, 64))[None]))[0, 0].numpy()
-    (_, prob), = list(predictor.predict_paths([path], progress=False))
+    ((_, prob),) = list(predictor.predict_paths([path], progress=False))
     assert prob.shape == (90, 130) and prob.dtype == np.float32
     small = resize_image(prob, 64, 64)  # back down: close to the model-size map
     assert np.abs(small - expected).mean() < 0.02
@@ -136,7 +137,7 @@ def test_input_size_override_is_checked_and_recorded(teacher, tmp_path):
     predictor = Predictor.from_checkpoint(checkpoint, input_size=(96, 128))
     assert predictor.describe()["input_size"] == [96, 128] and predictor.describe()["trained_image_size"] == [64, 64]
     (path,) = _odd_images(tmp_path, [(96, 128)])
-    (_, prob), = list(predictor.predict_paths([path], progress=False))
+    ((_, prob),) = list(predictor.predict_paths([path], progress=False))
     assert prob.shape == (96, 128)
 
 

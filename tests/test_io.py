@@ -1,5 +1,6 @@
 """Atomic folders and links: a writer killed mid-way leaves nothing for good, a folder that
 appears meanwhile is never replaced, a symbolic link is followed (never copied as a link)."""
+
 from __future__ import annotations
 
 import os
@@ -97,12 +98,12 @@ def test_a_full_disk_is_one_error_naming_the_path_and_nothing_is_left(tiny_disk,
 def test_predict_on_a_full_disk_is_one_error_line(tiny_disk, tmp_path):
     """The real driver: one error line, exit 2, no traceback, nothing left in --out's folder."""
     import numpy as np
+    from conftest import REPO, tiny_config_dict
 
     from bss.config import from_dict
     from bss.data.io import write_image
     from bss.models import build_model
     from bss.training.checkpoint import save_checkpoint
-    from conftest import REPO, tiny_config_dict
 
     cfg = from_dict(tiny_config_dict(tmp_path, tmp_path))
     ckpt = save_checkpoint(tmp_path / "best.pt", build_model(cfg.model), cfg, {"iou": 0.0}, 1.0)
@@ -111,7 +112,12 @@ def test_predict_on_a_full_disk_is_one_error_line(tiny_disk, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(6):
         write_image(frames / f"f{i}.png", rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
-    proc = subprocess.run([sys.executable, str(REPO / "drivers" / "predict.py"), "--model", str(ckpt), "--images", str(frames), "--out", str(tiny_disk / "pred"), "--quiet"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "predict.py"), "--model", str(ckpt), "--images", str(frames), "--out", str(tiny_disk / "pred"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tiny_disk / 'pred'}: the disk is full"), proc.stderr[-2000:]

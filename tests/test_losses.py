@@ -1,4 +1,5 @@
 """Losses by name, and which Tversky weight punishes which error."""
+
 from __future__ import annotations
 
 import pytest

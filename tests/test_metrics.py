@@ -1,4 +1,5 @@
 """Metrics against hand-computed confusion counts, empty masks included."""
+
 from __future__ import annotations
 
 import pytest

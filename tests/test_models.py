@@ -1,4 +1,5 @@
 """Models by name, encoder weights (offline packaged, local file, offline failure)."""
+
 from __future__ import annotations
 
 import time
@@ -84,10 +85,16 @@ def test_unknown_model_argument_is_refused_with_a_suggestion():
     from bss.errors import ConfigError
     from bss.models import build_model
 
-    with pytest.raises(ConfigError, match=r"'model.args.decoder_channelz': UNetAttention has no argument 'decoder_channelz'. Did you mean 'decoder_channels'\?"):
+    with pytest.raises(
+        ConfigError, match=r"'model.args.decoder_channelz': UNetAttention has no argument 'decoder_channelz'. Did you mean 'decoder_channels'\?"
+    ):
         build_model(NamedArgs("UNetAttention", {"encoder_name": "resnet18", "encoder_weights": None, "decoder_channelz": [8, 8, 8, 8]}))
     with pytest.raises(ConfigError, match=r"'model.args.wings': FPN has no argument 'wings'. FPN takes: .*decoder_dropout"):
         build_model(NamedArgs("FPN", {"encoder_name": "resnet18", "encoder_weights": None, "wings": 2}))
     # a timm encoder takes its own keyword arguments: those pass
-    model = build_model(NamedArgs("UNetAttention", {"encoder_name": "tu-efficientnet_lite0", "encoder_weights": None, "drop_path_rate": 0.1, "decoder_channels": [16, 16, 16, 16, 16]}))
+    model = build_model(
+        NamedArgs(
+            "UNetAttention", {"encoder_name": "tu-efficientnet_lite0", "encoder_weights": None, "drop_path_rate": 0.1, "decoder_channels": [16, 16, 16, 16, 16]}
+        )
+    )
     assert model is not None

@@ -1,4 +1,5 @@
 """bss.predict / drivers/predict.py: masks, overlays and probabilities for new images of any size."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, make_source_dataset, tiny_config_dict
 from PIL import Image
 
 from bss.config import from_dict
@@ -17,7 +19,6 @@ from bss.errors import BSSError, DatasetError
 from bss.inference import Predictor
 from bss.predict import predict_folder
 from bss.training.trainer import Trainer
-from conftest import REPO, make_source_dataset, tiny_config_dict
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def new_images(tmp_path):
     rng = np.random.default_rng(3)
     for name, (h, w) in {"a.png": (64, 64), "b.png": (75, 120), "c.jpg": (100, 50)}.items():
         img = rng.integers(20, 80, size=(h, w, 3)).astype(np.uint8)
-        img[h // 3: 2 * h // 3, w // 4: w // 2] = 230
+        img[h // 3 : 2 * h // 3, w // 4 : w // 2] = 230
         write_image(folder / name, img)
     Image.open(folder / "c.jpg").convert("L").save(folder / "c.jpg")
     (folder / "notes.txt").write_text("not an image")
@@ -146,7 +147,19 @@ def test_out_inside_images_is_refused(checkpoint, new_images):
 
 def test_driver(checkpoint, new_images, tmp_path):
     env = dict(os.environ, TQDM_DISABLE="1")
-    cmd = [sys.executable, str(REPO / "drivers" / "predict.py"), "--model", str(checkpoint), "--images", str(new_images), "--out", str(tmp_path / "out"), "--probabilities", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        str(REPO / "drivers" / "predict.py"),
+        "--model",
+        str(checkpoint),
+        "--images",
+        str(new_images),
+        "--out",
+        str(tmp_path / "out"),
+        "--probabilities",
+        "--workers",
+        "0",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "3 images" in run.stdout and len(list((tmp_path / "out" / "probabilities").iterdir())) == 3

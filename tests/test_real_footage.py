@@ -4,9 +4,11 @@ Uses the 92 Co-UDlabs frames in ../shared (Kazemi & Tait, CC attribution: see RE
 place. The "hand labels" here are the YOLO boxes written as VIA rect regions, which is enough to
 exercise the whole path on real images.
 """
+
 from __future__ import annotations
 
 import pytest
+from conftest import SHARED, tiny_config_dict
 
 from bss.config import from_dict
 from bss.data.io import image_size, read_mask
@@ -15,7 +17,6 @@ from bss.data.via import read_via_csv, write_via_csv
 from bss.data.yolo_import import import_yolo
 from bss.predict import predict_folder
 from bss.training.trainer import Trainer
-from conftest import SHARED, tiny_config_dict
 
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real sewer data not found at {SHARED} (the shared/ folder beside the repo)")
 

@@ -1,5 +1,6 @@
 """Runtime switches (AMP, channels_last, compile, cudnn benchmark, copies) reach the Runtime, and
 each path still computes and trains correctly on the CPU."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config_dict
 
 from bss.config import NamedArgs, from_dict
 from bss.data.segmentation_dataset import MEAN, STD, to_tensor
@@ -14,7 +16,6 @@ from bss.losses import build_loss
 from bss.models import build_model
 from bss.training import runtime as runtime_mod
 from bss.training.runtime import Runtime, amp_dtype_for
-from conftest import tiny_config_dict
 
 TINY = NamedArgs("UNetAttention", {"encoder_name": "resnet18", "encoder_weights": None, "encoder_depth": 3, "decoder_channels": [32, 16, 8]})
 

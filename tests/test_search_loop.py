@@ -1,6 +1,7 @@
 """The loop's decisions without Ray: promotion guard, stop rule (forced metric drop), patience,
 state file, settings on resume, resources. The searches are replaced by fabricated trials with
 real checkpoints, so promotion, H<n> creation, TEST evaluation, the report and MLflow are real."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,8 @@ from bss.search import loop as loop_mod  # noqa: E402
 from bss.search import stages  # noqa: E402
 from bss.search.loop import LoopOptions, run_loop  # noqa: E402
 from bss.search.promotion import Candidate, FloorRule, GuardedRecall, build_promotion_rule, choose  # noqa: E402
-from bss.search.stop import GuardedStop, Outcome, build_stop_rule  # noqa: E402
 from bss.search.state import LoopState, atomic_write_json  # noqa: E402
+from bss.search.stop import GuardedStop, Outcome, build_stop_rule  # noqa: E402
 from bss.search.tune_search import SearchOutcome, plan_resources  # noqa: E402
 from bss.training.checkpoint import load_model, save_checkpoint  # noqa: E402
 
@@ -140,7 +141,9 @@ def setup_loop(tmp_path, monkeypatch, shared_db, request):
     cfg = tiny_config_dict(root, tmp_path)
     cfg["tracking"]["enabled"] = True
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"fixed": {"epochs": 1}, "params": {"learning_rate": {"loguniform": [1e-3, 1e-1]}}, "searcher": {"trials": 3}}))
+    (tmp_path / "space.yaml").write_text(
+        yaml.safe_dump({"fixed": {"epochs": 1}, "params": {"learning_rate": {"loguniform": [1e-3, 1e-1]}}, "searcher": {"trials": 3}})
+    )
     model = build_model(NamedArgs("UNetAttention", cfg["model"]["args"]))
     calls = []
 
@@ -167,7 +170,17 @@ def setup_loop(tmp_path, monkeypatch, shared_db, request):
     monkeypatch.setattr(loop_mod, "start_ray", lambda *a, **k: (2, 0, False))
 
     def options(**over):
-        base = dict(dataset="toy", data_root=str(root), config=str(tmp_path / "config.yaml"), space=str(tmp_path / "space.yaml"), run_dir=str(tmp_path / "run"), iterations=3, progress=False, tracking_uri=shared_db, experiment=request.node.name)
+        base = dict(
+            dataset="toy",
+            data_root=str(root),
+            config=str(tmp_path / "config.yaml"),
+            space=str(tmp_path / "space.yaml"),
+            run_dir=str(tmp_path / "run"),
+            iterations=3,
+            progress=False,
+            tracking_uri=shared_db,
+            experiment=request.node.name,
+        )
         base.update(over)
         return LoopOptions(**base)
 
@@ -194,7 +207,9 @@ def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
     # iteration 0: the all-foreground trial (recall 1.0, precision 0.12) must not be promoted
     PLAN.clear()
     TEACHER.clear()
-    PLAN.update({0: [(1.0, 0.12, 0.12), (0.90, 0.90, 0.85), (0.80, 0.95, 0.80)], 1: [(0.99, 0.8, 0.78), (0.60, 0.60, 0.55), (1.0, 0.05, 0.05)], 2: [(0.9, 0.9, 0.9)]})
+    PLAN.update(
+        {0: [(1.0, 0.12, 0.12), (0.90, 0.90, 0.85), (0.80, 0.95, 0.80)], 1: [(0.99, 0.8, 0.78), (0.60, 0.60, 0.55), (1.0, 0.05, 0.05)], 2: [(0.9, 0.9, 0.9)]}
+    )
     result = run_loop(options(tolerance=0.05))
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     its = state["iterations"]
@@ -225,7 +240,9 @@ def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    names = {a.path for a in client.list_artifacts(iterations[0].info.run_id, "promoted")} | {a.path for a in client.list_artifacts(iterations[0].info.run_id, "hybrid")}
+    names = {a.path for a in client.list_artifacts(iterations[0].info.run_id, "promoted")} | {
+        a.path for a in client.list_artifacts(iterations[0].info.run_id, "hybrid")
+    }
     assert {"promoted/best.pt", "promoted/overlays.png", "promoted/promotion.json", "hybrid/manifest.json"} <= names
     assert {"report/report.md", "report/metrics.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     # resuming a finished loop redoes nothing
@@ -260,7 +277,10 @@ def test_no_admissible_model_at_iteration_0_is_a_clear_error(setup_loop):
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
     PLAN.update({0: [(1.0, 0.1, 0.1), (1.0, 0.7, 0.7)]})  # neither segments better than the boxes (IoU 0.764)
-    with pytest.raises(BSSError, match=r"none of the 2 trials reached EVAL IoU > 0.764 .*the best trial \(2\) reached EVAL IoU 0.700, Recall 1.000, Precision 0.700; the EVAL boxes themselves score IoU 0.764"):
+    with pytest.raises(
+        BSSError,
+        match=r"none of the 2 trials reached EVAL IoU > 0.764 .*the best trial \(2\) reached EVAL IoU 0.700, Recall 1.000, Precision 0.700; the EVAL boxes themselves score IoU 0.764",
+    ):
         run_loop(options())
 
 
@@ -359,7 +379,10 @@ def test_a_second_driver_on_the_same_run_dir_is_refused(tmp_path):
     cmd = [sys.executable, str(REPO / "drivers" / "search.py"), "--dataset", "obstacle", "--data-root", str(tmp_path / "datasets"), "--run-dir", str(run_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert re.fullmatch(rf"error: {re.escape(str(run_dir))} is in use by a running loop \(pid {os.getpid()}, since [-0-9: ]+\); wait for it to finish, or use another --run-dir\.", proc.stderr.strip()), proc.stderr
+    assert re.fullmatch(
+        rf"error: {re.escape(str(run_dir))} is in use by a running loop \(pid {os.getpid()}, since [-0-9: ]+\); wait for it to finish, or use another --run-dir\.",
+        proc.stderr.strip(),
+    ), proc.stderr
     assert not run_dir.exists() and not (tmp_path / "datasets").exists()  # nothing generated, nothing written
     holder.release()
     code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from bss.search.state import RunLock; lock = RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(60)"

@@ -7,6 +7,7 @@
 * resume after SIGKILL: the driver is killed in the middle of iteration 1's search; --resume
   finishes the loop with the same results as the uninterrupted run, no H<n> made twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ from conftest import make_source_dataset, tiny_config_dict  # noqa: E402
 
 from bss.data.splits import make_splits  # noqa: E402
 from bss.search.loop import LoopOptions, run_loop  # noqa: E402
-from bss.search.promotion import FloorRule as PromotionRule, choose  # noqa: E402
+from bss.search.promotion import FloorRule as PromotionRule  # noqa: E402
+from bss.search.promotion import choose  # noqa: E402
 from bss.search.space import load_space  # noqa: E402
 from bss.search.trial import TrialContext  # noqa: E402
 from bss.search.tune_search import Resources, run_search  # noqa: E402
@@ -66,15 +68,46 @@ def make_inputs(folder: Path) -> dict:
     cfg = tiny_config_dict(root, folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     (folder / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    return {"data_root": str(root), "config": str(folder / "config.yaml"), "space": str(folder / "space.yaml"), "run_dir": str(folder / "run"), "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}
+    return {
+        "data_root": str(root),
+        "config": str(folder / "config.yaml"),
+        "space": str(folder / "space.yaml"),
+        "run_dir": str(folder / "run"),
+        "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+    }
 
 
 def cli(inputs: dict) -> list[str]:
-    return LOOP + ["--data-root", inputs["data_root"], "--config", inputs["config"], "--space", inputs["space"], "--run-dir", inputs["run_dir"], "--tracking-uri", inputs["tracking_uri"]]
+    return LOOP + [
+        "--data-root",
+        inputs["data_root"],
+        "--config",
+        inputs["config"],
+        "--space",
+        inputs["space"],
+        "--run-dir",
+        inputs["run_dir"],
+        "--tracking-uri",
+        inputs["tracking_uri"],
+    ]
 
 
 def options(inputs: dict, **over) -> LoopOptions:
-    return LoopOptions(dataset="toy", iterations=2, trials=2, concurrency=1, promotion="floor", floor=0.05, seed=3, data_root=inputs["data_root"], config=inputs["config"], space=inputs["space"], run_dir=inputs["run_dir"], tracking_uri=inputs["tracking_uri"], **over)
+    return LoopOptions(
+        dataset="toy",
+        iterations=2,
+        trials=2,
+        concurrency=1,
+        promotion="floor",
+        floor=0.05,
+        seed=3,
+        data_root=inputs["data_root"],
+        config=inputs["config"],
+        space=inputs["space"],
+        run_dir=inputs["run_dir"],
+        tracking_uri=inputs["tracking_uri"],
+        **over,
+    )
 
 
 def mlflow_runs(uri: str, deleted: bool = False) -> dict:
@@ -188,7 +221,15 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_pat
     from mlflow.tracking import MlflowClient
 
     parent = MlflowClient(uri).create_run(exp, run_name="iteration 0").info.run_id
-    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, tracking={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
+    context = TrialContext(
+        base=base,
+        space=space,
+        rule=PromotionRule(floor=0.0),
+        trials_dir=str(tmp_path / "trials"),
+        seed=0,
+        iteration=0,
+        tracking={"uri": uri, "experiment_id": exp, "parent_run_id": parent},
+    )
     points = [{"learning_rate": "ok", "model.args": "good"}, {"learning_rate": "huge", "model.args": "good"}, {"learning_rate": "ok", "model.args": "broken"}]
     capfd.readouterr()
     outcome = run_search(context, 3, Resources(1, 0, 2), tmp_path, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=2, points=points, progress=True)
@@ -212,7 +253,9 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(reference, tmp_path):
     inputs = make_inputs(tmp_path)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "drivers" / "search.py"), *cli(inputs)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "drivers" / "search.py"), *cli(inputs)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     trials = Path(inputs["run_dir"]) / "iter_1" / "trials"
     deadline = time.time() + 240
     try:
@@ -370,7 +413,15 @@ def test_trials_train_on_when_the_tracking_store_is_lost(ray_cluster, tmp_path):
 
     parent = MlflowClient(uri).create_run(exp, run_name="iteration 0").info.run_id
     db.unlink()
-    context = TrialContext(base=base, space=space, rule=PromotionRule(floor=0.0), trials_dir=str(tmp_path / "trials"), seed=0, iteration=0, tracking={"uri": uri, "experiment_id": exp, "parent_run_id": parent})
+    context = TrialContext(
+        base=base,
+        space=space,
+        rule=PromotionRule(floor=0.0),
+        trials_dir=str(tmp_path / "trials"),
+        seed=0,
+        iteration=0,
+        tracking={"uri": uri, "experiment_id": exp, "parent_run_id": parent},
+    )
     outcome = run_search(context, 2, Resources(1, 0, 2), tmp_path, algorithm="tpe", scheduler={"name": "fifo"}, max_evaluations=2, progress=False)
     assert [c.state for c in outcome.candidates] == ["complete", "complete"]
     assert choose(outcome.candidates, context.rule) is not None

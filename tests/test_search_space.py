@@ -1,4 +1,5 @@
 """bss.search.space: search-space YAML -> validated distributions; one clear error per mistake."""
+
 from __future__ import annotations
 
 import sys
@@ -49,7 +50,9 @@ def test_distributions_and_apply(tmp_path):
                     "batch_size": {"choice": [4, 8]},
                     "epochs": {"int": [2, 6]},
                     "image_size": {"choice": {"small": [64, 64], "wide": [64, 96]}},
-                    "model.args": {"choice": {"r18": {"encoder_name": "resnet18", "encoder_weights": None}, "r34": {"encoder_name": "resnet34", "encoder_weights": None}}},
+                    "model.args": {
+                        "choice": {"r18": {"encoder_name": "resnet18", "encoder_weights": None}, "r34": {"encoder_name": "resnet34", "encoder_weights": None}}
+                    },
                 },
             },
         ),
@@ -80,7 +83,10 @@ def test_distributions_and_apply(tmp_path):
         (space(learning_rate=0.001), "is not a distribution"),
         (space(epochs={"int": [1.5, 4]}), "int takes integer bounds"),
         (space(batch_size={"choice": []}), "choice needs at least one value"),
-        (space(image_size={"choice": [[64, 64], [100, 100]]}), "params.image_size = '[100,100]': config key 'image_size' must be [height, width] with each a positive multiple of 32"),
+        (
+            space(image_size={"choice": [[64, 64], [100, 100]]}),
+            "params.image_size = '[100,100]': config key 'image_size' must be [height, width] with each a positive multiple of 32",
+        ),
         (space(batch_size={"choice": [8, "big"]}), "config key 'batch_size' must be int"),
         (space(**{"model.args.encoder_name": {"choice": ["resnet18", "resnet181"]}}), "unknown encoder 'resnet181'"),
         (space(train_dataset={"choice": ["a", "b"]}), "'train_dataset' is set by the search loop"),

@@ -1,14 +1,15 @@
 """Splitting the hand-labelled subset: counts, determinism, exact masks, no overlap."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import make_source_dataset
 
 from bss.data.io import read_mask
 from bss.data.splits import make_splits, split_counts
 from bss.errors import BSSError, DatasetError
-from conftest import make_source_dataset
 
 
 def members(root, split):

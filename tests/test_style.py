@@ -1,5 +1,6 @@
 """The code's shape, checked so CI keeps it: ruff lint and format, MLflow only behind
 bss/tracking.py, Ray started only by bss/search/ray_cluster.py, short functions in bss/search."""
+
 from __future__ import annotations
 
 import ast

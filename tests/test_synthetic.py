@@ -1,4 +1,5 @@
 """The procedural sewer dataset: format, labels vs truth, determinism, argument checks, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -239,7 +240,10 @@ def test_not_findable_by_colour_alone(defect):
 def _cli(*args, cwd):
     return subprocess.run(
         [sys.executable, str(REPO / "drivers/make_synthetic.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

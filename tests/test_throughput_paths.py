@@ -1,5 +1,6 @@
 """The fast paths give the same tensors as the plain ones: the decoded-once cache, the raw uint8
 view normalised on the device, per-item augmentation seeds; the cache stays within its bounds."""
+
 from __future__ import annotations
 
 import os
@@ -10,13 +11,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, make_source_dataset, tiny_config_dict
 from torch.utils.data import default_collate
 
 from bss.data import cache as cache_mod
 from bss.data.cache import ResizedCache, prune
 from bss.data.segmentation_dataset import SegmentationDataset, train_augmentation
 from bss.training.runtime import Runtime
-from conftest import REPO, make_source_dataset, tiny_config_dict
 
 SIZE = (64, 96)  # != the 64x64 sources: the cache holds resized arrays
 
@@ -242,10 +243,40 @@ def test_evaluate_matches_plain_metrics(split_root, tmp_path, monkeypatch):
 
 def test_gpu_check_cpu_path_runs(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--size", "64x64", "--steps", "2", "--quick", "--batch", "2", "--encoder", "resnet18",
-                           "--concurrent", "1", "--threads", "1", "--budget", "500",
-                           "--trainer-images", "8", "--trainer-repeats", "1", "--trainer-workers", "0"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--quick",
+            "--batch",
+            "2",
+            "--encoder",
+            "resnet18",
+            "--concurrent",
+            "1",
+            "--threads",
+            "1",
+            "--budget",
+            "500",
+            "--trainer-images",
+            "8",
+            "--trainer-repeats",
+            "1",
+            "--trainer-workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=str(REPO),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     import json
 

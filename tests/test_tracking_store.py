@@ -1,4 +1,5 @@
 """Several processes on one new MLflow SQLite store: all of them set it up (real processes)."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,5 @@
 """One training run end to end on tiny real images: metrics, checkpoint, overlays, MLflow, seeds."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, tiny_config_dict
 from PIL import Image
 
 from bss.config import from_dict
@@ -15,7 +17,6 @@ from bss.data.splits import make_splits
 from bss.training.checkpoint import load_model
 from bss.training.run import tracked_training
 from bss.training.trainer import Trainer, TrainingDiverged
-from conftest import REPO, tiny_config_dict
 
 
 @pytest.fixture
@@ -151,8 +152,15 @@ def test_train_driver(split_root, tmp_path):
     cfg = tiny_config_dict(split_root, tmp_path, epochs=1)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--no-mlflow", "--set", "visualization_samples=1"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--no-mlflow", "--set", "visualization_samples=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "best EVAL" in proc.stdout and (tmp_path / "run" / "best.pt").is_file()
-    bad = subprocess.run([sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--set", "epoch=1"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--set", "epoch=1"], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {path}: unknown config key 'epoch'. Did you mean 'epochs'?"]

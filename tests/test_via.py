@@ -1,4 +1,5 @@
 """VIA CSV parsing and mask drawing: shapes, the union, and every malformed input."""
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,11 @@ def test_polygon_fills_its_interior():
         (csv_row("a.png", 2, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}) * 2, "duplicate entry"),
         ('a.png,1,"{}",x,0,"{}","{}"\n', "integers"),
         (csv_row("a.png", 5, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}), "declares region_count 5 but the file has 1 region row(s)"),
-        (csv_row("a.png", 2, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}) + csv_row("a.png", 3, 1, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}), "region_count 3 here but 2 on line 2"),
+        (
+            csv_row("a.png", 2, 0, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2})
+            + csv_row("a.png", 3, 1, {"name": "rect", "x": 1, "y": 1, "width": 2, "height": 2}),
+            "region_count 3 here but 2 on line 2",
+        ),
         (csv_row("a.png", 1, 0, {"name": "rect", "x": 10, "y": 1, "width": -50, "height": 5}), "width -50; it must be positive"),
         (csv_row("a.png", 1, 0, {"name": "circle", "cx": 10, "cy": 1, "r": 0}), "r 0; it must be positive"),
         ("", "no rows"),

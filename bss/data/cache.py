@@ -18,6 +18,7 @@ deleted, then the least recently used ones until it holds at most ``disk_bytes``
 Where: ``$BSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/bss/resized``, else ``~/.cache/bss/resized``.
 ``$BSS_CACHE_MEMORY_MB`` (default 0) and ``$BSS_CACHE_DISK_GB`` (default 20) set the bounds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -185,10 +186,18 @@ class ResizedCache:
                 for start in range(0, n, _CHUNK):  # decode (PIL and cv2 release the GIL) in parallel, write in order
                     for rgb, mask in pool.map(decode, range(start, min(n, start + _CHUNK))):
                         if rgb.shape != (height, width, 3) or rgb.dtype != np.uint8 or mask.shape != (height, width) or mask.dtype != np.uint8:
-                            raise ValueError(f"decode returned {rgb.shape} {rgb.dtype} / {mask.shape} {mask.dtype}, expected ({height}, {width}, 3) / ({height}, {width}) uint8")
+                            raise ValueError(
+                                f"decode returned {rgb.shape} {rgb.dtype} / {mask.shape} {mask.dtype}, expected ({height}, {width}, 3) / ({height}, {width}) uint8"
+                            )
                         fi.write(np.ascontiguousarray(rgb).data)
                         fm.write(np.ascontiguousarray(mask).data)
-            meta = {"format_version": FORMAT_VERSION, "n": n, "size": [height, width], "files_head": [os.path.abspath(a) for a, _ in files[:3]], "build_seconds": round(time.perf_counter() - started, 3)}
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "n": n,
+                "size": [height, width],
+                "files_head": [os.path.abspath(a) for a, _ in files[:3]],
+                "build_seconds": round(time.perf_counter() - started, 3),
+            }
             (tmp / "meta.json").write_text(json.dumps(meta))
             if entry.exists():  # a stale or foreign entry (another format): replace it
                 shutil.rmtree(entry, ignore_errors=True)
@@ -291,4 +300,6 @@ class MemoryCache:
 
 
 def warn_no_disk_cache(root: Path, exc: Exception) -> None:
-    warnings.warn(f"image cache folder {root} is not usable ({exc}); caching in memory only (set BSS_CACHE_DIR to a writable folder).", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"image cache folder {root} is not usable ({exc}); caching in memory only (set BSS_CACHE_DIR to a writable folder).", RuntimeWarning, stacklevel=3
+    )

@@ -4,6 +4,7 @@ Every reader raises :class:`~bss.errors.DatasetError` naming the file instead of
 garbage (OpenCV returns ``None`` for a corrupt file and silently half-decodes a truncated JPEG,
 so decoding goes through Pillow, which refuses truncated files).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     values = np.unique(arr)
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         shown = ", ".join(str(int(v)) for v in values[:6]) + (", ..." if len(values) > 6 else "")
-        raise DatasetError(f"{path}: the mask is not binary (values {shown}; {len(values)} distinct); a mask holds 0 (background) and one value for the defect (1 or 255).")
+        raise DatasetError(
+            f"{path}: the mask is not binary (values {shown}; {len(values)} distinct); a mask holds 0 (background) and one value for the defect (1 or 255)."
+        )
     return (arr > 0).astype(np.uint8)
 
 
@@ -122,7 +125,9 @@ def atomic_folder(target: str | Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(target.parent).free
-            raise BSSError(f"{target}: the disk is full ({free / 2**20:.1f} MiB free in {target.parent}); nothing was written. Free some space, or write to another folder.") from None
+            raise BSSError(
+                f"{target}: the disk is full ({free / 2**20:.1f} MiB free in {target.parent}); nothing was written. Free some space, or write to another folder."
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

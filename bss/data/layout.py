@@ -11,6 +11,7 @@ A *split* or *hybrid* dataset (``<name>_BASELINE``, ``<name>_EVAL``, ``<name>_TE
 is ``images/`` + ``masks/`` (+ a ``manifest.json``). Images and masks are paired by stem, never
 by sort order.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ def list_samples(folder: str | Path, require_masks: bool = True) -> list[Sample]
     masks = _by_stem(masks_dir, "mask")
     missing = [images[s].name for s in images if s not in masks]
     if missing and require_masks:
-        raise DatasetError(f"{masks_dir}: no mask for image {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + "; add masks/<stem>.png.")
+        raise DatasetError(
+            f"{masks_dir}: no mask for image {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + "; add masks/<stem>.png."
+        )
     orphans = sorted(set(masks) - set(images))
     if orphans:
         raise DatasetError(f"{masks_dir}: mask {masks[orphans[0]].name} has no image in images/; remove it or add the image.")
@@ -106,7 +109,9 @@ class SourceDataset:
         names = {s.image.name for s in samples}
         unknown = [n for n in labels.regions if n not in names]
         if unknown:
-            raise DatasetError(f"{labels.path}: {unknown[0]!r} is labelled but not in {root / 'images'}" + (f" ({len(unknown)} such rows)" if len(unknown) > 1 else "") + ".")
+            raise DatasetError(
+                f"{labels.path}: {unknown[0]!r} is labelled but not in {root / 'images'}" + (f" ({len(unknown)} such rows)" if len(unknown) > 1 else "") + "."
+            )
         return cls(root=root, samples=samples, labels=labels)
 
     @property

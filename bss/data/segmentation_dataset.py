@@ -15,6 +15,7 @@ Augmentation is reproducible by seed. ``dataset[(i, s)]`` augments sample ``i`` 
 seed ``s`` (the trainer's sampler draws them from the config's seed), so the result does not
 depend on the number of DataLoader workers or on whether they persist between epochs.
 """
+
 from __future__ import annotations
 
 import copy

@@ -5,6 +5,7 @@ Masks are drawn exactly from the VIA polygons. The split is deterministic by see
 shuffled by a seeded generator over their sorted names), written atomically, and an existing
 split is never replaced unless ``overwrite`` is set.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,9 @@ def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, in
     return n_train, n_eval, n_test
 
 
-def make_splits(dataset: str, data_root: str | Path = "datasets", fractions=(0.6, 0.2, 0.2), seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict[str, int]:
+def make_splits(
+    dataset: str, data_root: str | Path = "datasets", fractions=(0.6, 0.2, 0.2), seed: int = 0, overwrite: bool = False, progress: bool = True
+) -> dict[str, int]:
     source = SourceDataset.open(dataset, data_root)
     root = source.root.parent
     targets = {split: root / f"{source.name}_{split}" for split in SPLITS}
@@ -48,7 +51,7 @@ def make_splits(dataset: str, data_root: str | Path = "datasets", fractions=(0.6
     counts = split_counts(len(labelled), tuple(fractions))
     order = np.random.default_rng(seed).permutation(len(labelled))
     bounds = np.cumsum((0,) + counts)
-    members = {split: [labelled[i] for i in order[bounds[k]:bounds[k + 1]]] for k, split in enumerate(SPLITS)}
+    members = {split: [labelled[i] for i in order[bounds[k] : bounds[k + 1]]] for k, split in enumerate(SPLITS)}
     # draw every mask before writing anything, so a bad polygon leaves no output
     masks = {}
     for sample in tqdm(labelled, desc="drawing hand masks", disable=not progress, leave=False):
@@ -62,6 +65,12 @@ def make_splits(dataset: str, data_root: str | Path = "datasets", fractions=(0.6
             for sample in members[split]:
                 link_or_copy(sample.image, tmp / "images" / sample.image.name)
                 write_mask(tmp / "masks" / f"{sample.stem}.png", masks[sample.stem])
-            manifest = {"source": str(source.root), "split": split, "seed": seed, "fractions": list(fractions), "images": sorted(s.image.name for s in members[split])}
+            manifest = {
+                "source": str(source.root),
+                "split": split,
+                "seed": seed,
+                "fractions": list(fractions),
+                "images": sorted(s.image.name for s in members[split]),
+            }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {split: len(members[split]) for split in SPLITS}

@@ -20,6 +20,7 @@ circle of centre ``v + e / z`` and radius ``r0 / z``; ``v`` is the vanishing poi
 is solved for its wall depth ``z`` and angle ``theta`` (0 = right, pi/2 = floor) and the wall
 texture is looked up in (theta, log z).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bss.data.io import atomic_folder, write_mask
+from bss.data.io import (
+    atomic_folder,
+    parse_size,  # noqa: F401 - the drivers' --size
+    write_mask,
+)
 from bss.data.via import write_via_csv
-from bss.data.io import parse_size  # noqa: F401 - the drivers' --size
 from bss.errors import BSSError
 
 DEFECTS = ("obstacle", "deposition", "deformation", "disconnect")

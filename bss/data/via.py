@@ -10,6 +10,7 @@ The CSV has one row per region::
 A row with ``region_count`` 0 means the image has no hand label. An image's hand mask is the
 union of its regions.
 """
+
 from __future__ import annotations
 
 import csv
@@ -167,7 +168,9 @@ def read_via_csv(path: str | Path) -> ViaLabels:
                 raise DatasetError(f"{where}: region_count and region_id must be integers.") from None
             regions = labels.regions.setdefault(name, [])
             if declared.setdefault(name, (count, line))[0] != count:
-                raise DatasetError(f"{where}: {name!r} has region_count {count} here but {declared[name][0]} on line {declared[name][1]}; the export is inconsistent.")
+                raise DatasetError(
+                    f"{where}: {name!r} has region_count {count} here but {declared[name][0]} on line {declared[name][1]}; the export is inconsistent."
+                )
             if (name, region_id) in seen_ids:
                 raise DatasetError(f"{where}: duplicate entry for {name!r} region {region_id}; each image and region may appear once.")
             seen_ids.add((name, region_id))
@@ -180,7 +183,9 @@ def read_via_csv(path: str | Path) -> ViaLabels:
         raise DatasetError(f"{path}: the labels file has no rows.")
     for name, (count, line) in declared.items():
         if count and len(labels.regions[name]) != count:
-            raise DatasetError(f"{path} line {line}: {name!r} declares region_count {count} but the file has {len(labels.regions[name])} region row(s); the export is incomplete. Export it from VIA again.")
+            raise DatasetError(
+                f"{path} line {line}: {name!r} declares region_count {count} but the file has {len(labels.regions[name])} region row(s); the export is incomplete. Export it from VIA again."
+            )
     return labels
 
 

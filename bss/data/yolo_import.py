@@ -22,6 +22,7 @@ Malformed label lines are warnings, not errors: the line is skipped and reported
 sorted path order; later copies are skipped whatever their labels say, and listed. A corrupt
 image is an error and nothing is written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -244,8 +245,7 @@ def write_dataset(folder: Path, kept: list, stems: list[str], copy: bool) -> dic
     return origins
 
 
-def import_yolo(source, class_spec, name: str, data_root="datasets", overwrite: bool = False,
-                copy: bool = False, log=None) -> dict:
+def import_yolo(source, class_spec, name: str, data_root="datasets", overwrite: bool = False, copy: bool = False, log=None) -> dict:
     """Import ``class_spec`` of the YOLO dataset at ``source`` as ``data_root/name``; return the manifest.
 
     ``log(message)`` receives one warning per problem found (bad label line, duplicate, label without image).
@@ -263,8 +263,9 @@ def import_yolo(source, class_spec, name: str, data_root="datasets", overwrite: 
     for message in found.bad_lines + found.warnings:
         (log or (lambda m: None))(message)
     if not found.kept:
-        raise DatasetError(f"none of the {len(pairs)} images under {source / 'images'} has a box of class "
-                           f"{names[class_id]!r} (id {class_id}); nothing to import.")
+        raise DatasetError(
+            f"none of the {len(pairs)} images under {source / 'images'} has a box of class {names[class_id]!r} (id {class_id}); nothing to import."
+        )
     stems = output_stems([pair for pair, _, _ in found.kept])
     manifest = {
         "source": str(source.resolve()),
@@ -293,13 +294,15 @@ def import_yolo(source, class_spec, name: str, data_root="datasets", overwrite: 
 def summary(manifest: dict) -> str:
     """A few lines for the terminal."""
     c = manifest["counts"]
-    return "\n".join([
-        f"imported class {manifest['class_name']!r} (id {manifest['class_id']}) from {manifest['source']} into {manifest['folder']}",
-        f"  images scanned:        {c['images_scanned']}",
-        f"  images with the class: {c['images_with_class']} ({c['boxes']} boxes)",
-        f"  duplicates skipped:    {c['duplicates']}",
-        f"  label lines skipped:   {c['skipped_lines']}",
-        f"  images without labels: {c['images_without_labels']}",
-        f"  labels without image:  {c['labels_without_image']}",
-        "next: hand-label some images in VIA and save the export over labels.csv (docs/bring_your_own_data.md)",
-    ])
+    return "\n".join(
+        [
+            f"imported class {manifest['class_name']!r} (id {manifest['class_id']}) from {manifest['source']} into {manifest['folder']}",
+            f"  images scanned:        {c['images_scanned']}",
+            f"  images with the class: {c['images_with_class']} ({c['boxes']} boxes)",
+            f"  duplicates skipped:    {c['duplicates']}",
+            f"  label lines skipped:   {c['skipped_lines']}",
+            f"  images without labels: {c['images_without_labels']}",
+            f"  labels without image:  {c['labels_without_image']}",
+            "next: hand-label some images in VIA and save the export over labels.csv (docs/bring_your_own_data.md)",
+        ]
+    )

@@ -9,6 +9,7 @@ count, per image, TP/FP/FN of the box mask and of the hybrid mask against the tr
 
 Refinement helps when the hybrid figures are above the box figures.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

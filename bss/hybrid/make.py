@@ -15,6 +15,7 @@ renamed at the end; an existing ``H<n>`` is replaced only with ``overwrite``. Wh
 keeps ``truth/`` masks, the label quality of the boxes and of the refined masks is measured
 (:mod:`bss.hybrid.label_quality`).
 """
+
 from __future__ import annotations
 
 import json
@@ -102,12 +103,16 @@ def _splits(source: SourceDataset) -> tuple[list[Sample], dict[str, set[str]]]:
     folders = {split: source.root.parent / f"{source.name}_{split}" for split in ("BASELINE", "EVAL", "TEST")}
     missing = [str(p) for p in folders.values() if not p.is_dir()]
     if missing:
-        raise DatasetError(f"{', '.join(missing)} not found: the hand-labelled split is needed to build a hybrid dataset; run drivers/preprocess.py --dataset {source.name} first.")
+        raise DatasetError(
+            f"{', '.join(missing)} not found: the hand-labelled split is needed to build a hybrid dataset; run drivers/preprocess.py --dataset {source.name} first."
+        )
     baseline = list_samples(folders["BASELINE"])
     held_out = {split: _split_stems(folders[split]) for split in ("EVAL", "TEST")}
     overlap = sorted({s.stem for s in baseline} & (held_out["EVAL"] | held_out["TEST"]))
     if overlap:
-        raise DatasetError(f"{folders['BASELINE']}: image {overlap[0]!r} is also in EVAL or TEST; the split is inconsistent, rerun drivers/preprocess.py --dataset {source.name} --overwrite.")
+        raise DatasetError(
+            f"{folders['BASELINE']}: image {overlap[0]!r} is also in EVAL or TEST; the split is inconsistent, rerun drivers/preprocess.py --dataset {source.name} --overwrite."
+        )
     return baseline, held_out
 
 
@@ -115,7 +120,9 @@ def _check_teacher(predictor: Predictor, source: SourceDataset, checkpoint: Path
     trained_on = Path(str(predictor.config.train_dataset)).name
     for split in ("EVAL", "TEST"):
         if trained_on == f"{source.name}_{split}":
-            raise BSSError(f"{checkpoint}: the model was trained on {trained_on}; its predictions would leak {split} into the hybrid dataset. Use a model trained on BASELINE or a hybrid dataset.")
+            raise BSSError(
+                f"{checkpoint}: the model was trained on {trained_on}; its predictions would leak {split} into the hybrid dataset. Use a model trained on BASELINE or a hybrid dataset."
+            )
 
 
 def _first_box(samples: list[Sample]) -> bool:
@@ -158,7 +165,9 @@ def make_hybrid(
     number = int(number)
     target = source.root.parent / hybrid_name(source.name, number)
     if target.exists() and not overwrite:
-        raise BSSError(f"{target} already exists; pass --overwrite to replace it, or leave out --number to use the next free one ({next_number(source.root, data_root)}).")
+        raise BSSError(
+            f"{target} already exists; pass --overwrite to replace it, or leave out --number to use the next free one ({next_number(source.root, data_root)})."
+        )
 
     predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, tta=tta)  # bad weights / input size -> BSSError
     _check_teacher(predictor, source, checkpoint)
@@ -184,9 +193,13 @@ def make_hybrid(
         def finish(sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray, rgb: np.ndarray | None) -> tuple[dict, object]:
             """Refine one image and write it (runs in a writer thread, overlapping the next forward pass)."""
             if box.shape != prob.shape:
-                raise DatasetError(f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}.")
+                raise DatasetError(
+                    f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}."
+                )
             if truth is not None and truth.shape != box.shape:
-                raise DatasetError(f"{truths[sample.stem]}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}.")
+                raise DatasetError(
+                    f"{truths[sample.stem]}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}."
+                )
             refined = refine(prob, box, rule, image=rgb)
             write_mask(tmp / "masks" / f"{sample.stem}.png", refined.mask)
             if refined.soft is not None:
@@ -278,11 +291,14 @@ def make_hybrid(
 def rule_description(rule: RefineRule) -> str:
     if rule.mode == "blend":
         return f"mask = {rule.blend_alpha} * box + {1 - rule.blend_alpha:g} * probability > {rule.threshold}"
-    seeds = f"GrabCut inside the boxes seeded by the probability (> {rule.sure} sure, > {rule.threshold} probable foreground), {rule.grabcut_iterations} iterations" if rule.mode == "grabcut" else f"probability > {rule.threshold} kept inside the boxes only"
+    seeds = (
+        f"GrabCut inside the boxes seeded by the probability (> {rule.sure} sure, > {rule.threshold} probable foreground), {rule.grabcut_iterations} iterations"
+        if rule.mode == "grabcut"
+        else f"probability > {rule.threshold} kept inside the boxes only"
+    )
     return (
         f"{seeds}; a box region whose predicted fill is below "
-        f"{rule.min_fill} falls back to the {'box' if rule.fallback == 'box' else 'inscribed ellipse'}"
-        + ("; holes filled" if rule.fill_holes else "")
+        f"{rule.min_fill} falls back to the {'box' if rule.fallback == 'box' else 'inscribed ellipse'}" + ("; holes filled" if rule.fill_holes else "")
     )
 
 

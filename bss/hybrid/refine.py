@@ -33,6 +33,7 @@ prediction.
 binary mask is always produced (datasets' ``masks/`` are binary); the soft one is written to
 ``soft/`` beside it.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -13,6 +13,7 @@ This is the label-quality estimate for real datasets, which have no ``truth/``. 
 * as a guard: an ``H<n+1>`` whose EVAL label IoU does not beat that of the current training
   labels (the boxes, for ``H1``) is not made.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -97,7 +98,13 @@ def _score(rows: list[list[int]]) -> tuple[float, float]:
     return iou(table.sum(0).tolist()), float(np.mean([iou(r) for r in rows]))
 
 
-def choose_rule(probabilities: list[np.ndarray], boxes: list[np.ndarray], truths: list[np.ndarray], grid: list[RefineRule] | None = None, images: list[np.ndarray] | None = None) -> TeacherQuality:
+def choose_rule(
+    probabilities: list[np.ndarray],
+    boxes: list[np.ndarray],
+    truths: list[np.ndarray],
+    grid: list[RefineRule] | None = None,
+    images: list[np.ndarray] | None = None,
+) -> TeacherQuality:
     """Score every rule of ``grid`` on (probability, box, truth) triples; the best by IoU over all
     pixels wins (ties: the earlier rule in the grid, so the default rule wins a tie). Rules that
     need the image (``grabcut``) are scored only when ``images`` are given."""
@@ -123,18 +130,24 @@ def eval_triples(dataset: str, data_root: str | Path) -> list[tuple[Path, Path, 
     out = []
     for sample in list_samples(resolve_dataset(f"{Path(dataset).name}_EVAL", root)):
         if sample.stem not in boxes:
-            raise DatasetError(f"{source / 'masks'}: the EVAL image {sample.image.name} has no box mask in the source dataset; the splits do not belong to it (rerun drivers/preprocess.py --overwrite).")
+            raise DatasetError(
+                f"{source / 'masks'}: the EVAL image {sample.image.name} has no box mask in the source dataset; the splits do not belong to it (rerun drivers/preprocess.py --overwrite)."
+            )
         out.append((sample.image, boxes[sample.stem], sample.mask))
     return out
 
 
-def measure_teacher(checkpoint: str | Path, dataset: str, data_root: str | Path, grid: list[RefineRule] | None = None, batch_size: int = 8, device: str = "auto") -> TeacherQuality:
+def measure_teacher(
+    checkpoint: str | Path, dataset: str, data_root: str | Path, grid: list[RefineRule] | None = None, batch_size: int = 8, device: str = "auto"
+) -> TeacherQuality:
     """Predict the EVAL images with ``checkpoint`` (as make_hybrid does) and score the grid."""
     from bss.inference import ImageFolderDataset, Predictor
 
     triples = eval_triples(dataset, data_root)
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    data = ImageFolderDataset([t[0] for t in triples], predictor.input_size, extras={"box": [t[1] for t in triples], "truth": [t[2] for t in triples]}, keep_image=True)
+    data = ImageFolderDataset(
+        [t[0] for t in triples], predictor.input_size, extras={"box": [t[1] for t in triples], "truth": [t[2] for t in triples]}, keep_image=True
+    )
     probs, boxes, truths, images = [], [], [], []
     for item, prob in predictor.predict(data, batch_size, 0, progress=False):
         probs.append(prob)

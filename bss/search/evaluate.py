@@ -6,6 +6,7 @@ config's ``threshold``, and scored with :class:`~bss.metrics.SegmentationMetrics
 Dice, Recall, Precision over all pixels), so a TEST figure sits beside the EVAL figure the
 trials reported on equal terms.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

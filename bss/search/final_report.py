@@ -1,13 +1,12 @@
 """The loop's last stage: TEST evaluation of every promoted model (after the last decision, so
 TEST never steers the loop), the report files, the final model, and the console summary."""
-from __future__ import annotations
 
-from bss.config import METRICS
+from __future__ import annotations
 
 import shutil
 
+from bss.config import METRICS
 from bss.search.stages import LoopRun
-
 
 
 def iteration_row(run: LoopRun, it: dict, evaluate_test: bool) -> dict:
@@ -104,6 +103,10 @@ def print_summary(run: LoopRun, rows: list[dict]) -> None:
     for line in table_lines(rows):
         run.say("  " + line)
     stopped = st.get("stopped")
-    run.say("\n" + (f"stopped early: {stopped[len('stop: '):] if stopped.startswith('stop: ') else stopped}" if stopped else f"ran all {len(rows)} iteration(s)"))
+    run.say(
+        "\n" + (f"stopped early: {stopped[len('stop: ') :] if stopped.startswith('stop: ') else stopped}" if stopped else f"ran all {len(rows)} iteration(s)")
+    )
     if best is not None:
-        run.say(f"final model: {run.run_dir / 'best.pt'} (iteration {best['iteration']}); report: {run.run_dir / 'report.md'}, plot: {run.run_dir / 'metrics.png'}")
+        run.say(
+            f"final model: {run.run_dir / 'best.pt'} (iteration {best['iteration']}); report: {run.run_dir / 'report.md'}, plot: {run.run_dir / 'metrics.png'}"
+        )

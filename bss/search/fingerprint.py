@@ -4,6 +4,7 @@ configuration from the data): the network input size keeps the images' aspect ra
 The training budget itself is in optimizer steps (the config's ``train_steps``, at least
 ``epochs`` passes), so it needs no fingerprint: 72 images and 5,000 are both trained enough.
 """
+
 from __future__ import annotations
 
 import statistics

@@ -28,6 +28,7 @@ state before it is made, and an existing folder is adopted only if its manifest 
 checkpoint we promoted); a search cut off mid-way restarts with its seed and replays finished
 trials (bss.search.tune_search).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -48,7 +49,10 @@ from bss.tracking import Tracker
 
 # The embedded default: a synthetic dataset generated when --dataset names a defect class that
 # the data root does not hold. CPU: small enough for the whole loop in minutes on 2 cores.
-SYNTHETIC = {"cpu": {"count": 300, "hand_labelled": 120, "width": 256, "height": 192}, "gpu": {"count": 1000, "hand_labelled": 200, "width": 256, "height": 192}}
+SYNTHETIC = {
+    "cpu": {"count": 300, "hand_labelled": 120, "width": 256, "height": 192},
+    "gpu": {"count": 1000, "hand_labelled": 200, "width": 256, "height": 192},
+}
 MIN_SEARCH_SECONDS = 60.0  # a later search with less than this left is not started
 _now = time.monotonic  # the budget's clock (tests move it)
 
@@ -146,10 +150,16 @@ def prepare_data(settings: LoopSettings, cpus: int, progress: bool, check_files:
 
             resolve_dataset(dataset, root)  # raises DatasetError listing what is there
         spec = SYNTHETIC[settings.device_kind]
-        _say(f"dataset {source} not found: generating the synthetic '{dataset}' dataset, the embedded default "
-             f"({spec['count']} images {spec['width']}x{spec['height']}, {spec['hand_labelled']} hand-labelled, seed {settings.seed}) ...")
+        _say(
+            f"dataset {source} not found: generating the synthetic '{dataset}' dataset, the embedded default "
+            f"({spec['count']} images {spec['width']}x{spec['height']}, {spec['hand_labelled']} hand-labelled, seed {settings.seed}) ..."
+        )
         start = time.perf_counter()
-        report = generate_dataset(SynthConfig(dataset, dataset, spec["count"], spec["hand_labelled"], spec["width"], spec["height"], settings.seed), root, workers=max(1, min(2, cpus)))
+        report = generate_dataset(
+            SynthConfig(dataset, dataset, spec["count"], spec["hand_labelled"], spec["width"], spec["height"], settings.seed),
+            root,
+            workers=max(1, min(2, cpus)),
+        )
         _say(f"  wrote {report.folder} in {time.perf_counter() - start:.0f} s")
         info["generated"] = True
     splits = {s: root / f"{dataset}_{s}" for s in SPLITS}
@@ -164,13 +174,14 @@ def prepare_data(settings: LoopSettings, cpus: int, progress: bool, check_files:
         info["splits_made"] = True
     elif len(present) < len(SPLITS):
         missing = [str(splits[s]) for s in SPLITS if s not in present]
-        raise DatasetError(f"the splits of {dataset} are incomplete: {', '.join(missing)} missing. Remove the other {dataset}_BASELINE/EVAL/TEST folders to redraw them, or run drivers/preprocess.py.")
+        raise DatasetError(
+            f"the splits of {dataset} are incomplete: {', '.join(missing)} missing. Remove the other {dataset}_BASELINE/EVAL/TEST folders to redraw them, or run drivers/preprocess.py."
+        )
     info["counts"] = {s: count_images(p) for s, p in splits.items()}
     from bss.search.fingerprint import fingerprint
 
     info["fingerprint"] = fingerprint(source)
     return info
-
 
 
 # --------------------------------------------------------------------------- the loop
@@ -204,7 +215,9 @@ class Loop:
         if stored is not None and not opts.resume:
             raise BSSError(f"{self.run_dir} already holds a loop ({self.run_dir / 'state.json'}); pass --resume to continue it, or --run-dir to start another.")
         if stored is None and opts.resume:
-            raise BSSError(f"nothing to resume: {self.run_dir / 'state.json'} does not exist. Leave out --resume to start, or pass the --run-dir of the run to continue.")
+            raise BSSError(
+                f"nothing to resume: {self.run_dir / 'state.json'} does not exist. Leave out --resume to start, or pass the --run-dir of the run to continue."
+            )
         if opts.address:
             cpus, gpus, self.ray_started = start_ray(opts.address)
         else:
@@ -220,11 +233,21 @@ class Loop:
         settings.scheduler = settings.scheduler or space.scheduler["name"]
         s, o = settings, self.opts
         run = LoopRun(
-            run_dir=self.run_dir, settings=s, state=stored, tracker=None, base=base, space=space,
+            run_dir=self.run_dir,
+            settings=s,
+            state=stored,
+            tracker=None,
+            base=base,
+            space=space,
             resources=plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial),
             rule=self.promotion_rule(s, floor_iou=0.0),  # checks the flags now; the IoU floor comes with the data
             stop_rule=build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience)),
-            gpus=gpus, time_left=self.time_left, say=_say, reuse_actors=o.reuse_actors, progress=o.progress, hybrid_batch_size=o.hybrid_batch_size,
+            gpus=gpus,
+            time_left=self.time_left,
+            say=_say,
+            reuse_actors=o.reuse_actors,
+            progress=o.progress,
+            hybrid_batch_size=o.hybrid_batch_size,
         )
         return run, (config_path, space_path)
 
@@ -264,7 +287,9 @@ class Loop:
         if fp:
             sized = "the search space's" if run.space.sets("image_size") else f"[{fp['input_size'][0]}, {fp['input_size'][1]}] (from the images' shape)"
             _say(f"  images: median {fp['median_shape'][1]}x{fp['median_shape'][0]} (WxH); network input {sized}")
-        _say(f"  the EVAL boxes themselves: IoU {boxes['iou']:.3f}  Dice {boxes['dice']:.3f}  Recall {boxes['recall']:.3f}  Precision {boxes['precision']:.3f} (a model must segment better than this)")
+        _say(
+            f"  the EVAL boxes themselves: IoU {boxes['iou']:.3f}  Dice {boxes['dice']:.3f}  Recall {boxes['recall']:.3f}  Precision {boxes['precision']:.3f} (a model must segment better than this)"
+        )
         _say(f"  promotion: {run.rule.describe()}")
         _say(f"  stop rule: {run.stop_rule.describe()}")
         return boxes
@@ -273,12 +298,21 @@ class Loop:
         s, r = self.run.settings, self.run.resources
         mode = "search (TPE + ASHA)" if s.algorithm == "tpe" and s.scheduler == "asha" else f"search ({s.algorithm}, {s.scheduler})"
         _say(f"BSS self-training loop: dataset {s.dataset} (data root {s.data_root}), run folder {self.run_dir}" + ("  [resumed]" if self.opts.resume else ""))
-        _say(f"  {s.iterations} iteration(s) max; each: {mode} of {s.trials} trials" + (" (iterations >= 1: retrain the best config)" if s.retrain_best else "") + f"; {r.describe()}")
+        _say(
+            f"  {s.iterations} iteration(s) max; each: {mode} of {s.trials} trials"
+            + (" (iterations >= 1: retrain the best config)" if s.retrain_best else "")
+            + f"; {r.describe()}"
+        )
         _say(f"  search space {s.space}: " + "; ".join(self.run.space.describe()))
 
     def start_tracking(self) -> None:
         run, s, st = self.run, self.run.settings, self.run.state
-        run.tracker = Tracker.open(s.tracking_uri or run.base["tracking"]["uri"], s.experiment, say=_say, going_on="the loop goes on without it, recording to its own run folder (state.json, report.*)")
+        run.tracker = Tracker.open(
+            s.tracking_uri or run.base["tracking"]["uri"],
+            s.experiment,
+            say=_say,
+            going_on="the loop goes on without it, recording to its own run folder (state.json, report.*)",
+        )
         if not st.get("parent_run_id"):
             run_id = run.tracker.create(f"loop {s.dataset}", None, {"bss.kind": "loop", "bss.dataset": s.dataset, "bss.run_dir": str(self.run_dir.resolve())})
             run.tracker.params(run_id, {k: v for k, v in s.to_dict().items() if k != "tracking_uri"})
@@ -291,7 +325,9 @@ class Loop:
 
     def iteration_run(self, k: int, it: dict) -> str:
         if not it.get("run_id"):
-            it["run_id"] = self.run.tracker.create(f"iteration {k}", self.run.state.get("parent_run_id"), {"bss.kind": "iteration", "bss.iteration": k, "bss.train_dataset": it["train_dataset"]})
+            it["run_id"] = self.run.tracker.create(
+                f"iteration {k}", self.run.state.get("parent_run_id"), {"bss.kind": "iteration", "bss.iteration": k, "bss.train_dataset": it["train_dataset"]}
+            )
             self.run.state.save()
         else:
             self.run.tracker.reopen(it["run_id"])

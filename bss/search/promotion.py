@@ -24,6 +24,7 @@ is steered toward good segmenters and Recall only separates near-equals, as in s
 that over-segment (measured in issue 9: promoted IoU 0.31-0.36 against 0.79 for a plain run);
 it stays available by name.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -219,7 +220,9 @@ def promote(candidate: Candidate, iteration: int, dest: str | Path) -> Promoted:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if not candidate.checkpoint or not Path(candidate.checkpoint).is_file():
-        raise BSSError(f"the checkpoint of trial {candidate.ordinal} ({candidate.checkpoint}) is missing; with a Ray cluster, --run-dir must be on storage every node can reach.")
+        raise BSSError(
+            f"the checkpoint of trial {candidate.ordinal} ({candidate.checkpoint}) is missing; with a Ray cluster, --run-dir must be on storage every node can reach."
+        )
     tmp = dest / "best.pt.tmp"
     shutil.copyfile(candidate.checkpoint, tmp)
     tmp.replace(dest / "best.pt")
@@ -227,6 +230,16 @@ def promote(candidate: Candidate, iteration: int, dest: str | Path) -> Promoted:
     (dest / "config.yaml.tmp").write_text(yaml.safe_dump(config, sort_keys=False))
     (dest / "config.yaml.tmp").replace(dest / "config.yaml")
     metrics = {k: float(v) for k, v in candidate.best.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-    promoted = Promoted(iteration, candidate.ordinal, candidate.key, str(dest / "best.pt"), str(dest / "config.yaml"), metrics, candidate.params, float(candidate.best.get("epoch", 0.0)), candidate.run_id)
+    promoted = Promoted(
+        iteration,
+        candidate.ordinal,
+        candidate.key,
+        str(dest / "best.pt"),
+        str(dest / "config.yaml"),
+        metrics,
+        candidate.params,
+        float(candidate.best.get("epoch", 0.0)),
+        candidate.run_id,
+    )
     atomic_write_json(dest / "promotion.json", promoted.to_dict())
     return promoted

@@ -4,6 +4,7 @@ The only module that calls ``ray.init``. A local Ray is started with only the CP
 this process may use; ``--address`` joins a running cluster, whose workers get the project's
 import path and quiet environment through the runtime environment.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,14 +19,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def quiet_environment() -> None:
-    quiet(extra={
-        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files per trial
-        "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C raises KeyboardInterrupt: the loop saves its state and exits
-        "RAY_AIR_NEW_OUTPUT": "0",
-        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
-        "RAY_DEDUP_LOGS": "0",
-        "PYTHONWARNINGS": "ignore::DeprecationWarning",
-    })
+    quiet(
+        extra={
+            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files per trial
+            "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C raises KeyboardInterrupt: the loop saves its state and exits
+            "RAY_AIR_NEW_OUTPUT": "0",
+            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
+            "RAY_DEDUP_LOGS": "0",
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",
+        }
+    )
 
 
 def local_resources() -> tuple[int, int]:
@@ -52,12 +55,24 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
         path = os.environ.get("PYTHONPATH", "")
         if str(ROOT) not in path.split(os.pathsep):
             os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
-        env = {k: os.environ[k] for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE") if k in os.environ}
+        env = {
+            k: os.environ[k]
+            for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE")
+            if k in os.environ
+        }
         try:
             if address:
                 ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level="ERROR")
             else:
-                ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR", object_store_memory=256 * 1024**2)
+                ray.init(
+                    address="local",
+                    num_cpus=cpus,
+                    num_gpus=gpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level="ERROR",
+                    object_store_memory=256 * 1024**2,
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise BSSError(f"cannot start or join {where}: {exc}") from None
@@ -77,7 +92,9 @@ class Resources:
         return f"{self.concurrency} trial(s) at a time, each {self.cpus_per_trial:g} CPU{gpu}"
 
 
-def plan_resources(total_cpus: int, total_gpus: int, trials: int, concurrency: int | None = None, cpus_per_trial: float | None = None, gpus_per_trial: float | None = None) -> Resources:
+def plan_resources(
+    total_cpus: int, total_gpus: int, trials: int, concurrency: int | None = None, cpus_per_trial: float | None = None, gpus_per_trial: float | None = None
+) -> Resources:
     """Resources per trial and concurrency; every flag left out is filled in.
 
     * GPUs: 2 trials share each GPU (``gpus_per_trial`` = GPUs / concurrency), CPUs split evenly.

@@ -1,14 +1,14 @@
 """The loop's final report: a table of iterations (EVAL and TEST IoU, Dice, Recall, Precision)
 as Markdown, CSV and JSON, and a PNG plot of the metrics per iteration."""
-from __future__ import annotations
 
-from bss.config import METRICS
+from __future__ import annotations
 
 import csv
 import io
 import json
 from pathlib import Path
 
+from bss.config import METRICS
 from bss.search.state import atomic_write_json
 
 NAMES = {"iou": "IoU", "dice": "Dice", "recall": "Recall", "precision": "Precision"}

@@ -4,6 +4,7 @@ A searcher is a small class with one method, ``build(context, trials, points)``,
 the Tune ``Tuner`` needs: ``(search_alg, param_space, num_samples)``. Add one by writing a class
 here and registering it in :data:`SEARCHERS` (its unit test: ``tests/test_search_space.py``).
 """
+
 from __future__ import annotations
 
 from bss.errors import BSSError
@@ -31,7 +32,9 @@ class OptunaSearcher(Searcher):
         warnings.filterwarnings("ignore", module="optuna")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = context.space
-        alg = OptunaSearch(space=space.optuna_space(), metric="search_score", mode="max", sampler=self.sampler(space, context.seed), points_to_evaluate=points or None)
+        alg = OptunaSearch(
+            space=space.optuna_space(), metric="search_score", mode="max", sampler=self.sampler(space, context.seed), points_to_evaluate=points or None
+        )
         return alg, None, trials
 
 

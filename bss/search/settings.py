@@ -4,6 +4,7 @@ Settings marked ``result`` change what the loop computes: they are frozen in ``s
 the start, and a different value on ``--resume`` is an error. ``drivers/search.py`` builds its
 flags' help from :func:`help_text`, so a default is written once, here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,13 +22,19 @@ def _setting(default, help: str, result: bool = True):
 
 @dataclass
 class LoopSettings:
-    dataset: str = _setting("", "source dataset under --data-root; NAME_BASELINE/EVAL/TEST are made if missing; a missing synthetic class (obstacle, deposition, deformation, disconnect) is generated")
+    dataset: str = _setting(
+        "",
+        "source dataset under --data-root; NAME_BASELINE/EVAL/TEST are made if missing; a missing synthetic class (obstacle, deposition, deformation, disconnect) is generated",
+    )
     data_root: str = _setting("datasets", "folder holding the datasets")
     config: str = _setting("config.yaml", "base training config")
     space: str | None = _setting(None, "search space YAML (default: search_spaces/cpu.yaml without a GPU, search_spaces/default.yaml with one)")
     trials: int | None = _setting(None, "trials per search (default: the space's searcher.trials)")
     iterations: int = _setting(3, "iterations including iteration 0 on BASELINE")
-    promotion: str = _setting("guarded_recall", "promotion rule: guarded_recall: best EVAL --metric among models within --margin of the best EVAL IoU and above the EVAL boxes' own IoU; floor: best --metric with --floor-metric >= --floor")
+    promotion: str = _setting(
+        "guarded_recall",
+        "promotion rule: guarded_recall: best EVAL --metric among models within --margin of the best EVAL IoU and above the EVAL boxes' own IoU; floor: best --metric with --floor-metric >= --floor",
+    )
     metric: str = _setting("recall", "EVAL metric that promotes and decides")
     margin: float = _setting(0.03, "guarded_recall: --metric decides among models within this EVAL IoU of the best")
     floor_metric: str = _setting("precision", "floor rule: EVAL metric that must clear --floor to be promoted")
@@ -40,7 +47,10 @@ class LoopSettings:
     algorithm: str | None = _setting(None, "searcher (default: the space's searcher.algorithm)")
     scheduler: str | None = _setting(None, "early stopping (default: the space's scheduler.name)")
     time_budget: float | None = _setting(None, "wall-clock limit of each search in seconds; running trials are stopped")
-    budget: float | None = _setting(None, "wall-clock budget of the whole loop (600, 90s, 10m, 1.5h): each search gets its share of the time left, and no later search starts with less than a minute left")
+    budget: float | None = _setting(
+        None,
+        "wall-clock budget of the whole loop (600, 90s, 10m, 1.5h): each search gets its share of the time left, and no later search starts with less than a minute left",
+    )
     split_fractions: list = _setting((0.6, 0.2, 0.2), "BASELINE/EVAL/TEST fractions of the hand-labelled images")
     experiment: str = _setting("bss-search", "MLflow experiment", result=False)
     tracking_uri: str | None = _setting(None, "MLflow tracking URI (default: the config's tracking.uri, sqlite:///mlflow.db)", result=False)
@@ -73,9 +83,16 @@ class LoopSettings:
         if stored is not None:
             for key in cls.names(result_only=True):
                 value, before = given.get(key), stored.get(key)
-                if value is None or key not in stored or value == before or (key in ("config", "space", "data_root") and Path(str(value)).resolve() == Path(str(before)).resolve()):
+                if (
+                    value is None
+                    or key not in stored
+                    or value == before
+                    or (key in ("config", "space", "data_root") and Path(str(value)).resolve() == Path(str(before)).resolve())
+                ):
                     continue
-                raise BSSError(f"--resume continues with the settings the run started with; --{key.replace('_', '-')} was {before!r}, now {value!r}. Leave it out, or start a new run with another --run-dir.")
+                raise BSSError(
+                    f"--resume continues with the settings the run started with; --{key.replace('_', '-')} was {before!r}, now {value!r}. Leave it out, or start a new run with another --run-dir."
+                )
             return cls.from_dict(stored)
         settings = cls(**{k: v for k, v in given.items() if v is not None})
         if settings.space is None:

@@ -22,6 +22,7 @@ encoder arguments together). Every key is checked against the training config (u
 did-you-mean), every bound and choice is applied to the base config and validated, and encoder
 names are checked, so a mistake is one :class:`~bss.errors.ConfigError` before any trial runs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -122,7 +123,11 @@ class SearchSpace:
         return node is not None or any(p.key == key or p.key.startswith(key + ".") for p in self.params)
 
     def digest(self) -> str:
-        text = json.dumps({"fixed": self.fixed, "params": [dataclasses.asdict(p) for p in self.params], "searcher": self.searcher, "scheduler": self.scheduler}, sort_keys=True, default=str)
+        text = json.dumps(
+            {"fixed": self.fixed, "params": [dataclasses.asdict(p) for p in self.params], "searcher": self.searcher, "scheduler": self.scheduler},
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def describe(self) -> list[str]:
@@ -170,7 +175,11 @@ def check_key(key: str, where: str) -> None:
             names = [f.name for f in dataclasses.fields(cls)]
             close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
             prefix = ".".join(parts[:depth])
-            hint = f" Did you mean '{'.'.join(parts[:depth] + [close[0]] + parts[depth + 1:])}'?" if close else f" Valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}."
+            hint = (
+                f" Did you mean '{'.'.join(parts[:depth] + [close[0]] + parts[depth + 1 :])}'?"
+                if close
+                else f" Valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}."
+            )
             raise ConfigError(f"{where}: unknown config key '{key}'.{hint}")
         hint = hints[part]
         cls = typing.get_origin(hint) or hint
@@ -260,8 +269,17 @@ def _options(section: str, given: Any, defaults: dict, allowed: dict) -> dict:
 
 
 _positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-SEARCHER_OPTIONS = {"algorithm": lambda v: v in SPACE_SEARCHERS, "trials": _positive_int, "n_startup_trials": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "multivariate": lambda v: isinstance(v, bool)}
-SCHEDULER_OPTIONS = {"name": lambda v: v in SCHEDULERS, "grace_period": _positive_int, "reduction_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1}
+SEARCHER_OPTIONS = {
+    "algorithm": lambda v: v in SPACE_SEARCHERS,
+    "trials": _positive_int,
+    "n_startup_trials": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "multivariate": lambda v: isinstance(v, bool),
+}
+SCHEDULER_OPTIONS = {
+    "name": lambda v: v in SCHEDULERS,
+    "grace_period": _positive_int,
+    "reduction_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1,
+}
 
 
 def parse_space(data: dict, path: str = "<space>") -> SearchSpace:

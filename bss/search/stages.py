@@ -5,6 +5,7 @@ and an iteration's record ``it`` (a dict in ``state.json``); it fills in its par
 saves the state, and returns that part. :class:`bss.search.loop.Loop` only sequences them and
 skips what the state says is done (resume). The final report is :mod:`bss.search.final_report`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,7 +77,9 @@ def trial_base(base: dict, settings: LoopSettings, train_dataset: str, image_siz
     cfg = copy.deepcopy(base)
     if image_size is not None:
         cfg["image_size"] = list(image_size)
-    cfg.update(train_dataset=train_dataset, evaluation_dataset=f"{settings.dataset}_EVAL", data_root=str(Path(settings.data_root).resolve()), visualization_samples=0)
+    cfg.update(
+        train_dataset=train_dataset, evaluation_dataset=f"{settings.dataset}_EVAL", data_root=str(Path(settings.data_root).resolve()), visualization_samples=0
+    )
     cfg["tracking"] = dict(cfg.get("tracking") or {}, enabled=False)
     return cfg
 
@@ -124,9 +127,21 @@ def search_context(run: LoopRun, k: int, it: dict):
         base, space, algorithm, seeds = trial_base(run.base, s, it["train_dataset"], fingerprint.get("input_size")), run.space, s.algorithm, {}
         points, scheduler = incumbent(run), dict(run.space.scheduler, name=s.scheduler)
         what = f"search {s.trials} trials" + (" (the first: the best config so far)" if points else "")
-    tracking = {"uri": run.tracker.uri, "experiment_id": run.tracker.experiment_id, "parent_run_id": it["run_id"]} if run.tracker.ok and it.get("run_id") else None
-    context = TrialContext(base=base, space=space, rule=run.rule, trials_dir=str((run.run_dir / f"iter_{k}" / "trials").resolve()), seed=derive_seed(s.seed, k), iteration=k,
-                           cpus=run.resources.cpus_per_trial, gpus=run.resources.gpus_per_trial, tracking=tracking, seeds=seeds)
+    tracking = (
+        {"uri": run.tracker.uri, "experiment_id": run.tracker.experiment_id, "parent_run_id": it["run_id"]} if run.tracker.ok and it.get("run_id") else None
+    )
+    context = TrialContext(
+        base=base,
+        space=space,
+        rule=run.rule,
+        trials_dir=str((run.run_dir / f"iter_{k}" / "trials").resolve()),
+        seed=derive_seed(s.seed, k),
+        iteration=k,
+        cpus=run.resources.cpus_per_trial,
+        gpus=run.resources.gpus_per_trial,
+        tracking=tracking,
+        seeds=seeds,
+    )
     return context, algorithm, scheduler, points, what
 
 
@@ -139,9 +154,18 @@ def search_stage(run: LoopRun, k: int, it: dict) -> dict:
     mode = "retrain" if algorithm == "replicas" else "search"
     run.tracker.params(it["run_id"], {"train_dataset": it["train_dataset"], "mode": mode, "trials": s.trials, "seed": context.seed, "algorithm": algorithm})
     outcome = run_search(
-        context, s.trials, run.resources, run.run_dir / f"iter_{k}", algorithm=algorithm, scheduler=scheduler,
-        max_evaluations=max_evaluations(context.space, context.base, n_images), time_budget=search_budget(run.time_left(), s.iterations - k, s.time_budget),
-        reuse_actors=run.reuse_actors, label=f"[iter {k}]", progress=run.progress, points=points,
+        context,
+        s.trials,
+        run.resources,
+        run.run_dir / f"iter_{k}",
+        algorithm=algorithm,
+        scheduler=scheduler,
+        max_evaluations=max_evaluations(context.space, context.base, n_images),
+        time_budget=search_budget(run.time_left(), s.iterations - k, s.time_budget),
+        reuse_actors=run.reuse_actors,
+        label=f"[iter {k}]",
+        progress=run.progress,
+        points=points,
     )
     counts = {state: sum(1 for c in outcome.candidates if c.state == state) for state in ("complete", "stopped", "failed", "lost")}
     it["search"] = {
@@ -149,10 +173,25 @@ def search_stage(run: LoopRun, k: int, it: dict) -> dict:
         "mode": mode,
         "wall_seconds": round(outcome.wall_seconds, 2),
         "counts": counts,
-        "trials": [{"ordinal": c.ordinal, "key": c.key, "state": c.state, "params": c.params, "evaluations": c.evaluations, "best": c.best, "error": (c.error or "")[-300:] or None, "run_id": c.run_id} for c in outcome.candidates],
+        "trials": [
+            {
+                "ordinal": c.ordinal,
+                "key": c.key,
+                "state": c.state,
+                "params": c.params,
+                "evaluations": c.evaluations,
+                "best": c.best,
+                "error": (c.error or "")[-300:] or None,
+                "run_id": c.run_id,
+            }
+            for c in outcome.candidates
+        ],
         "timings": outcome.timings,
     }
-    run.tracker.metrics(it["run_id"], {"search_seconds": outcome.wall_seconds, "trials_complete": counts["complete"], "trials_stopped": counts["stopped"], "trials_failed": counts["failed"]})
+    run.tracker.metrics(
+        it["run_id"],
+        {"search_seconds": outcome.wall_seconds, "trials_complete": counts["complete"], "trials_stopped": counts["stopped"], "trials_failed": counts["failed"]},
+    )
     promote_stage(run, k, it, outcome)
     return it["search"]
 
@@ -175,7 +214,9 @@ def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
     try:
         from bss.search.evaluate import draw_overlays
 
-        overlays = draw_overlays(promoted.checkpoint, f"{s.dataset}_EVAL", s.data_root, iter_dir / "overlays.png", samples=int(run.base.get("visualization_samples", 4)) or 4)
+        overlays = draw_overlays(
+            promoted.checkpoint, f"{s.dataset}_EVAL", s.data_root, iter_dir / "overlays.png", samples=int(run.base.get("visualization_samples", 4)) or 4
+        )
     except BSSError as exc:  # a picture is not worth stopping the loop
         run.say(f"warning: could not draw the overlays: {exc}")
     it["promoted"] = promoted.to_dict()
@@ -191,7 +232,9 @@ def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
     from bss.search.tune_callback import short_params
 
     m = promoted.metrics
-    run.say(f"iteration {k}: promoted trial {promoted.ordinal} ({short_params(promoted.params)}) - EVAL recall {m['eval_recall']:.3f} precision {m['eval_precision']:.3f} IoU {m['eval_iou']:.3f} Dice {m['eval_dice']:.3f}   [{summary}; {outcome.wall_seconds:.0f} s]")
+    run.say(
+        f"iteration {k}: promoted trial {promoted.ordinal} ({short_params(promoted.params)}) - EVAL recall {m['eval_recall']:.3f} precision {m['eval_precision']:.3f} IoU {m['eval_iou']:.3f} Dice {m['eval_dice']:.3f}   [{summary}; {outcome.wall_seconds:.0f} s]"
+    )
     return it["promoted"]
 
 
@@ -209,7 +252,9 @@ def no_model_message(run: LoopRun, candidates) -> str:
     failed = sum(c.state == "failed" for c in candidates)
     budget = f" (the --time-budget of {s.time_budget:g} s may have cut them short)" if s.time_budget else ""
     return (
-        f"iteration 0: none of the {len(candidates)} trials reached {run.rule.floor_text()}{budget}" + (f", {failed} failed" if failed else "") + f", so there is no model to promote: {figures}. "
+        f"iteration 0: none of the {len(candidates)} trials reached {run.rule.floor_text()}{budget}"
+        + (f", {failed} failed" if failed else "")
+        + f", so there is no model to promote: {figures}. "
         "Give the trials more training (the space's fixed: train_steps), more --trials or a larger image_size, or hand-label more images; start again with another --run-dir."
     )
 
@@ -226,10 +271,20 @@ def teacher_stage(run: LoopRun, k: int, it: dict) -> dict | None:
 
         start = time.perf_counter()
         s = run.settings
-        quality = teacher_quality.measure_teacher(it["promoted"]["checkpoint"], s.dataset, s.data_root, batch_size=run.hybrid_batch_size, device="cpu" if not run.gpus else "auto")
+        quality = teacher_quality.measure_teacher(
+            it["promoted"]["checkpoint"], s.dataset, s.data_root, batch_size=run.hybrid_batch_size, device="cpu" if not run.gpus else "auto"
+        )
         it["teacher"] = dict(quality.to_dict(), seconds=round(time.perf_counter() - start, 2))
         run.state.save()
-        run.tracker.metrics(it["run_id"], {"eval_label_iou": quality.label_iou, "eval_box_label_iou": quality.box_iou_pixels, "eval_raw_label_iou": quality.raw_iou_pixels, "eval_default_rule_label_iou": quality.default.iou_pixels})
+        run.tracker.metrics(
+            it["run_id"],
+            {
+                "eval_label_iou": quality.label_iou,
+                "eval_box_label_iou": quality.box_iou_pixels,
+                "eval_raw_label_iou": quality.raw_iou_pixels,
+                "eval_default_rule_label_iou": quality.default.iou_pixels,
+            },
+        )
         run.tracker.params(it["run_id"], {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
         t, rule = it["teacher"], it["teacher"]["rule"]
         run.say(
@@ -241,7 +296,10 @@ def teacher_stage(run: LoopRun, k: int, it: dict) -> dict | None:
 
 def decide_stage(run: LoopRun, k: int, it: dict) -> dict:
     """The stop rule on this run's history (bss.search.stop); the state keeps the best so far."""
-    history = [Outcome(j, (x.get("promoted") or {}).get("metrics"), bool((x.get("decision") or {}).get("new_best"))) for j, x in enumerate(run.state.iterations[: k + 1])]
+    history = [
+        Outcome(j, (x.get("promoted") or {}).get("metrics"), bool((x.get("decision") or {}).get("new_best")))
+        for j, x in enumerate(run.state.iterations[: k + 1])
+    ]
     decision = run.stop_rule.decide(history).to_dict()
     if decision["new_best"]:
         run.state.data["best"] = {"iteration": k, "value": decision["value"], "checkpoint": it["promoted"]["checkpoint"]}
@@ -309,14 +367,27 @@ def make_hybrid_stage(run: LoopRun, k: int, it: dict, teacher: dict) -> dict:
     if folder.exists():
         manifest = read_manifest(folder)
         if (manifest.get("checkpoint") or {}).get("sha256") != hybrid["checkpoint_sha256"]:
-            raise BSSError(f"{folder} exists but was not made by this run's iteration-{k} model (its manifest names another checkpoint); it is left alone. Move it away and --resume, or start a new run.")
+            raise BSSError(
+                f"{folder} exists but was not made by this run's iteration-{k} model (its manifest names another checkpoint); it is left alone. Move it away and --resume, or start a new run."
+            )
         label_quality = manifest.get("label_quality")
         run.say(f"iteration {k}: {folder.name} already made by this run (adopted after a resume)")
     else:
         run.say(f"iteration {k}: refining the box-only images of {s.dataset} with the promoted model -> {folder.name} ...")
-        result = make_hybrid(s.dataset, checkpoint, data_root=root, number=hybrid["number"], rule=RefineRule.from_dict(teacher["rule"]), overwrite=False, batch_size=run.hybrid_batch_size, progress=False)
+        result = make_hybrid(
+            s.dataset,
+            checkpoint,
+            data_root=root,
+            number=hybrid["number"],
+            rule=RefineRule.from_dict(teacher["rule"]),
+            overwrite=False,
+            batch_size=run.hybrid_batch_size,
+            progress=False,
+        )
         label_quality, folder = result.label_quality, Path(result.path)
-    hybrid.update(done=True, path=str(folder), name=folder.name, images=count_images(folder), label_quality=label_quality, seconds=round(time.perf_counter() - start, 2))
+    hybrid.update(
+        done=True, path=str(folder), name=folder.name, images=count_images(folder), label_quality=label_quality, seconds=round(time.perf_counter() - start, 2)
+    )
     run.state.iteration(k + 1)["train_dataset"] = folder.name
     run.state.save()
     tr, run_id = run.tracker, it["run_id"]
@@ -324,6 +395,10 @@ def make_hybrid_stage(run: LoopRun, k: int, it: dict, teacher: dict) -> dict:
     tr.artifact(run_id, folder / "label_quality.json", "hybrid")
     tr.metrics(run_id, {f"hybrid_{key}": v for key, v in (label_quality or {}).items()})
     tr.tag(run_id, "bss.hybrid", folder.name)
-    quality = f"; label IoU vs truth: boxes {label_quality.get('box_iou_pixels', float('nan')):.3f} -> refined {label_quality.get('hybrid_iou_pixels', float('nan')):.3f}" if label_quality else ""
+    quality = (
+        f"; label IoU vs truth: boxes {label_quality.get('box_iou_pixels', float('nan')):.3f} -> refined {label_quality.get('hybrid_iou_pixels', float('nan')):.3f}"
+        if label_quality
+        else ""
+    )
     run.say(f"iteration {k}: {folder.name}: {hybrid['images']} images{quality}")
     return hybrid

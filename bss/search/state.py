@@ -11,6 +11,7 @@ It records the loop's settings and, per iteration, which stages are complete::
 A stage is written only after its outputs are on disk, with a temporary file, ``fsync`` and
 ``os.replace``: a kill at any moment leaves either the old or the new file, never half of one.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,7 +70,9 @@ class RunLock:
         handle = filelock.acquire(self.path, timeout=0)
         if handle is None:
             holder = self.path.read_text().strip() if self.path.is_file() else ""
-            raise BSSError(f"{self.run_dir} is in use by a running loop ({holder or 'another process'}); wait for it to finish, or use another --run-dir.") from None
+            raise BSSError(
+                f"{self.run_dir} is in use by a running loop ({holder or 'another process'}); wait for it to finish, or use another --run-dir."
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -101,7 +104,9 @@ class LoopState:
             return None
         data = read_json(path)
         if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise BSSError(f"{path}: unknown state format (version {data.get('version') if isinstance(data, dict) else '?'}); start a new run with another --run-dir.")
+            raise BSSError(
+                f"{path}: unknown state format (version {data.get('version') if isinstance(data, dict) else '?'}); start a new run with another --run-dir."
+            )
         return cls(path, data)
 
     def save(self) -> None:

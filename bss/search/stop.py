@@ -15,6 +15,7 @@ IoU fell by more than ``tolerance``, whatever its Recall did:
   a new best (it refines the next H<n>);
 * otherwise no gain; after ``patience`` such iterations in a row -> stop.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

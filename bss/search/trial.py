@@ -16,6 +16,7 @@ worker process; with ``reuse_actors`` the next trial on the same worker skips th
 carries ``setup_seconds`` (trainable entry -> first training step ready), ``import_seconds``
 and ``cold_start`` so the benchmark can show the effect.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,6 @@ class TrialContext:
         config["device"] = "cuda" if self.gpus > 0 else "cpu"
         config["visualization_samples"] = 0  # the loop draws the promoted model's overlays, not every trial
         return config
-
 
     def tracker(self):
         """A :class:`~bss.tracking.Tracker` on the search's experiment, or None without tracking."""
@@ -141,10 +141,21 @@ class TrialAttempt:
         self.config["output_dir"] = str(self.store.folder)
         self.prepare_imports()
         self.state = {
-            "state": "running", "attempt": uuid.uuid4().hex, "ordinal": self.ordinal, "key": self.store.key,
-            "iteration": self.context.iteration, "params": self.params, "config": self.config, "run_id": None,
-            "best": None, "checkpoint": None, "evaluations": 0, "cold_start": self.report_extra["cold_start"],
-            "import_seconds": self.import_seconds, "host": socket.gethostname(), "node_id": _node_id(),
+            "state": "running",
+            "attempt": uuid.uuid4().hex,
+            "ordinal": self.ordinal,
+            "key": self.store.key,
+            "iteration": self.context.iteration,
+            "params": self.params,
+            "config": self.config,
+            "run_id": None,
+            "best": None,
+            "checkpoint": None,
+            "evaluations": 0,
+            "cold_start": self.report_extra["cold_start"],
+            "import_seconds": self.import_seconds,
+            "host": socket.gethostname(),
+            "node_id": _node_id(),
         }
         # the record claims the folder (and names no run yet) before the MLflow run exists, so a
         # kill in between leaves a run that no record names: the resumed search deletes such runs
@@ -170,8 +181,11 @@ class TrialAttempt:
         if previous and tr.usable(previous):
             self.run_id = previous
         else:
-            self.run_id = tr.create(f"iter{self.context.iteration}-trial{self.ordinal:02d}", self.context.tracking["parent_run_id"],
-                                    {"bss.kind": "trial", "bss.iteration": self.context.iteration, "bss.trial": self.ordinal, "bss.trial_key": self.store.key})
+            self.run_id = tr.create(
+                f"iter{self.context.iteration}-trial{self.ordinal:02d}",
+                self.context.tracking["parent_run_id"],
+                {"bss.kind": "trial", "bss.iteration": self.context.iteration, "bss.trial": self.ordinal, "bss.trial_key": self.store.key},
+            )
             used = {k: v for k, v in self.config.items() if k not in ("output_dir", "tracking")}  # what training used
             tr.params(self.run_id, {f"search.{k}": v for k, v in self.params.items()} | used, fresh=True)
         self.state["run_id"] = self.run_id
@@ -232,10 +246,15 @@ class TrialAttempt:
         row, rule = _numeric(row), self.rule
         if rule.better(row, self.best):
             self.best = dict(row)
-            scores = {k[len("eval_"):]: v for k, v in row.items() if k.startswith("eval_")}
+            scores = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
             save_checkpoint(self.store.checkpoint, self.trainer.model, self.trainer.config, scores, row["epoch"])
-        row.update(objective=rule.objective(row), search_score=rule.objective(self.best), setup_seconds=self.setup_seconds,
-                   import_seconds=self.import_seconds, since_entry=time.perf_counter() - self.entry)
+        row.update(
+            objective=rule.objective(row),
+            search_score=rule.objective(self.best),
+            setup_seconds=self.setup_seconds,
+            import_seconds=self.import_seconds,
+            since_entry=time.perf_counter() - self.entry,
+        )
         if self.evaluations <= self.skip:  # recorded and reported by the first attempt
             return
         self.store.append_row(row)

@@ -15,6 +15,7 @@ can live on for a moment: the resumed search takes the lock before it cleans up 
 that worker to die), and an attempt whose folder was removed or taken over meanwhile writes
 nothing more (:class:`Superseded`).
 """
+
 from __future__ import annotations
 
 import hashlib

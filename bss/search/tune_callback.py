@@ -4,6 +4,7 @@ trial states only the driver can see (a trial Tune stopped, a worker that died).
 Imported by :func:`bss.search.tune_search.run_search` only (it subclasses ``ray.tune.Callback``,
 so importing it imports Ray Tune).
 """
+
 from __future__ import annotations
 
 import time
@@ -85,12 +86,21 @@ class SearchCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id not in self.first_result:
-            self.first_result[trial.trial_id] = {"entry": result.get("trial_entry_time"), "time": time.time(), "setup_seconds": result.get("setup_seconds"), "cold_start": result.get("cold_start"), "replayed": result.get("replayed")}
+            self.first_result[trial.trial_id] = {
+                "entry": result.get("trial_entry_time"),
+                "time": time.time(),
+                "setup_seconds": result.get("setup_seconds"),
+                "cold_start": result.get("cold_start"),
+                "replayed": result.get("replayed"),
+            }
         if "eval_" + self.rule.metric in result and self.rule.admissible(result) and self.rule.better(result, self.best):
             self.best, self.best_trial = dict(result), self.order[trial.trial_id][0]
         nan = float("nan")
-        self.line(trial, f"eval {int(result.get('evaluation', 0)):2d}  recall {result.get('eval_recall', nan):.3f}  precision {result.get('eval_precision', nan):.3f}  "
-                         f"IoU {result.get('eval_iou', nan):.3f}  loss {result.get('train_loss', nan):.3f}{' (replayed)' if result.get('replayed') else ''} | {self.counts()}")
+        self.line(
+            trial,
+            f"eval {int(result.get('evaluation', 0)):2d}  recall {result.get('eval_recall', nan):.3f}  precision {result.get('eval_precision', nan):.3f}  "
+            f"IoU {result.get('eval_iou', nan):.3f}  loss {result.get('train_loss', nan):.3f}{' (replayed)' if result.get('replayed') else ''} | {self.counts()}",
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finish(trial, failed=False)

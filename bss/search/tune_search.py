@@ -14,6 +14,7 @@
   uninterrupted one. (We do not use ``Tuner.restore``: it restores the Optuna study but
   re-runs in-flight trials in a different order, so results would depend on when the kill came.)
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,9 +56,7 @@ def run_search(
     collect its trials. ``points``: params (choice labels for choices) to try first, in order,
     before the searcher's own proposals (Optuna's ``points_to_evaluate``)."""
     quiet_environment()
-    from ray import tune
-
-    from bss.search.tune_callback import SearchCallback, trial_name
+    from bss.search.tune_callback import SearchCallback
 
     # a failed trial is one console line from our callback; its traceback is kept in the trial's
     # record.json and its MLflow run (tag bss.error), not dumped by Tune's own loggers
@@ -68,10 +67,39 @@ def run_search(
         shutil.rmtree(storage_dir / "tune")
     Path(context.trials_dir).mkdir(parents=True, exist_ok=True)
     clean_interrupted(context.trials_dir, context)
-    search_alg, param_space, num_samples = get_searcher(algorithm).build(context, trials, points)
     callback = SearchCallback(context, context.rule, trials, label, progress)
+    tuner = build_tuner(
+        context, get_searcher(algorithm).build(context, trials, points), resources, storage_dir, scheduler, max_evaluations, time_budget, reuse_actors, callback
+    )
+    start = time.perf_counter()
+    tuner.fit()
+    wall = time.perf_counter() - start
+    candidates, timings = collect(context, callback)
+    atomic_write_json(
+        storage_dir / "search.json", {"wall_seconds": wall, "timings": timings, "algorithm": algorithm, "trials": trials, "resources": resources.__dict__}
+    )
+    return SearchOutcome(candidates=candidates, wall_seconds=wall, timings=timings)
+
+
+def build_tuner(
+    context: TrialContext,
+    searcher: tuple,
+    resources: Resources,
+    storage_dir: Path,
+    scheduler: dict | None,
+    max_evaluations: int,
+    time_budget,
+    reuse_actors: bool,
+    callback,
+):
+    """The Tune ``Tuner`` of one search; ``searcher``: what :meth:`Searcher.build` returned."""
+    from ray import tune
+
+    from bss.search.tune_callback import trial_name
+
+    search_alg, param_space, num_samples = searcher
     trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
@@ -86,14 +114,15 @@ def run_search(
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(storage_dir.resolve()), verbose=0, callbacks=[callback], failure_config=tune.FailureConfig(max_failures=0), log_to_file=False),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(storage_dir.resolve()),
+            verbose=0,
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=0),
+            log_to_file=False,
+        ),
     )
-    start = time.perf_counter()
-    tuner.fit()
-    wall = time.perf_counter() - start
-    candidates, timings = collect(context, callback)
-    atomic_write_json(storage_dir / "search.json", {"wall_seconds": wall, "timings": timings, "algorithm": algorithm, "trials": trials, "resources": resources.__dict__})
-    return SearchOutcome(candidates=candidates, wall_seconds=wall, timings=timings)
 
 
 def build_scheduler(scheduler: dict, max_evaluations: int):
@@ -103,7 +132,9 @@ def build_scheduler(scheduler: dict, max_evaluations: int):
     if scheduler.get("name") != "asha" or max_evaluations <= 1:
         return FIFOScheduler()
     grace = max(1, min(int(scheduler.get("grace_period", 1)), max_evaluations))
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_evaluations, grace_period=grace, reduction_factor=float(scheduler.get("reduction_factor", 2)))
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=max_evaluations, grace_period=grace, reduction_factor=float(scheduler.get("reduction_factor", 2))
+    )
 
 
 def collect(context: TrialContext, callback) -> tuple[list[Candidate], list[dict]]:
@@ -124,9 +155,19 @@ def collect(context: TrialContext, callback) -> tuple[list[Candidate], list[dict
         train_seconds = float(record.get("train_seconds") or (rows[-1]["since_entry"] - rows[-1]["setup_seconds"] if rows else 0.0))
         candidates.append(
             Candidate(
-                ordinal=ordinal, key=store.key, state=state, params={k: v for k, v in params.items() if k != "replica"} or {"seed": config["seed"]},
-                best=best, checkpoint=record.get("checkpoint") if best else None, config=config, run_id=record.get("run_id"), error=record.get("error"),
-                evaluations=len(rows), train_seconds=train_seconds, setup_seconds=record.get("setup_seconds"), history=rows,
+                ordinal=ordinal,
+                key=store.key,
+                state=state,
+                params={k: v for k, v in params.items() if k != "replica"} or {"seed": config["seed"]},
+                best=best,
+                checkpoint=record.get("checkpoint") if best else None,
+                config=config,
+                run_id=record.get("run_id"),
+                error=record.get("error"),
+                evaluations=len(rows),
+                train_seconds=train_seconds,
+                setup_seconds=record.get("setup_seconds"),
+                history=rows,
             )
         )
         timings.append(_timing(callback, trial_id, ordinal, state, train_seconds))

@@ -1,5 +1,6 @@
 """Checkpoints: ``state_dict`` plus the resolved config and metrics, loadable with
 ``torch.load(path, weights_only=True)`` (never a pickled model object)."""
+
 from __future__ import annotations
 
 import os

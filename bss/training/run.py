@@ -1,4 +1,5 @@
 """A training run recorded in MLflow: params, per-evaluation metrics, checkpoint and overlays."""
+
 from __future__ import annotations
 
 from bss.config import Config

@@ -12,6 +12,7 @@ Each switch comes from the config and can be turned off on its own:
 
 A config without the last three keys gets their defaults.
 """
+
 from __future__ import annotations
 
 import contextlib

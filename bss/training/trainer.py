@@ -13,6 +13,7 @@ check), evaluation counts stay on the device until the end of the evaluation, an
 only touched when a run is active. ``bench/train_throughput.py`` measures the result against a
 bare PyTorch loop.
 """
+
 from __future__ import annotations
 
 import math
@@ -228,7 +229,12 @@ class Trainer:
                     continue
                 evaluation += 1
                 scores = self.evaluate(eval_loader)
-                row = {"epoch": epoch + step / steps, "evaluation": evaluation, "train_loss": float(loss_sum) / step, "epoch_seconds": time.perf_counter() - epoch_start}
+                row = {
+                    "epoch": epoch + step / steps,
+                    "evaluation": evaluation,
+                    "train_loss": float(loss_sum) / step,
+                    "epoch_seconds": time.perf_counter() - epoch_start,
+                }
                 row.update({f"eval_{k}": v for k, v in scores.items()})
                 improved = best is None or scores[cfg.selection_metric] > best[cfg.selection_metric]
                 if improved:
@@ -241,7 +247,9 @@ class Trainer:
                     callback(dict(row, checkpoint=str(checkpoint)))
             bar.close()
             if self.progress and history:
-                tqdm.write(f"epoch {epoch + 1}/{self.epochs}: loss {float(loss_sum) / max(step, 1):.4f}  eval IoU {history[-1]['eval_iou']:.3f}  Dice {history[-1]['eval_dice']:.3f}  Recall {history[-1]['eval_recall']:.3f}  Precision {history[-1]['eval_precision']:.3f}")
+                tqdm.write(
+                    f"epoch {epoch + 1}/{self.epochs}: loss {float(loss_sum) / max(step, 1):.4f}  eval IoU {history[-1]['eval_iou']:.3f}  Dice {history[-1]['eval_dice']:.3f}  Recall {history[-1]['eval_recall']:.3f}  Precision {history[-1]['eval_precision']:.3f}"
+                )
         if cfg.visualization_samples:
             self.write_overlays(self.output_dir / "overlays.png", checkpoint)
         return TrainResult(best_metrics=best, best_epoch=best_epoch, checkpoint=checkpoint, history=history, seconds=time.perf_counter() - start)
