@@ -24,24 +24,54 @@ def tint(rgb: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float = 0
     return out
 
 
-def overlay_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, gap: int = 4) -> Path:
-    """Write a PNG with one row per sample: image | truth (green) | prediction (red)."""
+def _text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float = 0.4, colour=(0, 0, 0), background=None) -> None:
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x, y = origin
+    if background is not None:
+        cv2.rectangle(image, (x - 2, y - h - 2), (x + w + 2, y + base), background, -1)
+    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def image_grid(
+    rows: list[list[np.ndarray]], path: str | Path, headers: list[str] = (), labels: list[list[str]] | None = None, caption: str = "", gap: int = 4
+) -> Path:
+    """A PNG of ``rows`` of RGB panels, a header over each column, a label in the corner of each
+    panel (``labels[row][column]``, "" for none) and a caption line at the bottom."""
     if not rows:
         raise ValueError("no samples to draw")
-    tiles = []
-    for rgb, truth, pred in rows:
-        panels = [rgb, tint(rgb, truth, TRUTH_COLOUR), tint(rgb, pred, PRED_COLOUR)]
-        spacer = np.full((rgb.shape[0], gap, 3), 255, dtype=np.uint8)
-        tiles.append(np.concatenate([panels[0], spacer, panels[1], spacer, panels[2]], axis=1))
-    width = max(t.shape[1] for t in tiles)
-    spaced = []
-    for tile in tiles:
-        tile = np.pad(tile, ((0, gap), (0, width - tile.shape[1]), (0, 0)), constant_values=255)
-        spaced.append(tile)
+    height, width = max(p.shape[0] for r in rows for p in r), max(p.shape[1] for r in rows for p in r)
+    columns = max(len(r) for r in rows)
+    bar = 18
+    sheet = np.full((bar + len(rows) * (height + gap) + (bar if caption else 0), columns * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for c, header in enumerate(headers):
+        _text(sheet, header, (c * (width + gap) + 2, bar - 5))
+    for r, panels in enumerate(rows):
+        top = bar + r * (height + gap)
+        for c, panel in enumerate(panels):
+            left = c * (width + gap)
+            sheet[top : top + panel.shape[0], left : left + panel.shape[1]] = panel
+            label = labels[r][c] if labels and c < len(labels[r]) else ""
+            if label:
+                _text(sheet, label, (left + 3, top + 13), colour=(255, 255, 255), background=(0, 0, 0))
+    if caption:
+        _text(sheet, caption, (2, sheet.shape[0] - 5))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, np.concatenate(spaced, axis=0))
+    write_image(path, sheet)
     return path
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def overlay_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, caption: str = "", gap: int = 4) -> Path:
+    """One row per sample: image | truth (green) | prediction (red), with the per-image IoU."""
+    panels = [[rgb, tint(rgb, truth, TRUTH_COLOUR), tint(rgb, pred, PRED_COLOUR)] for rgb, truth, pred in rows]
+    labels = [["", "", f"IoU {mask_iou(truth, pred):.2f}"] for _, truth, pred in rows]
+    return image_grid(panels, path, headers=["image", "truth", "prediction"], labels=labels, caption=caption, gap=gap)
 
 
 def overlay_rows(predict, data, samples: int, threshold: float) -> list[tuple]:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -194,6 +195,67 @@ def test_end_to_end_loop(reference):
     history = MlflowClient(inputs["tracking_uri"]).get_metric_history(trials[0].info.run_id, "eval_iou")
     assert len(history) >= 1  # per-evaluation metrics of every trial
     assert "final_test_recall" in parent.data.metrics and "final_eval_recall" in parent.data.metrics
+
+
+def test_the_mlflow_record_of_a_loop(reference, tmp_path):
+    """What a user sees in MLflow: the experiment opens on its runs, the loop run's top-level
+    figures are the final model's, iterations and trials say what they are, datasets, images,
+    source, description and a registered model that predicts like drivers/predict.py."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from bss.data.io import read_image, read_mask
+    from bss.predict import predict_folder
+
+    inputs, result = reference
+    uri, run = inputs["tracking_uri"], Path(inputs["run_dir"])
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bss-search")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = mlflow_runs(uri)
+    (parent,) = runs["loop"]
+    final = result.final_iteration
+    row = next(r for r in result.rows if r["iteration"] == final)
+    assert parent.data.metrics["eval_iou"] == pytest.approx(row["eval_iou"]) == pytest.approx(parent.data.metrics["final_eval_iou"])
+    assert parent.data.metrics["test_iou"] == pytest.approx(row["test_iou"])
+    series = client.get_metric_history(parent.info.run_id, "iteration_eval_iou")
+    assert sorted((m.step, round(m.value, 6)) for m in series) == sorted((r["iteration"], round(r["eval_iou"], 6)) for r in result.rows)
+    assert parent.data.tags["mlflow.note.content"].startswith("# BSS self-training loop")
+    assert len(parent.data.tags.get("mlflow.source.git.commit", "")) == 40
+    assert any(k.startswith("system/cpu_utilization") for k in parent.data.metrics)
+    for it in runs["iteration"]:
+        k = int(it.data.tags["bss.iteration"])
+        assert it.data.params["iteration"] == str(k) and it.data.metrics["iteration"] == k
+        inputs_logged = {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for d in client.get_run(it.info.run_id).inputs.dataset_inputs}
+        assert inputs_logged == {state_train(run, k): "training", "toy_EVAL": "evaluation"}
+    state = json.loads((run / "state.json").read_text())
+    promoted = {it["promoted"]["run_id"] for it in state["iterations"]}
+    for t in runs["trial"]:
+        assert (t.data.tags.get("bss.promoted") == "true") == (t.info.run_id in promoted)
+        assert "best_eval_iou" in t.data.metrics and t.info.status == "FINISHED"  # stopped trials too
+        assert not any(k.startswith(("tracking.", "output_dir")) for k in t.data.params)
+    images = [f.path for f in client.list_artifacts(parent.info.run_id, "images")]
+    assert any("eval_predictions" in p for p in images) and any("refined_masks" in p for p in images)
+    # the Optuna study of each search, for optuna-dashboard
+    import optuna
+
+    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(f"sqlite:///{run / 'optuna.db'}")}
+    assert studies == {"toy iteration 0": 2, "toy iteration 1": 2}
+    # the registered model predicts the masks drivers/predict.py writes
+    version = client.get_model_version_by_alias("bss-toy", "best")
+    assert state["registered_model"]["version"] == str(version.version)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/bss-toy@best")
+    images_dir = Path(inputs["data_root"]) / "toy_TEST" / "images"
+    predicted = predict_folder(run / "best.pt", images_dir, tmp_path / "pred", progress=False)
+    for path in sorted(images_dir.iterdir())[:2]:
+        mask = model.predict(read_image(path))[0]
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255} and mask.any()
+        assert np.array_equal(mask > 0, read_mask(predicted.out / "masks" / f"{path.stem}.png") > 0)
+
+
+def state_train(run: Path, k: int) -> str:
+    return json.loads((run / "state.json").read_text())["iterations"][k]["train_dataset"]
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path, capfd):

@@ -48,4 +48,5 @@ def draw_overlays(checkpoint: str | Path, dataset: str, data_root: str | Path, p
     model, config = load_model(checkpoint, device=device)
     data = SegmentationDataset(resolve_dataset(dataset, data_root), (config.height, config.width), augment=False, cache=False)
     rows = overlay_rows(lambda batch: torch.sigmoid(model(batch.to(device)).float())[0, 0].cpu().numpy(), data, samples, config.threshold)
-    return overlay_grid(rows, path) if rows else None
+    caption = f"{dataset}, first {len(rows)} images, threshold {config.threshold:g}, at {config.width}x{config.height}"
+    return overlay_grid(rows, path, caption=caption) if rows else None

@@ -85,13 +85,27 @@ def log_report(run: LoopRun, rows: list[dict], paths: dict, final: int | None) -
         tr.metrics(parent, {f"iteration_{k}": v for k, v in scores.items()} | {"iteration": r["iteration"]}, step=r["iteration"])
         if r.get("test_iou") is not None:
             tr.metrics(run.state.iterations[r["iteration"]]["run_id"], {f"test_{m}": r[f"test_{m}"] for m in METRICS})
+    tr.describe(parent, paths["md"].read_text())
     if final is not None:
         tr.artifact(parent, run.run_dir / "best.pt", "final")
         tr.artifact(parent, run.run_dir / "config.yaml", "final")
+        register_final_model(run, parent, final)
         row = next(r for r in rows if r["iteration"] == final)
         scores = {k: v for k, v in row.items() if k.startswith(("eval_", "test_")) and v is not None}
         tr.metrics(parent, scores | {f"final_{k}": v for k, v in scores.items()} | {"final_iteration": final}, step=final)
     tr.end(parent, "FINISHED")
+
+
+def register_final_model(run: LoopRun, parent: str | None, final: int) -> None:
+    """The final model in the MLflow model registry as ``bss-<dataset>``, alias ``best``."""
+    if run.state.get("registered_model"):
+        return
+    name = f"bss-{run.settings.dataset}"
+    version = run.tracker.register_model(parent, run.run_dir / "best.pt", name, alias="best")
+    if version is not None:
+        run.state.data["registered_model"] = {"name": name, "version": version, "alias": "best", "iteration": final}
+        run.state.save()
+        run.say(f"registered the final model as {name} version {version} (models:/{name}@best)")
 
 
 def print_summary(run: LoopRun, rows: list[dict]) -> None:

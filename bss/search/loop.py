@@ -350,6 +350,7 @@ class Loop:
         if not self.ray_started:
             _, _, self.ray_started = start_ray(None, cpus, gpus)
         self.start_tracking()
+        monitor = self.run.tracker.system_metrics(self.run.state.get("parent_run_id"))  # CPU, memory, GPU of the loop
         try:
             for k in range(settings.iterations):
                 if not self.iteration(k):
@@ -364,6 +365,7 @@ class Loop:
             self.abort("FAILED")
             raise
         finally:
+            Tracker.stop_system_metrics(monitor)
             if self.ray_started:
                 import ray
 

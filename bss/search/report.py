@@ -96,6 +96,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
         for split, style in (("eval", "-"), ("test", "--")):
             ax.plot(xs, _series(rows, f"{split}_{m}"), style, marker=MARKERS[split], color=COLOURS[split], label=f"{split.upper()} {name}")
         ax.set_title(name, fontsize=10)
+        ax.set_ylabel(name, fontsize=8)
     lab = axes.flat[4]
     lab.plot(xs, _series(rows, "eval_label_iou"), "-", marker="D", color="tab:purple", label="as a teacher: EVAL label IoU")
     lab.plot([x + 0.05 for x in xs], _series(rows, "label_hybrid_iou_pixels"), "--", marker="P", color="tab:brown", label="H<n> it made: label IoU vs truth")
@@ -104,6 +105,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
         if value is not None:
             lab.axhline(value, color=colour, ls=":", alpha=0.8, label=f"{label} ({value:.3f})")
     lab.set_title("label quality (IoU over all pixels)", fontsize=10)
+    lab.set_ylabel("label IoU", fontsize=8)
     for ax in list(axes.flat)[:5]:
         if final:
             ax.axvline(final[0], color="grey", alpha=0.25, lw=8, label="final model")

@@ -32,10 +32,31 @@ class OptunaSearcher(Searcher):
         warnings.filterwarnings("ignore", module="optuna")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = context.space
+        storage = study_storage(context.study)
         alg = OptunaSearch(
-            space=space.optuna_space(), metric="search_score", mode="max", sampler=self.sampler(space, context.seed), points_to_evaluate=points or None
+            space=space.optuna_space(),
+            metric="search_score",
+            mode="max",
+            sampler=self.sampler(space, context.seed),
+            points_to_evaluate=points or None,
+            storage=storage,
+            study_name=context.study["name"] if storage is not None else None,
         )
         return alg, None, trials
+
+
+def study_storage(study: dict | None):
+    """An Optuna RDB storage for ``study`` ({"storage", "name"}), emptied of an earlier study of
+    that name: a restarted search starts its study afresh and replays its finished trials into
+    it, so the searcher sees exactly what the first attempt saw (exact resume). None: in memory."""
+    if not study:
+        return None
+    import optuna
+
+    storage = optuna.storages.RDBStorage(study["storage"])
+    if study["name"] in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        optuna.delete_study(study_name=study["name"], storage=storage)
+    return storage
 
 
 class TPE(OptunaSearcher):

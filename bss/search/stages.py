@@ -141,6 +141,7 @@ def search_context(run: LoopRun, k: int, it: dict):
         gpus=run.resources.gpus_per_trial,
         tracking=tracking,
         seeds=seeds,
+        study={"storage": f"sqlite:///{(run.run_dir / 'optuna.db').resolve()}", "name": f"{s.dataset} iteration {k}"},
     )
     return context, algorithm, scheduler, points, what
 
@@ -152,7 +153,11 @@ def search_stage(run: LoopRun, k: int, it: dict) -> dict:
     n_images = count_images(Path(s.data_root) / it["train_dataset"])
     run.say(f"\n== iteration {k}: {what} on {it['train_dataset']} ({n_images} images), judged on {s.dataset}_EVAL ==")
     mode = "retrain" if algorithm == "replicas" else "search"
-    run.tracker.params(it["run_id"], {"train_dataset": it["train_dataset"], "mode": mode, "trials": s.trials, "seed": context.seed, "algorithm": algorithm})
+    run.tracker.params(
+        it["run_id"], {"iteration": k, "train_dataset": it["train_dataset"], "mode": mode, "trials": s.trials, "seed": context.seed, "algorithm": algorithm}
+    )
+    run.tracker.metrics(it["run_id"], {"iteration": k})
+    log_lineage(run, it["run_id"], {it["train_dataset"]: "training", f"{s.dataset}_EVAL": "evaluation"})
     outcome = run_search(
         context,
         s.trials,
@@ -196,6 +201,17 @@ def search_stage(run: LoopRun, k: int, it: dict) -> dict:
     return it["search"]
 
 
+def log_lineage(run: LoopRun, run_id: str | None, datasets: dict[str, str]) -> None:
+    """``mlflow.log_input`` for each dataset name -> context (training, evaluation, test)."""
+    from bss.data.layout import dataset_digest
+
+    for name, context in datasets.items():
+        folder = Path(run.settings.data_root) / name
+        if folder.is_dir():
+            digest, profile = dataset_digest(folder)
+            run.tracker.dataset(run_id, name, digest, folder.resolve(), profile, context)
+
+
 def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
     """The promotion rule's winner of iteration k's search, copied to ``iter_<k>/`` (None: no winner)."""
     s = run.settings
@@ -229,6 +245,10 @@ def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
     for path in (promoted.checkpoint, promoted.config_path, iter_dir / "promotion.json", overlays):
         if path:
             tr.artifact(run_id, path, "promoted")
+    if overlays:  # an image slider over the iterations, on the loop run
+        from bss.data.io import read_image
+
+        tr.image(run.state.get("parent_run_id"), read_image(overlays), key="eval_predictions", step=k)
     from bss.search.tune_callback import short_params
 
     m = promoted.metrics
@@ -395,6 +415,7 @@ def make_hybrid_stage(run: LoopRun, k: int, it: dict, teacher: dict) -> dict:
     tr.artifact(run_id, folder / "label_quality.json", "hybrid")
     tr.metrics(run_id, {f"hybrid_{key}": v for key, v in (label_quality or {}).items()})
     tr.tag(run_id, "bss.hybrid", folder.name)
+    draw_refined_sheet(run, k, folder)
     quality = (
         f"; label IoU vs truth: boxes {label_quality.get('box_iou_pixels', float('nan')):.3f} -> refined {label_quality.get('hybrid_iou_pixels', float('nan')):.3f}"
         if label_quality
@@ -402,3 +423,19 @@ def make_hybrid_stage(run: LoopRun, k: int, it: dict, teacher: dict) -> dict:
     )
     run.say(f"iteration {k}: {folder.name}: {hybrid['images']} images{quality}")
     return hybrid
+
+
+def draw_refined_sheet(run: LoopRun, k: int, folder: Path) -> None:
+    """box | H<n> | truth for a few refined images: an artifact of iteration k, and a step of the
+    loop run's ``refined_masks`` image slider."""
+    from bss.data.io import read_image
+    from bss.hybrid.sheet import refined_sheet
+
+    try:
+        sheet = refined_sheet(folder, run.run_dir / f"iter_{k}" / "refined_masks.png")
+    except (BSSError, OSError, KeyError, ValueError) as exc:  # a picture is not worth stopping the loop
+        run.say(f"warning: could not draw the refined masks of {folder.name}: {exc}")
+        return
+    if sheet is not None:
+        run.tracker.artifact(run.state.iterations[k]["run_id"], sheet, "hybrid")
+        run.tracker.image(run.state.get("parent_run_id"), read_image(sheet), key="refined_masks", step=k)

@@ -48,6 +48,7 @@ class TrialContext:
     gpus: float = 0.0
     tracking: dict | None = None  # {"uri", "experiment_id", "parent_run_id"}
     seeds: dict = field(default_factory=dict)  # retraining: replica -> seed
+    study: dict | None = None  # {"storage": Optuna RDB URL, "name": study name}: the searcher's history, for optuna-dashboard
 
     def trial_config(self, params: dict) -> dict:
         """The resolved training config of a trial, as a plain dict."""
@@ -217,11 +218,13 @@ class TrialAttempt:
             if self.state["state"] == "complete":  # every evaluation is in: the trial stands
                 return
             raise
-        except BaseException:  # SystemExit: Tune stopped the trial (ASHA, time budget)
-            status, tags = "KILLED", {"bss.outcome": "stopped"}
+        except BaseException:  # SystemExit: Tune stopped the trial (ASHA, time budget): not a failure
+            status, tags = "FINISHED", {"bss.outcome": "stopped"}
             raise
         finally:
             if self.state["state"] != "complete" and self.tracker is not None and self.store.owned_by(self.state["attempt"]):
+                if tags.get("bss.outcome") == "stopped" and self.best is not None:
+                    self.tracker.metrics(self.run_id, {f"best_{k}": v for k, v in self.best.items() if k.startswith("eval_")})
                 self.tracker.end(self.run_id, status, tags)
 
     def failed(self, exc: Exception) -> tuple[str, dict]:

@@ -45,6 +45,14 @@ def error_text(trial) -> str | None:
     return getattr(trial, "error_msg", None)
 
 
+def finish_stopped_run(tracker, record: dict) -> None:
+    """A trial Tune stopped early (ASHA, the time budget) is a finished trial, not a failure:
+    FINISHED with ``bss.outcome=stopped`` and its best evaluation, like a completed trial's."""
+    best = record.get("best") or {}
+    tracker.metrics(record.get("run_id"), {f"best_{k}": v for k, v in best.items() if k.startswith("eval_")})
+    tracker.end(record.get("run_id"), "FINISHED", {"bss.outcome": "stopped"}, only_running=True)
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -120,7 +128,7 @@ class SearchCallback(Callback):
         else:
             record = store.mark_stopped()  # a trial still 'running' was stopped by ASHA or the time budget
             if record.get("state") == "stopped" and self.tracker is not None:
-                self.tracker.end(record.get("run_id"), "KILLED", {"bss.outcome": "stopped"}, only_running=True)
+                finish_stopped_run(self.tracker, record)
             self.outcome[trial.trial_id] = record.get("state") or "stopped"
         self.line(trial, f"{self.describe_end(store, record, self.outcome[trial.trial_id], trial)} | {self.counts()}")
 

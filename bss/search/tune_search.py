@@ -139,6 +139,8 @@ def build_scheduler(scheduler: dict, max_evaluations: int):
 
 def collect(context: TrialContext, callback) -> tuple[list[Candidate], list[dict]]:
     """Every trial the search started, in proposal order, read back from its store; and timings."""
+    from bss.search.tune_callback import finish_stopped_run
+
     tracker = context.tracker()
     candidates, timings = [], []
     for trial_id, (ordinal, params) in sorted(callback.order.items(), key=lambda item: item[1][0]):
@@ -148,8 +150,10 @@ def collect(context: TrialContext, callback) -> tuple[list[Candidate], list[dict
         state = record.get("state") or callback.outcome.get(trial_id, "lost")
         if state == "running":
             state = callback.outcome.get(trial_id, "lost")
-        if state in ("stopped", "lost") and tracker is not None:  # a kill can leave no callback: no run stays RUNNING
-            tracker.end(record.get("run_id"), "KILLED", {"bss.outcome": state}, only_running=True)
+        if state == "stopped" and tracker is not None:  # a kill can leave no callback: no run stays RUNNING
+            finish_stopped_run(tracker, record)
+        elif state == "lost" and tracker is not None:
+            tracker.end(record.get("run_id"), "KILLED", {"bss.outcome": "lost"}, only_running=True)
         store.remove_trainer_pick()  # left when ASHA stopped the trial
         best = record.get("best")
         train_seconds = float(record.get("train_seconds") or (rows[-1]["since_entry"] - rows[-1]["setup_seconds"] if rows else 0.0))
@@ -201,7 +205,7 @@ def clean_interrupted(trials_dir: str | Path, context: TrialContext) -> int:
     are deleted. Returns how many folders were removed.
     """
     tracker = context.tracker()
-    final = {"stopped": "KILLED", "complete": "FINISHED", "failed": "FAILED"}
+    final = {"stopped": "FINISHED", "complete": "FINISHED", "failed": "FAILED"}
     removed = 0
     for store in TrialStore.all(trials_dir):
         with store.lock():

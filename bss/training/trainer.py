@@ -274,7 +274,7 @@ class Trainer:
 
         rows = overlay_rows(predict, self.eval_set, self.config.visualization_samples, self.config.threshold)
         self.model.train()
-        overlay_grid(rows, path)
+        overlay_grid(rows, path, caption=f"{self.config.evaluation_dataset}, first {len(rows)} images, threshold {self.config.threshold:g}")
         if self.run_log is not None:
             self.run_log.artifact(path)
         return path

@@ -1,4 +1,4 @@
-"""MLflow, for the whole project: the only module that imports it.
+"""MLflow, for the whole project: this package is the only code that imports it.
 
 Default store: ``sqlite:///mlflow.db`` in the working directory, artifacts in ``mlartifacts/``
 beside it (MLflow's file store is in maintenance mode; with SQLite the artifact location must be
@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,8 +78,39 @@ def setup(uri: str, experiment: str) -> str:
                 if attempt == 2:
                     raise BSSError(f"cannot use the MLflow store {uri} (experiment {experiment!r}): {exc}") from None
                 time.sleep(0.5 * (attempt + 1))  # another host created it meanwhile: look again
+    mark_model_training(uri, exp_id)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def mark_model_training(uri: str, experiment_id: str) -> None:
+    """MLflow 3's UI opens an experiment on its GenAI traces view unless the experiment says it
+    is model training: the tag makes it open on its runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    key, value = EXPERIMENT_KIND
+    if client.get_experiment(experiment_id).tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """Where a run's code came from: the entry point and the git commit (MLflow's own tags, so
+    the UI shows them), and whether the work tree had uncommitted changes."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "bss"}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        return tags
+    if commit:
+        tags.update({"mlflow.source.git.commit": commit, "bss.git_dirty": str(bool(dirty)).lower()})
+    return tags
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -156,7 +190,7 @@ class Tracker:
     # ---- runs ----------------------------------------------------------------------------
     @_guarded
     def create(self, name: str, parent: str | None, tags: dict) -> str:
-        tags = {k: str(v) for k, v in tags.items()}
+        tags = source_tags() | {k: str(v) for k, v in tags.items()}
         if parent:
             tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -248,6 +282,59 @@ class Tracker:
     def tag(self, run_id: str | None, key: str, value) -> None:
         if run_id:
             self.client.set_tag(run_id, key, str(value)[:5000])
+
+    @_guarded
+    def image(self, run_id: str | None, image, key: str, step: int = 0) -> None:
+        """An image (uint8 (H, W, 3) array) under ``key`` at ``step``: the UI shows a slider over steps."""
+        if run_id and image is not None:
+            self.client.log_image(run_id, image, key=key, step=step)
+
+    @_guarded
+    def dataset(self, run_id: str | None, name: str, digest: str, source: str, profile: dict, context: str) -> None:
+        """Dataset lineage (``mlflow.log_input``): the dataset ``name`` with its ``digest``,
+        ``source`` path and ``profile`` (counts), used in ``context`` (training, evaluation, ...)."""
+        if not run_id:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": str(source)}), profile=json.dumps(profile))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+    @_guarded
+    def describe(self, run_id: str | None, markdown: str) -> None:
+        """The run's description (the UI's "Description" box)."""
+        if run_id:
+            self.client.set_tag(run_id, "mlflow.note.content", markdown[:20000])
+
+    @_guarded
+    def system_metrics(self, run_id: str | None, interval: float = 10.0):
+        """Start logging CPU, memory, disk (and GPU) use to ``run_id`` every ``interval`` seconds
+        in a background thread; returns the monitor (call :meth:`stop_system_metrics`), or None."""
+        if not run_id:
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
+    @staticmethod
+    def stop_system_metrics(monitor) -> None:
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception:  # noqa: BLE001 - the store may be gone; the thread ends either way
+                pass
+
+    @_guarded
+    def register_model(self, run_id: str | None, checkpoint: str | Path, name: str, alias: str = "best") -> str | None:
+        """Log ``checkpoint`` as a pyfunc model (:mod:`bss.tracking.model`) under ``run_id``,
+        register it as ``name`` and point ``alias`` at it; returns the version."""
+        if not run_id:
+            return None
+        from bss.tracking.model import log_segmentation_model
+
+        return log_segmentation_model(self.uri, str(checkpoint), run_id, name, alias)
 
     def run(self, run_id: str | None) -> "RunLog":
         return RunLog(self, run_id)
