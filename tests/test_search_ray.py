@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -252,6 +254,114 @@ def test_the_mlflow_record_of_a_loop(reference, tmp_path):
         mask = model.predict(read_image(path))[0]
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255} and mask.any()
         assert np.array_equal(mask > 0, read_mask(predicted.out / "masks" / f"{path.stem}.png") > 0)
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(reference, tmp_path):
+    """``mlflow ui`` on 127.0.0.1 over the reference loop's store (stopped after the test)."""
+    import urllib.request
+
+    port = _free_port()
+    log = open(tmp_path / "mlflow-ui.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", reference[0]["tracking_uri"], "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow ui did not start: {(tmp_path / 'mlflow-ui.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
+def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_path):
+    """The README's "MLflow: comparing iterations" steps, clicked in headless Chromium: the link
+    the loop prints opens the runs table (not the GenAI overview), the loop run expands into its
+    iterations, Compare on them offers the iteration as an axis. Screenshots: test-artifacts/browser/."""
+    from mlflow.tracking import MlflowClient
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from bss.tracking import ui_url
+
+    shots = Path(os.environ.get("BSS_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
+    shots.mkdir(parents=True, exist_ok=True)
+    exp = MlflowClient(reference[0]["tracking_uri"]).get_experiment_by_name("bss-search")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    wait = WebDriverWait(driver, 60)
+
+    def row(name: str):
+        return wait.until(EC.presence_of_element_located((By.XPATH, f"//*[@role='row'][.//a[normalize-space()='{name}']]")))
+
+    try:
+        # 1. the link the loop prints: the experiment's runs, filtered to the iterations
+        driver.get(ui_url(exp.experiment_id, "tags.bss.kind = 'iteration'", base=mlflow_ui))
+        loop = row("loop toy")
+        driver.save_screenshot(str(shots / "1-runs.png"))
+        text = driver.find_element(By.TAG_NAME, "body").text
+        assert "/runs" in driver.current_url and "matching runs" in text and "Token Usage" not in text  # not the GenAI overview
+        # 2. the iterations are nested under the loop run: its + shows them
+        loop.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()
+        iterations = [row(f"iteration {k}") for k in range(2)]
+        driver.save_screenshot(str(shots / "2-iterations.png"))
+        # 3. tick them and press Compare
+        for r in iterations:
+            r.find_element(By.CSS_SELECTOR, "input.ag-checkbox-input").click()
+        compare = wait.until(EC.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Compare']")))
+        compare.click()
+        wait.until(EC.url_contains("compare-runs"))
+        body = wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Comparing 2 Runs')]")))
+        assert body is not None
+        time.sleep(2)  # the plots render
+        driver.save_screenshot(str(shots / "3-compare.png"))
+        text = driver.find_element(By.TAG_NAME, "body").text
+        # the iteration is an axis: a param and a metric of every iteration run
+        parameters, metrics = text.split("Parameters:", 1)[1].split("Metrics:", 1)
+        assert "iteration" in parameters.split("Clear All")[0] and "iteration" in metrics.split("Clear All")[0]
+        assert "iteration 0" in text and "iteration 1" in text
+    finally:
+        driver.save_screenshot(str(shots / "last.png"))
+        driver.quit()
 
 
 def state_train(run: Path, k: int) -> str:

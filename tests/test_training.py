@@ -108,10 +108,12 @@ def test_overlay_png_has_three_panels_per_sample(split_root, tmp_path):
     cfg = from_dict(tiny_config_dict(split_root, tmp_path, visualization_samples=2))
     Trainer(cfg, progress=False).fit()
     png = np.asarray(Image.open(tmp_path / "run" / "overlays.png"))
-    assert png.shape[0] == 2 * (64 + 4) and png.shape[1] == 3 * 64 + 2 * 4
-    left = png[:64, :64].astype(int)
-    truth = png[:64, 68:132].astype(int)
+    bar = 18  # the column headers above, the caption below
+    assert png.shape[0] == bar + 2 * (64 + 4) + bar and png.shape[1] == 3 * 64 + 2 * 4
+    left = png[bar + 20 : bar + 64, :64].astype(int)  # below the corner label
+    truth = png[bar + 20 : bar + 64, 68:132].astype(int)
     assert (truth[..., 1] - left[..., 1]).max() > 50  # truth panel is tinted green somewhere
+    assert (png[:bar] < 128).any() and (png[-bar:] < 128).any()  # header and caption text
 
 
 def test_nan_loss_is_reported(split_root, tmp_path):

@@ -45,7 +45,7 @@ from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - par
 from bss.search.stages import LoopRun, count_images
 from bss.search.state import LoopState, RunLock
 from bss.search.stop import build_stop_rule
-from bss.tracking import Tracker
+from bss.tracking import Tracker, ui_command, ui_url
 
 # The embedded default: a synthetic dataset generated when --dataset names a defect class that
 # the data root does not hold. CPU: small enough for the whole loop in minutes on 2 cores.
@@ -322,6 +322,8 @@ class Loop:
         else:
             run.tracker.reopen(st.get("parent_run_id"))
         _say(f"  MLflow: {run.tracker.uri}, experiment {s.experiment}, loop run {st.get('parent_run_id')}")
+        iterations = ui_url(run.tracker.experiment_id, "tags.bss.kind = 'iteration'")
+        _say(f"    view: {ui_command(run.tracker.uri)}  ->  {iterations}")
 
     def iteration_run(self, k: int, it: dict) -> str:
         if not it.get("run_id"):

@@ -97,6 +97,19 @@ def mark_model_training(uri: str, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, key, value)
 
 
+def ui_url(experiment_id: str, search_filter: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in ``mlflow ui`` (its model-training view, optionally filtered)."""
+    from urllib.parse import quote
+
+    query = "workflowType=machine_learning" + (f"&searchFilter={quote(search_filter)}" if search_filter else "")
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def ui_command(uri: str) -> str:
+    """The ``mlflow ui`` command that opens ``uri`` (a tracking server is opened in a browser directly)."""
+    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith(("http://", "https://")) else f"open {uri}"
+
+
 @functools.cache
 def source_tags() -> dict[str, str]:
     """Where a run's code came from: the entry point and the git commit (MLflow's own tags, so
