@@ -34,8 +34,8 @@ class LoopRun:
 
     run_dir: Path
     settings: LoopSettings
-    state: LoopState
-    tracker: Tracker
+    state: LoopState | None  # None until a new run's data is ready (Loop.create_state)
+    tracker: Tracker | None  # None until Loop.start_tracking
     base: dict  # the base training config (validated)
     space: object  # SearchSpace
     resources: Resources
