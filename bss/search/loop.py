@@ -93,6 +93,7 @@ class LoopOptions:
     run_dir: str | None = None  # default runs/<dataset>
     resume: bool = False
     reuse_actors: bool = True
+    max_failures: int = 2  # retries of a trial whose worker or Ray node died
     progress: bool = True
     hybrid_batch_size: int = 8
 
@@ -246,6 +247,7 @@ class Loop:
             time_left=self.time_left,
             say=_say,
             reuse_actors=o.reuse_actors,
+            max_failures=o.max_failures,
             progress=o.progress,
             hybrid_batch_size=o.hybrid_batch_size,
         )

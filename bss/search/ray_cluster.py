@@ -45,8 +45,15 @@ def local_resources() -> tuple[int, int]:
 def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | None = None) -> tuple[int, int, bool]:
     """Join ``address`` or start a local Ray; reuse one already running in this process.
 
+    Joining a cluster with token authentication (``RAY_AUTH_MODE=token`` on its nodes) needs the
+    same token here (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``): Ray
+    reads ``~/.ray/auth_token`` by itself only for ``address="auto"``. A refused token is one
+    :class:`BSSError` line saying so.
+
     Returns (cluster CPUs, cluster GPUs, whether this call started Ray).
     """
+    if address:  # a refused token is retried once a second this many times (Ray's default: 20)
+        os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", "5")
     import ray
 
     quiet_environment()
@@ -74,11 +81,38 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
                     object_store_memory=256 * 1024**2,
                 )
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if address and _auth_failure(exc):
+                raise BSSError(auth_message(address)) from None
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise BSSError(f"cannot start or join {where}: {exc}") from None
         started = True
     res = ray.cluster_resources()
     return int(res.get("CPU", 0)), int(res.get("GPU", 0)), started
+
+
+def _auth_failure(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is Ray refusing this process's auth token."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if type(exc).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def auth_message(address: str) -> str:
+    """The one line a user gets when the cluster at ``address`` refuses this driver's token."""
+    if (os.environ.get("RAY_AUTH_MODE") or "").lower() != "token":
+        here = f"RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE') or 'unset'} here, so the driver sends none"
+    else:
+        here = "the driver sent the token from " + (
+            "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+        )
+    return (
+        f"the Ray cluster at {address} refused this driver's auth token (InvalidAuthToken: {here}). "
+        "Give the driver and every `ray start` of the cluster the same token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the head's token file> "
+        "(or RAY_AUTH_TOKEN), or start the whole cluster with RAY_AUTH_MODE=disabled; see README, Running on a cluster."
+    )
 
 
 @dataclass

@@ -1,0 +1,209 @@
+"""The loop on a real multi-node Ray cluster (``ray start`` head + worker nodes, one machine) with a
+real ``mlflow server``, and what survives losing a node.
+
+* two 1-CPU worker nodes, a head with 0 CPUs (no trial beside the driver), the driver
+  ``drivers/search.py --address``, MLflow through ``--tracking-uri http://...``: the trials ran on
+  both workers (their records name the node), the results equal a local run with the same seed
+  and concurrency 1, every run, metric and artifact is on the server;
+* a driver without the cluster's auth token gets one line saying how to pass it;
+* a worker node killed mid-search: its trial is retried on the other node, the loop finishes, the
+  lost attempt is recorded (record.json ``lost_attempts``, its MLflow run KILLED with
+  ``bss.outcome=lost``), no run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster import MlflowServer, RayNodes  # noqa: E402
+from conftest import make_source_dataset, tiny_config_dict  # noqa: E402
+
+from bss.search.loop import LoopOptions, run_loop  # noqa: E402
+
+# every proposal is one of Optuna's seeded start-up samples, and FIFO stops nothing: the trials do
+# not depend on which finishes first, so 2 at a time on the cluster = 1 at a time locally
+SPACE = {
+    "fixed": {"train_steps": 8, "epochs": 1, "evaluations": 2, "batch_size": 2, "visualization_samples": 0},
+    "params": {"learning_rate": {"loguniform": [3.0e-3, 3.0e-2]}, "criterion.args.alpha": {"uniform": [0.3, 0.7]}},
+    "searcher": {"algorithm": "tpe", "trials": 2, "n_startup_trials": 2},
+    "scheduler": {"name": "fifo"},
+}
+FLAGS = ["--dataset", "toy", "--iterations", "1", "--trials", "2", "--promotion", "floor", "--floor", "0.0", "--seed", "5", "--experiment", "bss-search"]
+
+
+def make_inputs(folder: Path, space: dict = SPACE) -> dict:
+    root = folder / "datasets"
+    make_source_dataset(root)
+    (folder / "config.yaml").write_text(yaml.safe_dump(tiny_config_dict(root, folder)))
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    return {"data_root": str(root), "config": str(folder / "config.yaml"), "space": str(folder / "space.yaml"), "run_dir": str(folder / "run")}
+
+
+def driver(inputs: dict, *extra: str) -> list[str]:
+    paths = ["--data-root", inputs["data_root"], "--config", inputs["config"], "--space", inputs["space"], "--run-dir", inputs["run_dir"]]
+    return [sys.executable, str(REPO / "drivers" / "search.py"), *FLAGS, *paths, *extra]
+
+
+def run_driver(cmd: list[str], env: dict, log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=dict(env, PYTHONUNBUFFERED="1", TQDM_DISABLE="1"), capture_output=True, text=True, timeout=timeout)
+    log.write_text(result.stdout + result.stderr)
+    return result
+
+
+def outcome(run_dir: str) -> list:
+    """What a cluster run and a local run must agree on."""
+    state = json.loads((Path(run_dir) / "state.json").read_text())
+    out = []
+    for it in state["iterations"]:
+        trials = sorted((t["ordinal"], t["state"], t["params"], t["best"] and round(t["best"]["eval_iou"], 5)) for t in it["search"]["trials"])
+        promoted = (it["promoted"]["ordinal"], {k: round(v, 5) for k, v in it["promoted"]["metrics"].items()})
+        out.append((it["train_dataset"], trials, promoted, it["decision"]["verdict"], {k: round(v, 5) for k, v in it["test"].items()}))
+    return out
+
+
+def records(run_dir: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("iter_*/trials/t*/record.json"))]
+
+
+def server_runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bss-search")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """One cluster for the module: a head with no CPU for trials and two 1-CPU worker nodes
+    (the node-loss test, last, kills w1)."""
+    cluster = RayNodes()
+    try:
+        cluster.head(cpus=0)
+        cluster.worker("w1")
+        cluster.worker("w2")
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path / "mlflow-server")
+    yield srv
+    srv.stop()
+
+
+def test_search_on_two_worker_nodes_with_a_tracking_server_equals_a_local_run(nodes, server, tmp_path):
+    inputs = make_inputs(tmp_path / "cluster")
+    cmd = driver(inputs, "--address", nodes.address, "--concurrency", "2", "--tracking-uri", server.uri)
+    result = run_driver(cmd, nodes.env, tmp_path / "cluster.log")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    # the trials ran on both worker nodes, never on the head (it has no CPU for them)
+    where = [(r["node_name"], r["node_id"]) for r in records(inputs["run_dir"])]
+    assert sorted(name for name, _ in where) == ["w1", "w2"] and len({node for _, node in where}) == 2, where
+
+    local = make_inputs(tmp_path / "local")
+    run_loop(
+        LoopOptions(
+            dataset="toy",
+            iterations=1,
+            trials=2,
+            promotion="floor",
+            floor=0.0,
+            seed=5,
+            concurrency=1,
+            data_root=local["data_root"],
+            config=local["config"],
+            space=local["space"],
+            run_dir=local["run_dir"],
+            tracking_uri=f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}",
+            progress=False,
+        )
+    )
+    assert outcome(inputs["run_dir"]) == outcome(local["run_dir"])
+
+    # the tracking server has the whole run tree, every trial's metrics, and the artifacts (through the server)
+    runs = server_runs(server.uri)
+    kinds = sorted(r.data.tags.get("bss.kind") for r in runs)
+    assert kinds == ["iteration", "loop", "trial", "trial"], kinds
+    assert all(r.info.status == "FINISHED" for r in runs)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    for r in runs:
+        if r.data.tags["bss.kind"] == "trial":
+            assert len(client.get_metric_history(r.info.run_id, "eval_iou")) == 2 and "best_eval_iou" in r.data.metrics
+    (loop,) = [r for r in runs if r.data.tags["bss.kind"] == "loop"]
+    assert loop.info.artifact_uri.startswith("mlflow-artifacts:"), loop.info.artifact_uri
+    logged = {f.path for f in client.list_artifacts(loop.info.run_id, "report")} | {f.path for f in client.list_artifacts(loop.info.run_id, "final")}
+    assert {"report/report.md", "final/best.pt"} <= logged, logged
+    stored = {p.name for p in server.artifacts.rglob("*") if p.is_file()}
+    assert {"report.md", "best.pt", "base_config.yaml", "space.yaml"} <= stored, stored
+    assert not (Path(inputs["run_dir"]).parent / "mlartifacts").exists() and not list(Path(inputs["run_dir"]).parent.glob("*.db"))
+
+
+def test_a_driver_without_the_cluster_token_gets_one_clear_line(nodes, tmp_path):
+    inputs = make_inputs(tmp_path)
+    env = {k: v for k, v in nodes.env.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token of an earlier run either
+    result = run_driver(driver(inputs, "--address", nodes.address), env, tmp_path / "driver.log", timeout=120)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "refused this driver's auth token" in line and "RAY_AUTH_MODE is unset here" in line and "RAY_AUTH_TOKEN_PATH" in line
+    assert "Traceback" not in result.stderr and not Path(inputs["run_dir"]).exists()
+    assert not (tmp_path / "home" / ".ray").exists()
+
+
+def _running_on(run_dir: str, node: str) -> dict | None:
+    for record in records(run_dir):
+        if record.get("state") == "running" and record.get("node_name") == node and record.get("evaluations", 0) >= 1:
+            return record
+    return None
+
+
+def test_a_worker_node_lost_mid_search_is_survived(nodes, tmp_path):
+    space = dict(SPACE, fixed=dict(SPACE["fixed"], train_steps=24, evaluations=4))
+    inputs = make_inputs(tmp_path, space)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # one machine: the driver's SQLite is every node's
+    cmd = driver(inputs, "--address", nodes.address, "--concurrency", "2", "--tracking-uri", uri, "--max-failures", "2")
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(cmd, env=dict(nodes.env, PYTHONUNBUFFERED="1", TQDM_DISABLE="1"), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, victim = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None and victim is None:
+            victim = _running_on(inputs["run_dir"], "w1")
+            time.sleep(0.1)
+        assert victim is not None, (tmp_path / "driver.log").read_text()[-4000:]
+        nodes.kill("w1")  # mid-trial: its raylet and its worker die
+        assert proc.wait(300) == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    state = json.loads((Path(inputs["run_dir"]) / "state.json").read_text())
+    assert state["finished"]
+    trials = state["iterations"][0]["search"]["trials"]
+    assert [t["state"] for t in trials] == ["complete", "complete"]
+    (retried,) = [t for t in trials if t["key"] == victim["key"]]
+    assert retried["node_name"] == "w2" and [a["node_name"] for a in retried["lost_attempts"]] == ["w1"]
+    assert retried["lost_attempts"][0]["run_id"] == victim["run_id"] and retried["run_id"] != victim["run_id"]
+    from mlflow.tracking import MlflowClient
+
+    runs = server_runs(uri)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    lost = MlflowClient(uri).get_run(victim["run_id"])
+    assert lost.info.status == "KILLED" and lost.data.tags["bss.outcome"] == "lost"
+    assert sorted(r.data.tags.get("bss.outcome") for r in runs if r.data.tags.get("bss.kind") == "trial") == ["complete", "complete", "lost"]
+    assert "LOST with its worker" in (tmp_path / "driver.log").read_text()
