@@ -8,7 +8,10 @@ real ``mlflow server``, and what survives losing a node.
 * a driver without the cluster's auth token gets one line saying how to pass it;
 * a worker node killed mid-search: its trial is retried on the other node, the loop finishes, the
   lost attempt is recorded (record.json ``lost_attempts``, its MLflow run KILLED with
-  ``bss.outcome=lost``), no run is left RUNNING.
+  ``bss.outcome=lost``), no run is left RUNNING;
+* the head killed mid-search: the driver stops within seconds with one ``error:`` line (not Ray's
+  own 60 s GCS timeout), and ``--resume`` against a new cluster finishes the loop with the local
+  run's results (the trial that had finished is replayed, not trained again).
 """
 
 from __future__ import annotations
@@ -97,23 +100,11 @@ def nodes():
         cluster.shutdown()
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path / "mlflow-server")
-    yield srv
-    srv.stop()
-
-
-def test_search_on_two_worker_nodes_with_a_tracking_server_equals_a_local_run(nodes, server, tmp_path):
-    inputs = make_inputs(tmp_path / "cluster")
-    cmd = driver(inputs, "--address", nodes.address, "--concurrency", "2", "--tracking-uri", server.uri)
-    result = run_driver(cmd, nodes.env, tmp_path / "cluster.log")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    # the trials ran on both worker nodes, never on the head (it has no CPU for them)
-    where = [(r["node_name"], r["node_id"]) for r in records(inputs["run_dir"])]
-    assert sorted(name for name, _ in where) == ["w1", "w2"] and len({node for _, node in where}) == 2, where
-
-    local = make_inputs(tmp_path / "local")
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> list:
+    """The same loop run locally (a local Ray in this process), one trial at a time: its outcome."""
+    folder = tmp_path_factory.mktemp("local")
+    local = make_inputs(folder)
     run_loop(
         LoopOptions(
             dataset="toy",
@@ -127,11 +118,30 @@ def test_search_on_two_worker_nodes_with_a_tracking_server_equals_a_local_run(no
             config=local["config"],
             space=local["space"],
             run_dir=local["run_dir"],
-            tracking_uri=f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}",
+            tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
             progress=False,
         )
     )
-    assert outcome(inputs["run_dir"]) == outcome(local["run_dir"])
+    return outcome(local["run_dir"])
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path / "mlflow-server")
+    yield srv
+    srv.stop()
+
+
+def test_search_on_two_worker_nodes_with_a_tracking_server_equals_a_local_run(nodes, server, local_run, tmp_path):
+    inputs = make_inputs(tmp_path / "cluster")
+    cmd = driver(inputs, "--address", nodes.address, "--concurrency", "2", "--tracking-uri", server.uri)
+    result = run_driver(cmd, nodes.env, tmp_path / "cluster.log")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    # the trials ran on both worker nodes, never on the head (it has no CPU for them)
+    where = [(r["node_name"], r["node_id"]) for r in records(inputs["run_dir"])]
+    assert sorted(name for name, _ in where) == ["w1", "w2"] and len({node for _, node in where}) == 2, where
+
+    assert outcome(inputs["run_dir"]) == local_run
 
     # the tracking server has the whole run tree, every trial's metrics, and the artifacts (through the server)
     runs = server_runs(server.uri)
@@ -207,3 +217,51 @@ def test_a_worker_node_lost_mid_search_is_survived(nodes, tmp_path):
     assert lost.info.status == "KILLED" and lost.data.tags["bss.outcome"] == "lost"
     assert sorted(r.data.tags.get("bss.outcome") for r in runs if r.data.tags.get("bss.kind") == "trial") == ["complete", "complete", "lost"]
     assert "LOST with its worker" in (tmp_path / "driver.log").read_text()
+
+
+def test_a_lost_head_stops_the_driver_with_one_line_and_resume_continues_on_a_new_cluster(local_run, tmp_path):
+    inputs = make_inputs(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = RayNodes()
+    try:
+        first.head(cpus=0)
+        first.worker("w1")
+        cmd = driver(inputs, "--address", first.address, "--concurrency", "1", "--tracking-uri", uri)
+        proc = subprocess.Popen(cmd, env=dict(first.env, PYTHONUNBUFFERED="1", TQDM_DISABLE="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None and not any(r.get("state") == "complete" for r in records(inputs["run_dir"])):
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            killed = time.time()
+            first.kill("head")  # trial 1 is complete, trial 2 is starting or training
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stopped_after = time.time() - killed
+    finally:
+        first.shutdown()
+    assert proc.returncode == 2, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "lost the Ray cluster" in line and "--resume" in line and "Traceback" not in err
+    assert stopped_after < 30  # not Ray's own 60 s GCS timeout
+    state = json.loads((Path(inputs["run_dir"]) / "state.json").read_text())
+    assert not state.get("finished") and not state["iterations"][0].get("search", {}).get("done")
+
+    second = RayNodes()
+    try:
+        second.head(cpus=0)
+        second.worker("w1")
+        result = run_driver(
+            driver(inputs, "--address", second.address, "--concurrency", "1", "--tracking-uri", uri, "--resume"), second.env, tmp_path / "resume.log"
+        )
+    finally:
+        second.shutdown()
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "(replayed)" in result.stdout  # trial 1 was not trained again
+    assert outcome(inputs["run_dir"]) == local_run
+    runs = server_runs(uri)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert sorted(r.data.tags.get("bss.kind") for r in runs) == ["iteration", "loop", "trial", "trial"]

@@ -40,7 +40,7 @@ from bss.data.io import file_sha256
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.search import final_report, stages
 from bss.search.promotion import build_promotion_rule
-from bss.search.ray_cluster import local_resources, plan_resources, quiet_environment, start_ray
+from bss.search.ray_cluster import HeadWatch, local_resources, plan_resources, quiet_environment, start_ray, stop_ray
 from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - parse_duration: the driver's --budget
 from bss.search.stages import LoopRun, count_images
 from bss.search.state import LoopState, RunLock
@@ -352,6 +352,7 @@ class Loop:
         if not self.ray_started:
             _, _, self.ray_started = start_ray(None, cpus, gpus)
         self.start_tracking()
+        HeadWatch.on_lost(lambda message: self.abort("FAILED", message))
         try:
             for k in range(settings.iterations):
                 if not self.iteration(k):
@@ -367,9 +368,7 @@ class Loop:
             raise
         finally:
             if self.ray_started:
-                import ray
-
-                ray.shutdown()
+                stop_ray()
 
     def iteration(self, k: int) -> bool:
         """Run iteration k's stages that are not done yet; False: the loop stops here."""
@@ -413,11 +412,12 @@ class Loop:
         best = st.get("best")
         return LoopResult(self.run_dir, st.data, rows, best["iteration"] if best else None, st.get("stopped"), st.get("report"))
 
-    def abort(self, status: str) -> None:
+    def abort(self, status: str, why: str | None = None) -> None:
         if self.run is None or self.run.tracker is None:
             return
-        self.run.tracker.end(self.current_run, status)
-        self.run.tracker.end(self.run.state.get("parent_run_id") if self.run.state else None, status)
+        tags = {"bss.error": why} if why else None
+        self.run.tracker.end(self.current_run, status, tags)
+        self.run.tracker.end(self.run.state.get("parent_run_id") if self.run.state else None, status, tags)
 
 
 def run_loop(opts: LoopOptions) -> LoopResult:

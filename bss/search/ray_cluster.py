@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +90,89 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise BSSError(f"cannot start or join {where}: {exc}") from None
         started = True
+        if address:
+            HeadWatch.start(ray.get_runtime_context().gcs_address)
     res = ray.cluster_resources()
     return int(res.get("CPU", 0)), int(res.get("GPU", 0)), started
+
+
+class HeadWatch:
+    """Watches the head (GCS) of a cluster the driver joined, and stops the driver cleanly when it is gone.
+
+    Without it, a driver whose head died hangs in a Ray call to the GCS (Tune's resource update
+    blocks in C++, deaf to signals) until Ray's core worker ends the process 60 s later with a C++
+    log line (``gcs_rpc_server_reconnect_timeout_s``). This thread notices first: after ``grace``
+    seconds without a TCP connection to the GCS port it runs the ``on_lost`` hooks (the loop ends
+    its MLflow runs), prints one ``error:`` line and ends the process with exit code 2. The loop's
+    state holds every completed stage: ``--resume`` against a restarted cluster continues.
+    """
+
+    current: "HeadWatch | None" = None
+
+    def __init__(self, gcs_address: str, grace: float = 8.0, period: float = 1.0):
+        host, _, port = gcs_address.rpartition(":")
+        self.address, self.host, self.port, self.grace, self.period = gcs_address, host.strip("[]"), int(port), grace, period
+        self.hooks: list = []
+        self.stopped = threading.Event()
+
+    @classmethod
+    def start(cls, gcs_address: str) -> "HeadWatch":
+        cls.stop()
+        cls.current = watch = cls(gcs_address)
+        threading.Thread(target=watch.run, name="bss-head-watch", daemon=True).start()
+        return watch
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.current is not None:
+            cls.current.stopped.set()
+        cls.current = None
+
+    @classmethod
+    def on_lost(cls, hook) -> None:
+        """Call ``hook(message)`` before the driver ends because the cluster is lost."""
+        if cls.current is not None:
+            cls.current.hooks.append(hook)
+
+    def reachable(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2.0):
+                return True
+        except OSError:
+            return False
+
+    def run(self) -> None:
+        down_since = None
+        while not self.stopped.wait(self.period):
+            if self.reachable():
+                down_since = None
+                continue
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since >= self.grace and not self.stopped.is_set():
+                self.end()
+
+    def end(self) -> None:
+        message = f"lost the Ray cluster: its head (GCS at {self.address}) has not answered for {self.grace:.0f} s"
+        for hook in self.hooks:
+            try:
+                hook(message)
+            except Exception:  # noqa: BLE001 - the process ends anyway
+                pass
+        sys.stdout.flush()
+        print(
+            f"error: {message}. The completed stages are saved in the run folder; start the cluster again and rerun the same command with --resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()`` after a loop, and no more watching the head."""
+    import ray
+
+    HeadWatch.stop()
+    ray.shutdown()
 
 
 def _auth_failure(exc: BaseException | None) -> bool:
