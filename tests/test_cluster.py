@@ -137,6 +137,7 @@ def test_search_on_two_worker_nodes_with_a_tracking_server_equals_a_local_run(no
     cmd = driver(inputs, "--address", nodes.address, "--concurrency", "2", "--tracking-uri", server.uri)
     result = run_driver(cmd, nodes.env, tmp_path / "cluster.log")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "View run" not in result.stdout  # MLflow's per-run URL lines are off
     # the trials ran on both worker nodes, never on the head (it has no CPU for them)
     where = [(r["node_name"], r["node_id"]) for r in records(inputs["run_dir"])]
     assert sorted(name for name, _ in where) == ["w1", "w2"] and len({node for _, node in where}) == 2, where
@@ -265,3 +266,63 @@ def test_a_lost_head_stops_the_driver_with_one_line_and_resume_continues_on_a_ne
     runs = server_runs(uri)
     assert all(r.info.status != "RUNNING" for r in runs)
     assert sorted(r.data.tags.get("bss.kind") for r in runs) == ["iteration", "loop", "trial", "trial"]
+
+
+_PLAN_AND_RUN = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from bss.search.ray_cluster import node_resources, plan_resources, start_ray
+cpus, gpus, _ = start_ray(sys.argv[2])
+nodes = node_resources()
+plan = plan_resources(cpus, gpus, trials=8, nodes=nodes)
+from ray import tune
+
+def trainable(config):
+    import ray
+    start = time.time()
+    time.sleep(3)
+    node = ray.get_runtime_context().get_node_id()
+    tune.report({"score": 0.0, "start": start, "end": time.time(), "node": node, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]})
+
+tuner = tune.Tuner(
+    tune.with_resources(trainable, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}),
+    param_space={"x": tune.grid_search(list(range(8)))},
+    tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=plan.concurrency),
+    run_config=tune.RunConfig(storage_path=sys.argv[3], verbose=0, log_to_file=False),
+)
+rows = [r.metrics for r in tuner.fit()]
+print("RESULT " + json.dumps({"nodes": sorted(nodes), "plan": plan.__dict__, "rows": [{k: r[k] for k in ("start", "end", "node", "gpu_ids")} for r in rows]}))
+"""
+
+
+def test_fractional_gpus_are_planned_node_by_node_on_nodes_with_different_gpu_counts(tmp_path):
+    """Logical GPUs (``ray start --num-gpus``) on this CPU machine: nodes of 2 CPU + 1 GPU and
+    2 CPU + 2 GPU. Half a GPU per trial would be 6 trials by the cluster's totals, but the
+    2-GPU node has CPUs for only 2: the plan is 4 at a time, 1 CPU each, and Ray runs exactly that."""
+    cluster = RayNodes()
+    try:
+        cluster.head(cpus=0)
+        cluster.worker("g1", cpus=2, gpus=1)
+        cluster.worker("g2", cpus=2, gpus=2)
+        result = subprocess.run(
+            [sys.executable, "-c", _PLAN_AND_RUN, str(REPO), cluster.address, str(tmp_path / "tune")],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        cluster.shutdown()
+    line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, (result.stdout + result.stderr)[-4000:]
+    out = json.loads(line[len("RESULT ") :])
+    assert out["nodes"] == [[0.0, 0.0], [2.0, 1.0], [2.0, 2.0]]
+    assert out["plan"] == {"cpus_per_trial": 1.0, "gpus_per_trial": 0.5, "concurrency": 4}
+    rows = out["rows"]
+    assert len(rows) == 8 and all(len(r["gpu_ids"]) == 1 for r in rows)  # each trial holds a share of one GPU
+    overlap = max(sum(1 for o in rows if o["start"] < r["start"] + 0.5 < o["end"]) for r in rows)
+    assert overlap == 4  # the planned concurrency ran at once: 2 trials on each node
+    by_node = {}
+    for r in rows:
+        by_node.setdefault(r["node"], set()).update(r["gpu_ids"])
+    assert len(by_node) == 2  # both GPU nodes (Ray packs the two half-GPU trials of a node onto one of its GPUs)

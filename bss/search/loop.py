@@ -40,7 +40,7 @@ from bss.data.io import file_sha256
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.search import final_report, stages
 from bss.search.promotion import build_promotion_rule
-from bss.search.ray_cluster import HeadWatch, local_resources, plan_resources, quiet_environment, start_ray, stop_ray
+from bss.search.ray_cluster import HeadWatch, local_resources, node_resources, plan_resources, quiet_environment, start_ray, stop_ray
 from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - parse_duration: the driver's --budget
 from bss.search.stages import LoopRun, count_images
 from bss.search.state import LoopState, RunLock
@@ -240,7 +240,7 @@ class Loop:
             tracker=None,
             base=base,
             space=space,
-            resources=plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial),
+            resources=plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None),
             rule=self.promotion_rule(s, floor_iou=0.0),  # checks the flags now; the IoU floor comes with the data
             stop_rule=build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience)),
             gpus=gpus,

@@ -211,19 +211,35 @@ class Resources:
         return f"{self.concurrency} trial(s) at a time, each {self.cpus_per_trial:g} CPU{gpu}"
 
 
+def node_resources() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of every alive node of the Ray cluster this process is connected to."""
+    import ray
+
+    return [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0))) for n in ray.nodes() if n.get("Alive")]
+
+
 def plan_resources(
-    total_cpus: int, total_gpus: int, trials: int, concurrency: int | None = None, cpus_per_trial: float | None = None, gpus_per_trial: float | None = None
+    total_cpus: int,
+    total_gpus: int,
+    trials: int,
+    concurrency: int | None = None,
+    cpus_per_trial: float | None = None,
+    gpus_per_trial: float | None = None,
+    nodes: list[tuple[float, float]] | None = None,
 ) -> Resources:
     """Resources per trial and concurrency; every flag left out is filled in.
 
     * GPUs: 2 trials share each GPU (``gpus_per_trial`` = GPUs / concurrency), CPUs split evenly.
     * CPUs only: 1 CPU per trial up to 8 cores (2 above), as many trials as fit.
+    * ``nodes`` ((CPUs, GPUs) per node, :func:`node_resources`): a trial runs on one node, so on a
+      cluster the plan is fitted node by node (:func:`fit_nodes`).
     """
     if total_cpus < 1:
         raise BSSError("the Ray cluster reports no CPU.")
     for name, value in (("--cpus-per-trial", cpus_per_trial), ("--gpus-per-trial", gpus_per_trial)):
         if value is not None and (value < 0 or not math.isfinite(value)):
             raise BSSError(f"{name} must be 0 or more, got {value}.")
+    cpus_given, given = cpus_per_trial is not None, concurrency
     if cpus_per_trial is not None and cpus_per_trial <= 0:
         raise BSSError(f"--cpus-per-trial must be positive, got {cpus_per_trial}.")
     if concurrency is not None and concurrency < 1:
@@ -250,4 +266,26 @@ def plan_resources(
         raise BSSError(f"--cpus-per-trial {cpus_per_trial:g} but the cluster has {total_cpus} CPU(s).")
     if concurrency is None:
         concurrency = max(1, min(trials, int(total_cpus // cpus_per_trial)))
-    return Resources(float(cpus_per_trial), float(gpus_per_trial), int(concurrency))
+    plan = Resources(float(cpus_per_trial), float(gpus_per_trial), int(concurrency))
+    return fit_nodes(plan, nodes, trials, given, fixed_cpus=cpus_given) if nodes and len(nodes) > 1 else plan
+
+
+def fit_nodes(plan: Resources, nodes: list[tuple[float, float]], trials: int, concurrency: int | None, fixed_cpus: bool) -> Resources:
+    """The plan on real nodes: with GPUs, each GPU node's CPUs are split among the trials its GPUs
+    hold (the smallest share decides, unless ``--cpus-per-trial`` was given), and the concurrency
+    (unless given) is what fits node by node: sum of min(CPUs / c, GPUs / g). A trial that fits on
+    no node is an error (Ray would wait for it forever)."""
+    cpus, gpus = plan.cpus_per_trial, plan.gpus_per_trial
+    if gpus and not fixed_cpus:
+        shares = [c // max(1, int(g / gpus + 1e-9)) for c, g in nodes if g >= gpus - 1e-9 and c >= 1]
+        cpus = float(max(1, min(8, min(shares)))) if shares else cpus
+
+    def fits(c: float, g: float) -> int:
+        by_gpu = int(g / gpus + 1e-9) if gpus else trials
+        return min(int(c / cpus + 1e-9), by_gpu)
+
+    slots = sum(fits(c, g) for c, g in nodes)
+    if slots < 1:
+        shown = ", ".join(f"{c:g} CPU/{g:g} GPU" for c, g in nodes)
+        raise BSSError(f"a trial of {cpus:g} CPU and {gpus:g} GPU fits on no node of the cluster ({shown}); lower --cpus-per-trial or --gpus-per-trial.")
+    return Resources(float(cpus), float(gpus), int(concurrency or max(1, min(trials, slots))))
