@@ -82,7 +82,7 @@ def run_bss(context_args: dict, tracking: dict | None, trials: int, concurrency:
         "setup_cold_median": statistics.median(cold) if cold else None,
         "setup_warm_median": statistics.median(warm) if warm else None,
         "states": [t["state"] for t in outcome.timings],
-        "nodes": sorted({(json.loads((Path(context.trials_dir) / c.key / "record.json").read_text()).get("node_name") or "") for c in outcome.candidates}),
+        "node_names": sorted({(json.loads((Path(context.trials_dir) / c.key / "record.json").read_text()).get("node_name") or "") for c in outcome.candidates}),
     }
 
 
@@ -159,7 +159,7 @@ def main() -> int:
             flush=True,
         )
         for n in [int(x) for x in args.nodes.split(",")]:
-            nodes = RayNodes()
+            nodes = RayNodes(token=work / "token")  # one token for every cluster this process joins
             try:
                 nodes.head(cpus=0)
                 for i in range(n):

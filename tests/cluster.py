@@ -46,7 +46,10 @@ def _wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> 
 class RayNodes:
     """A Ray cluster of real nodes (separate raylets) on this machine."""
 
-    def __init__(self, token: bool = True):
+    def __init__(self, token: bool | Path = True):
+        """``token``: True: a new token file; a path: that token file (a process that joined one
+        cluster keeps its token: Ray caches it, so one driver process joining several clusters in
+        turn needs them to share one token); False: ``RAY_AUTH_MODE=disabled``."""
         # short: Ray's Unix sockets live under the temp dir (107-character limit)
         self.root = Path(tempfile.mkdtemp(prefix="bss-ray-", dir="/tmp"))
         self.port = free_port()
@@ -54,8 +57,10 @@ class RayNodes:
         self.env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
         self.env.pop("RAY_ADDRESS", None)
         if token:
-            (self.root / "token").write_text(secrets.token_hex(32))
-            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.root / "token"))
+            path = Path(token) if not isinstance(token, bool) else self.root / "token"
+            if not path.is_file():
+                path.write_text(secrets.token_hex(32))
+            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
         else:
             self.env.update(RAY_AUTH_MODE="disabled")
         self.env.pop("RAY_AUTH_TOKEN", None)
