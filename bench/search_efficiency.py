@@ -48,7 +48,7 @@ def main() -> int:
 
     from bench.search_overhead import ensure_data
     from bss.config import load_config
-    from bss.search.promotion import PromotionRule, choose
+    from bss.search.promotion import FloorRule, choose
     from bss.search.settings import LoopSettings
     from bss.search.space import load_space
     from bss.search.stages import derive_seed, max_evaluations, trial_base
@@ -60,7 +60,7 @@ def main() -> int:
     base = load_config(ROOT / "config.yaml").to_dict()
     space = load_space(args.space, base)
     base = trial_base(base, LoopSettings(dataset="obstacle", data_root=str(root)), "obstacle_BASELINE")
-    rule = PromotionRule("recall", "precision", args.floor)
+    rule = FloorRule(metric="recall", floor_metric="precision", floor=args.floor)
     start_ray(None, args.concurrency, 0)
     work = Path(tempfile.mkdtemp(prefix="bss-efficiency-"))
     results: dict = {"trials": args.trials, "concurrency": args.concurrency, "floor": args.floor, "space": args.space, "runs": []}

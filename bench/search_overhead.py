@@ -67,7 +67,7 @@ def main() -> int:
 
     from bss import tracking
     from bss.config import load_config
-    from bss.search.promotion import PromotionRule
+    from bss.search.promotion import FloorRule
     from bss.search.space import load_space
     from bss.search.stages import trial_base
     from bss.search.trial import TrialContext
@@ -108,7 +108,7 @@ def main() -> int:
     }
     for mode in args.modes.split(","):
         context = TrialContext(
-            base=base, space=space, rule=PromotionRule(), trials_dir=str(work / mode / "trials"), seed=0, iteration=0, cpus=1, tracking=mlflow
+            base=base, space=space, rule=FloorRule(floor=0.0), trials_dir=str(work / mode / "trials"), seed=0, iteration=0, cpus=1, tracking=mlflow
         )
         outcome = run_search(
             context,

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import os
 
-QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}
+QUIET = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # no "View run ... at http://..." line per run ended on a tracking server
+}
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # no weight downloads: tests and benchmarks
 NO_BARS = {"TQDM_DISABLE": "1"}  # benchmarks print their own figures
 

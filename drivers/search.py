@@ -39,6 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: 1, or 2 above 8 cores; with a GPU, CPUs / concurrency)")
     g.add_argument("--gpus-per-trial", type=float, help="GPU share per trial, e.g. 0.5: two trials per GPU (default: GPUs / concurrency; 2 trials per GPU)")
     g.add_argument("--address", help="join this Ray cluster (e.g. auto or 10.0.0.1:6379); default: start a local one")
+    g.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="retries of a trial whose worker or Ray node died, on any node (default: 2; a trial that fails on its own is not trained again)",
+    )
     g.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false", help="a fresh worker process per trial (slower start-up; for benchmarks)")
     g = p.add_argument_group("the loop")
     g.add_argument("--iterations", type=int, help=help_text("iterations"))

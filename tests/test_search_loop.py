@@ -361,6 +361,15 @@ def test_plan_resources():
         plan_resources(2, 0, trials=4, cpus_per_trial=4)
     with pytest.raises(BSSError, match="whole number"):
         plan_resources(16, 4, trials=4, gpus_per_trial=1.5)
+    # a cluster: each trial runs on one node, so the plan is fitted node by node
+    nodes = [(0.0, 0.0), (8.0, 1.0), (8.0, 2.0)]  # the driver's head, a 1-GPU node, a 2-GPU node
+    on = plan_resources(16, 3, trials=8, nodes=nodes)  # half a GPU each: 2 + 4 trials; the 2-GPU node's 8 CPUs / 4 trials
+    assert (on.gpus_per_trial, on.cpus_per_trial, on.concurrency) == (0.5, 2.0, 6)
+    assert plan_resources(4, 3, trials=8, nodes=[(0.0, 0.0), (2.0, 1.0), (2.0, 2.0)]).concurrency == 4  # CPUs, not GPUs, limit the 2-GPU node
+    assert plan_resources(16, 3, trials=8, gpus_per_trial=0.25, nodes=nodes).concurrency == 8
+    assert plan_resources(4, 0, trials=8, cpus_per_trial=2, nodes=[(1.0, 0.0), (3.0, 0.0)]).concurrency == 1  # by the totals: 2
+    with pytest.raises(BSSError, match="fits on no node"):
+        plan_resources(4, 0, trials=8, cpus_per_trial=3, nodes=[(2.0, 0.0), (2.0, 0.0)])
 
 
 torch.set_num_threads(1)  # the in-process inference (hybrid, TEST, overlays) of tiny models: no thread contention

@@ -40,7 +40,7 @@ from bss.data.io import file_sha256
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.search import final_report, stages
 from bss.search.promotion import build_promotion_rule
-from bss.search.ray_cluster import local_resources, plan_resources, quiet_environment, start_ray
+from bss.search.ray_cluster import HeadWatch, local_resources, node_resources, plan_resources, quiet_environment, start_ray, stop_ray
 from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - parse_duration: the driver's --budget
 from bss.search.stages import LoopRun, count_images
 from bss.search.state import LoopState, RunLock
@@ -93,6 +93,7 @@ class LoopOptions:
     run_dir: str | None = None  # default runs/<dataset>
     resume: bool = False
     reuse_actors: bool = True
+    max_failures: int = 2  # retries of a trial whose worker or Ray node died
     progress: bool = True
     hybrid_batch_size: int = 8
 
@@ -239,13 +240,14 @@ class Loop:
             tracker=None,
             base=base,
             space=space,
-            resources=plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial),
+            resources=plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None),
             rule=self.promotion_rule(s, floor_iou=0.0),  # checks the flags now; the IoU floor comes with the data
             stop_rule=build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience)),
             gpus=gpus,
             time_left=self.time_left,
             say=_say,
             reuse_actors=o.reuse_actors,
+            max_failures=o.max_failures,
             progress=o.progress,
             hybrid_batch_size=o.hybrid_batch_size,
         )
@@ -353,6 +355,7 @@ class Loop:
             _, _, self.ray_started = start_ray(None, cpus, gpus)
         self.start_tracking()
         monitor = self.run.tracker.system_metrics(self.run.state.get("parent_run_id"))  # CPU, memory, GPU of the loop
+        HeadWatch.on_lost(lambda message: self.abort("FAILED", message))
         try:
             for k in range(settings.iterations):
                 if not self.iteration(k):
@@ -369,9 +372,7 @@ class Loop:
         finally:
             Tracker.stop_system_metrics(monitor)
             if self.ray_started:
-                import ray
-
-                ray.shutdown()
+                stop_ray()
 
     def iteration(self, k: int) -> bool:
         """Run iteration k's stages that are not done yet; False: the loop stops here."""
@@ -415,11 +416,12 @@ class Loop:
         best = st.get("best")
         return LoopResult(self.run_dir, st.data, rows, best["iteration"] if best else None, st.get("stopped"), st.get("report"))
 
-    def abort(self, status: str) -> None:
+    def abort(self, status: str, why: str | None = None) -> None:
         if self.run is None or self.run.tracker is None:
             return
-        self.run.tracker.end(self.current_run, status)
-        self.run.tracker.end(self.run.state.get("parent_run_id") if self.run.state else None, status)
+        tags = {"bss.error": why} if why else None
+        self.run.tracker.end(self.current_run, status, tags)
+        self.run.tracker.end(self.run.state.get("parent_run_id") if self.run.state else None, status, tags)
 
 
 def run_loop(opts: LoopOptions) -> LoopResult:

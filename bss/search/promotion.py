@@ -192,6 +192,7 @@ class Candidate:
     train_seconds: float = 0.0
     setup_seconds: float | None = None
     history: list = field(default_factory=list)
+    where: dict = field(default_factory=dict)  # host, node_id, node_name of the attempt that counts; lost_attempts
 
 
 def choose(candidates: list[Candidate], rule: PromotionRule) -> Candidate | None:

@@ -45,6 +45,7 @@ class LoopRun:
     time_left: Callable[[], float | None]
     say: Callable[[str], None] = print
     reuse_actors: bool = True
+    max_failures: int = 2
     progress: bool = True
     hybrid_batch_size: int = 8
 
@@ -168,6 +169,7 @@ def search_stage(run: LoopRun, k: int, it: dict) -> dict:
         max_evaluations=max_evaluations(context.space, context.base, n_images),
         time_budget=search_budget(run.time_left(), s.iterations - k, s.time_budget),
         reuse_actors=run.reuse_actors,
+        max_failures=run.max_failures,
         label=f"[iter {k}]",
         progress=run.progress,
         points=points,
@@ -188,6 +190,7 @@ def search_stage(run: LoopRun, k: int, it: dict) -> dict:
                 "best": c.best,
                 "error": (c.error or "")[-300:] or None,
                 "run_id": c.run_id,
+                **c.where,
             }
             for c in outcome.candidates
         ],

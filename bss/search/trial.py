@@ -9,7 +9,9 @@ folder says it finished (complete, stopped by ASHA, or failed) does not train ag
 its recorded rows (or raises its recorded error), so the searcher and ASHA see exactly what the
 first run saw and the restarted search proposes the same trials. A trial that was cut off
 mid-training trains again from scratch with a fresh MLflow run (its half-written run is deleted
-first; a deleted run id is never reopened).
+first; a deleted run id is never reopened). Within one search, an attempt lost with its worker
+or Ray node is retried by Tune (``max_failures``): the retry records the lost attempt (its run
+ends KILLED, tagged ``bss.outcome=lost``) and trains afresh on whichever node Ray picks.
 
 Start-up: the heavy imports (torch, the trainer, MLflow) happen inside the function, once per
 worker process; with ``reuse_actors`` the next trial on the same worker skips them. Each report
@@ -69,14 +71,20 @@ class TrialContext:
         return Tracker(self.tracking["uri"], self.tracking["experiment_id"], say=lambda text: None)
 
 
-def _node_id() -> str | None:
-    """The Ray node this attempt runs on (where its trial record says it ran)."""
+def _node() -> dict:
+    """Where this attempt runs: the Ray node's id and name (``ray start --node-name``, by default
+    its IP), recorded in the trial record (None outside Ray: tests of the attempt alone)."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray (tests of the attempt alone)
-        return None
+        node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return {"node_id": None, "node_name": None}
+    try:
+        name = next((n.get("NodeName") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    except Exception:  # noqa: BLE001 - the name is a convenience
+        name = None
+    return {"node_id": node_id, "node_name": name}
 
 
 def _numeric(row: dict) -> dict:
@@ -116,8 +124,13 @@ def replay(store: TrialStore, report_extra: dict, tracker) -> int | None:
         # stopped by ASHA the first time, but not now (only with concurrency > 1): train again
         # from scratch and report from where the recording ends (training is deterministic)
         return len(rows)
-    if record and tracker is not None:  # cut off mid-training by a kill: start over, fresh run
-        tracker.delete(record.get("run_id"))
+    if record and record.get("state") in ("running", "lost"):
+        # the search's cleanup removed every folder a killed driver left 'running', so this is a
+        # retry within this search: the previous attempt died with its worker or node. It stays
+        # recorded as lost (its run KILLED, tag bss.outcome=lost); this attempt starts afresh.
+        record = store.mark_lost("the trial's worker or node died; retried")
+        if tracker is not None:
+            tracker.end(record.get("run_id"), "KILLED", {"bss.outcome": "lost"}, only_running=True)
     return 0
 
 
@@ -156,7 +169,8 @@ class TrialAttempt:
             "cold_start": self.report_extra["cold_start"],
             "import_seconds": self.import_seconds,
             "host": socket.gethostname(),
-            "node_id": _node_id(),
+            **_node(),
+            "lost_attempts": previous.get("lost_attempts", []) if previous.get("state") == "lost" else [],
         }
         # the record claims the folder (and names no run yet) before the MLflow run exists, so a
         # kill in between leaves a run that no record names: the resumed search deletes such runs

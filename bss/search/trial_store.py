@@ -7,7 +7,10 @@
 The key is ``t<ordinal>-<hash of the resolved config>`` (:func:`trial_key`). States move
 ``running -> complete | stopped | failed``; the worker writes ``running``, ``complete`` and the
 failures it sees, the driver's Tune callback writes ``stopped`` (ASHA, the time budget) and the
-failures only it sees (a worker that died).
+failures only it sees (a worker that died). ``running -> lost -> running``: the attempt's worker
+or its whole Ray node died and Tune retries the trial (``FailureConfig(max_failures)``); the
+lost attempt is appended to ``lost_attempts`` (its node, run id, evaluations, error) and the next
+attempt starts afresh, keeping that list.
 
 Ownership: each attempt at a trial stamps its record with an ``attempt`` id and holds the lock on
 its key (``<trials>/.<key>.lock``) while it trains. After a SIGKILL of the driver, its Ray worker
@@ -149,6 +152,18 @@ class TrialStore:
         record = self.record() or {}
         if record and record.get("state") != "failed":
             record.update(state="failed", error=error)
+            atomic_write_json(self.folder / self.RECORD, record)
+        return record
+
+    def mark_lost(self, error: str) -> dict:
+        """The attempt in this folder died with its worker or node (Tune will retry the trial):
+        record it in ``lost_attempts``. Called by the driver's callback, and by the retry itself
+        when it finds the record still 'running'; only the first call records."""
+        record = self.record() or {}
+        if record.get("state") == "running":
+            lost = {k: record.get(k) for k in ("attempt", "run_id", "node_id", "node_name", "host")}
+            lost.update(evaluations=len(self.rows()), error=(error or "")[-500:])
+            record.update(state="lost", lost_attempts=list(record.get("lost_attempts") or []) + [lost])
             atomic_write_json(self.folder / self.RECORD, record)
         return record
 

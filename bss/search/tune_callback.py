@@ -110,6 +110,18 @@ class SearchCallback(Callback):
             f"IoU {result.get('eval_iou', nan):.3f}  loss {result.get('train_loss', nan):.3f}{' (replayed)' if result.get('replayed') else ''} | {self.counts()}",
         )
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial that raised and that Tune retries (``max_failures``). If its record still says
+        running, its worker or node died: the attempt is recorded as lost and its run ends KILLED.
+        (A trial that recorded its own failure replays it at once on the retry.)"""
+        store = self.store(trial)
+        record = store.mark_lost(error_text(trial) or "the trial's worker died")
+        if record.get("state") == "lost" and self.tracker is not None:
+            self.tracker.end(record.get("run_id"), "KILLED", {"bss.outcome": "lost"}, only_running=True)
+        if record.get("state") == "lost":
+            where = (record.get("lost_attempts") or [{}])[-1].get("node_name") or "?"
+            self.line(trial, f"LOST with its worker (node {where}); retried | {self.counts()}")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finish(trial, failed=False)
 

@@ -51,10 +51,13 @@ def run_search(
     label: str = "",
     progress: bool = True,
     points: list[dict] | None = None,
+    max_failures: int = 2,
 ) -> SearchOutcome:
     """Run one search (``algorithm``: a name in :data:`~bss.search.searchers.SEARCHERS`) and
     collect its trials. ``points``: params (choice labels for choices) to try first, in order,
-    before the searcher's own proposals (Optuna's ``points_to_evaluate``)."""
+    before the searcher's own proposals (Optuna's ``points_to_evaluate``). ``max_failures``: how
+    often Tune retries a trial whose worker or node died (a trial that failed on its own replays
+    its failure at once on a retry, without training)."""
     quiet_environment()
     from bss.search.tune_callback import SearchCallback
 
@@ -69,7 +72,16 @@ def run_search(
     clean_interrupted(context.trials_dir, context)
     callback = SearchCallback(context, context.rule, trials, label, progress)
     tuner = build_tuner(
-        context, get_searcher(algorithm).build(context, trials, points), resources, storage_dir, scheduler, max_evaluations, time_budget, reuse_actors, callback
+        context,
+        get_searcher(algorithm).build(context, trials, points),
+        resources,
+        storage_dir,
+        scheduler,
+        max_evaluations,
+        time_budget,
+        reuse_actors,
+        callback,
+        max_failures,
     )
     start = time.perf_counter()
     tuner.fit()
@@ -91,6 +103,7 @@ def build_tuner(
     time_budget,
     reuse_actors: bool,
     callback,
+    max_failures: int = 2,
 ):
     """The Tune ``Tuner`` of one search; ``searcher``: what :meth:`Searcher.build` returned."""
     from ray import tune
@@ -119,7 +132,7 @@ def build_tuner(
             storage_path=str(storage_dir.resolve()),
             verbose=0,
             callbacks=[callback],
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
             log_to_file=False,
         ),
     )
@@ -172,6 +185,7 @@ def collect(context: TrialContext, callback) -> tuple[list[Candidate], list[dict
                 train_seconds=train_seconds,
                 setup_seconds=record.get("setup_seconds"),
                 history=rows,
+                where={k: record.get(k) for k in ("host", "node_id", "node_name")} | {"lost_attempts": record.get("lost_attempts") or []},
             )
         )
         timings.append(_timing(callback, trial_id, ordinal, state, train_seconds))
@@ -211,7 +225,7 @@ def clean_interrupted(trials_dir: str | Path, context: TrialContext) -> int:
         with store.lock():
             record = store.record() or {}
             state = record.get("state")
-            if state in (None, "running"):
+            if state in (None, "running", "lost"):
                 if tracker is not None:
                     tracker.delete(record.get("run_id"))
                 store.remove()
