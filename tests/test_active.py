@@ -289,21 +289,19 @@ def test_a_bad_export_is_one_error_naming_the_line_and_nothing_is_written(copy_w
     with pytest.raises(DatasetError) as info:
         merge_labels("toy", export, root)
     assert message in str(info.value) and str(export) in str(info.value)
+    # the driver: one error line, exit status 2
+    driver = subprocess.run([sys.executable, str(REPO / "drivers" / "merge_labels.py"), "--dataset", "toy", "--data-root", str(root), "--export", str(export)], capture_output=True, text=True)
+    assert driver.returncode == 2 and driver.stderr.startswith("error: ") and driver.stderr.count("\n") == 1 and message in driver.stderr
+    assert driver.stdout == ""
     assert (root / "toy" / "labels.csv").read_bytes() == before
     assert not (root / "toy" / "labels.csv.bak").exists()
     assert sorted(p.name for p in (root / "toy" ).iterdir()) == ["images", "labels.csv", "masks", "truth"]
     assert sorted(p.name for p in (root / "toy_BASELINE" / "images").iterdir()) == baseline_before
 
 
-def test_merge_driver_exit_codes(copy_world, tmp_path):
+def test_merge_driver_merges_then_refuses_the_same_export(copy_world, tmp_path):
     root, _ = copy_world
     driver = [sys.executable, str(REPO / "drivers" / "merge_labels.py"), "--dataset", "toy", "--data-root", str(root)]
-    export, lines, message = _corrupt(tmp_path, root, "size")
-    export.write_text("".join(lines))
-    before = (root / "toy" / "labels.csv").read_bytes()
-    bad = subprocess.run(driver + ["--export", str(export)], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and message in bad.stderr
-    assert (root / "toy" / "labels.csv").read_bytes() == before
     good = subprocess.run(driver + ["--export", str(_truth_export(root, ["img_014.png"], tmp_path / "ok.csv"))], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "merged 1 image(s), 1 region(s)" in good.stdout and "toy_BASELINE: added 1 newly labelled" in good.stdout
