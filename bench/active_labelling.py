@@ -26,6 +26,7 @@ A simulated user, per seed, on a synthetic class (exact truth known):
 
 Results: ``--out`` (JSON) and a Markdown table (medians and min-max over seeds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+for key, value in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+}.items():
     os.environ.setdefault(key, value)
 
 import numpy as np  # noqa: E402
@@ -72,12 +79,23 @@ STEPS = 0  # --steps: 0 keeps the CPU space's train_steps
 
 
 def train(dataset: str, train_set: str, root: Path, out: Path, seed: int, input_size: list[int], threads: int = 1) -> dict:
-    args = {"steps": STEPS, "config": str(REPO / "config.yaml"), "space": str(REPO / "search_spaces" / "cpu.yaml"), "train": train_set, "dataset": dataset, "root": str(root), "out": str(out), "seed": seed, "input": input_size, "threads": threads}
+    args = {
+        "steps": STEPS,
+        "config": str(REPO / "config.yaml"),
+        "space": str(REPO / "search_spaces" / "cpu.yaml"),
+        "train": train_set,
+        "dataset": dataset,
+        "root": str(root),
+        "out": str(out),
+        "seed": seed,
+        "input": input_size,
+        "threads": threads,
+    }
     proc = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(args)], cwd=REPO, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"training on {train_set} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def counts(label, truth) -> np.ndarray:
@@ -145,8 +163,8 @@ def strategy_run(strategy: str, pool, dataset: str, root: Path, work: Path, seed
     import torch
 
     torch.set_num_threads(1)
-    from bss.active.merge import merge_labels
     from bss.active.baseline import add_to_baseline
+    from bss.active.merge import merge_labels
     from bss.active.polygons import mask_to_polygons
     from bss.active.suggest import rank
     from bss.data.io import read_mask
@@ -215,7 +233,15 @@ def bench_seed(args, seed: int) -> dict:
     with ThreadPoolExecutor(2) as ex:  # two strategies at a time, one core each
         futures = [ex.submit(strategy_run, s, pool, args.dataset, root, work, seed, args.add, args.input, args.final) for s in args.strategies]
         runs = [f.result() for f in futures]
-    return {"dataset": args.dataset, "seed": seed, "t0": {k: t0[k] for k in ("eval_iou", "test_iou")}, "rule": pool.rule.to_dict(), "scores": scores, "runs": runs, "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "dataset": args.dataset,
+        "seed": seed,
+        "t0": {k: t0[k] for k in ("eval_iou", "test_iou")},
+        "rule": pool.rule.to_dict(),
+        "scores": scores,
+        "runs": runs,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def fmt(v) -> str:
@@ -234,26 +260,43 @@ def spread(values: list) -> str:
 def report(results: list[dict]) -> str:
     lines = []
     strategies = [r["strategy"] for r in results[0]["runs"]]
-    lines += ["Retrained (T1: BASELINE + the new hand labels; T2, with --final: trained on the H1 that T1 made), median (min-max) over seeds:", "",
-              "| strategy | T1 TEST IoU | H1 label IoU (all training labels) | H1 label IoU (refined only) | T2 TEST IoU (final) | T2 - T1 |", "|---|---|---|---|---|---|"]
+    lines += [
+        "Retrained (T1: BASELINE + the new hand labels; T2, with --final: trained on the H1 that T1 made), median (min-max) over seeds:",
+        "",
+        "| strategy | T1 TEST IoU | H1 label IoU (all training labels) | H1 label IoU (refined only) | T2 TEST IoU (final) | T2 - T1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in strategies:
         runs = [next(x for x in r["runs"] if x["strategy"] == s) for r in results]
-        lines.append(f"| {s} | {spread([x['t1_test_iou'] for x in runs])} | {spread([x['h1_label_iou_all'] for x in runs])} | {spread([x['h1_label_iou_refined'] for x in runs if x['h1_label_iou_refined'] is not None])} | {spread([x['t2_test_iou'] for x in runs])} | {spread([x['t2_test_iou'] - x['t1_test_iou'] for x in runs if x['t2_test_iou'] is not None])} |")
+        lines.append(
+            f"| {s} | {spread([x['t1_test_iou'] for x in runs])} | {spread([x['h1_label_iou_all'] for x in runs])} | {spread([x['h1_label_iou_refined'] for x in runs if x['h1_label_iou_refined'] is not None])} | {spread([x['t2_test_iou'] for x in runs])} | {spread([x['t2_test_iou'] - x['t1_test_iou'] for x in runs if x['t2_test_iou'] is not None])} |"
+        )
     if len(strategies) > 1:
         ref = strategies[-1]
         for s in strategies[:-1]:
             pairs = [(next(x for x in r["runs"] if x["strategy"] == s), next(x for x in r["runs"] if x["strategy"] == ref)) for r in results]
             diffs = {k: [a[k] - b[k] for a, b in pairs if a[k] is not None and b[k] is not None] for k in ("t1_test_iou", "h1_label_iou_all", "t2_test_iou")}
-            lines.append(f"| {s} - {ref} (paired by seed) | {spread(diffs['t1_test_iou'])} | {spread(diffs['h1_label_iou_all'])} | | {spread(diffs['t2_test_iou'])} | |")
+            lines.append(
+                f"| {s} - {ref} (paired by seed) | {spread(diffs['t1_test_iou'])} | {spread(diffs['h1_label_iou_all'])} | | {spread(diffs['t2_test_iou'])} | |"
+            )
     lines += ["", "Per seed:", "", "| seed | T0 TEST IoU | strategy | T1 TEST IoU | H1 label IoU (all) | T2 TEST IoU | s |", "|---|---|---|---|---|---|---|"]
     for r in results:
         for x in r["runs"]:
-            lines.append(f"| {r['seed']} | {fmt(r['t0']['test_iou'])} | {x['strategy']} | {fmt(x['t1_test_iou'])} | {fmt(x['h1_label_iou_all'])} | {fmt(x['t2_test_iou'])} | {x['seconds']:.0f} |")
-    lines += ["", "Scores measured without training (T0's refined labels; the training set's label IoU if the chosen images got their truth), median (min-max) over seeds:", "",
-              "| score | training-set label IoU after labelling | wrong pixels removed | Spearman(score, wrong pixels) | pre-annotation IoU vs truth | boxes' IoU on the same images |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['seed']} | {fmt(r['t0']['test_iou'])} | {x['strategy']} | {fmt(x['t1_test_iou'])} | {fmt(x['h1_label_iou_all'])} | {fmt(x['t2_test_iou'])} | {x['seconds']:.0f} |"
+            )
+    lines += [
+        "",
+        "Scores measured without training (T0's refined labels; the training set's label IoU if the chosen images got their truth), median (min-max) over seeds:",
+        "",
+        "| score | training-set label IoU after labelling | wrong pixels removed | Spearman(score, wrong pixels) | pre-annotation IoU vs truth | boxes' IoU on the same images |",
+        "|---|---|---|---|---|---|",
+    ]
     for score in results[0]["scores"]["per_score"]:
         ps = [r["scores"]["per_score"][score] for r in results]
-        lines.append(f"| {score} | {spread([p['label_iou_all_if_labelled'] for p in ps])} | {statistics.median([p['wrong_pixels_removed'] for p in ps]):.0f} | {spread([p['spearman_with_wrong_pixels'] for p in ps])} | {spread([p['preannotation_iou'] for p in ps])} | {spread([p['box_iou_of_chosen'] for p in ps])} |")
+        lines.append(
+            f"| {score} | {spread([p['label_iou_all_if_labelled'] for p in ps])} | {statistics.median([p['wrong_pixels_removed'] for p in ps]):.0f} | {spread([p['spearman_with_wrong_pixels'] for p in ps])} | {spread([p['preannotation_iou'] for p in ps])} | {spread([p['box_iou_of_chosen'] for p in ps])} |"
+        )
     lines.append(f"| (none labelled: T0's labels) | {spread([r['scores']['t0_label_iou_all'] for r in results])} | | | | |")
     return "\n".join(lines)
 

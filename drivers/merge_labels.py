@@ -9,6 +9,7 @@ rewritten atomically (the old one kept as labels.csv.bak); its other rows are le
 When the splits exist, the new images are then added to NAME_BASELINE (NAME_EVAL and NAME_TEST
 unchanged); --no-baseline skips that (run it later with --baseline-only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,11 @@ def main() -> int:
         from bss.active.merge import merge_labels
 
         result = merge_labels(args.dataset, args.export, args.data_root, backup=not args.no_backup)
-        print(f"{result.labels}: merged {len(result.merged)} image(s), {result.regions} region(s)"
-              + (f"; {result.ignored_unlabelled} unlabelled row(s) of the export ignored" if result.ignored_unlabelled else "")
-              + (f"; previous file kept as {result.backup.name}" if result.backup else ""))
+        print(
+            f"{result.labels}: merged {len(result.merged)} image(s), {result.regions} region(s)"
+            + (f"; {result.ignored_unlabelled} unlabelled row(s) of the export ignored" if result.ignored_unlabelled else "")
+            + (f"; previous file kept as {result.backup.name}" if result.backup else "")
+        )
     if args.no_baseline:
         return 0
     from pathlib import Path

@@ -10,6 +10,7 @@ images with the refined masks as polygons, to correct rather than draw), OUT/ran
 ranking and the reason for each image) and OUT/suggestions.json. After correcting in VIA, export
 the CSV and run drivers/merge_labels.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,22 @@ def main() -> int:
 
     from bss.active.suggest import suggest
 
-    result = suggest(args.dataset, args.model, args.count, data_root=args.data_root, out=args.out, score=args.score, near=args.near, seed=args.seed,
-                     epsilon=args.epsilon, max_points=args.max_points, overwrite=args.overwrite, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    result = suggest(
+        args.dataset,
+        args.model,
+        args.count,
+        data_root=args.data_root,
+        out=args.out,
+        score=args.score,
+        near=args.near,
+        seed=args.seed,
+        epsilon=args.epsilon,
+        max_points=args.max_points,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
     pool = result.pool
     print(f"{len(pool.names)} box-only images scored; refinement rule {pool.rule_source}")
     for row in result.rows[: len(result.chosen)][:10]:
@@ -57,8 +72,10 @@ def main() -> int:
         print(f"  ... ({len(result.chosen) - 10} more in ranking.csv)")
     if len(result.chosen) < args.count:
         print(f"only {len(result.chosen)} of the {args.count} asked for could be chosen (images without a box or near-duplicates are left out)")
-    print(f"{len(result.chosen)} images, {sum(len(v) for v in result.polygons.values())} pre-drawn polygons -> {result.out}/via_project.json "
-          f"(VIA 2: Project > Load; ranking in {result.out}/ranking.csv); {len(result.skipped)} near-duplicate(s) skipped")
+    print(
+        f"{len(result.chosen)} images, {sum(len(v) for v in result.polygons.values())} pre-drawn polygons -> {result.out}/via_project.json "
+        f"(VIA 2: Project > Load; ranking in {result.out}/ranking.csv); {len(result.skipped)} near-duplicate(s) skipped"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ VIA project file, the merge of a VIA export into labels.csv and into NAME_BASELI
 Real components throughout: a tiny UNet trained for a few epochs on 64 px toy images, real PNG
 files, the real VIA CSV reader.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import REPO, make_source_dataset, tiny_config_dict
 
 from bss.active.baseline import add_to_baseline, unsplit_labelled
 from bss.active.merge import merge_labels
@@ -31,7 +33,6 @@ from bss.data.via import rasterize, read_via_csv, write_via_csv
 from bss.errors import BSSError, DatasetError
 from bss.hybrid import RefineRule, make_hybrid, refine
 from bss.training.trainer import Trainer
-from conftest import REPO, make_source_dataset, tiny_config_dict
 
 
 def _iou(a, b) -> float:
@@ -290,12 +291,16 @@ def test_a_bad_export_is_one_error_naming_the_line_and_nothing_is_written(copy_w
         merge_labels("toy", export, root)
     assert message in str(info.value) and str(export) in str(info.value)
     # the driver: one error line, exit status 2
-    driver = subprocess.run([sys.executable, str(REPO / "drivers" / "merge_labels.py"), "--dataset", "toy", "--data-root", str(root), "--export", str(export)], capture_output=True, text=True)
+    driver = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "merge_labels.py"), "--dataset", "toy", "--data-root", str(root), "--export", str(export)],
+        capture_output=True,
+        text=True,
+    )
     assert driver.returncode == 2 and driver.stderr.startswith("error: ") and driver.stderr.count("\n") == 1 and message in driver.stderr
     assert driver.stdout == ""
     assert (root / "toy" / "labels.csv").read_bytes() == before
     assert not (root / "toy" / "labels.csv.bak").exists()
-    assert sorted(p.name for p in (root / "toy" ).iterdir()) == ["images", "labels.csv", "masks", "truth"]
+    assert sorted(p.name for p in (root / "toy").iterdir()) == ["images", "labels.csv", "masks", "truth"]
     assert sorted(p.name for p in (root / "toy_BASELINE" / "images").iterdir()) == baseline_before
 
 
@@ -323,7 +328,19 @@ def test_merge_keeps_a_utf16_bom_file_in_its_encoding(copy_world, tmp_path):
 
 def test_suggest_driver_writes_and_refuses_cleanly(world, tmp_path):
     root, checkpoint = world
-    driver = [sys.executable, str(REPO / "drivers" / "suggest_labels.py"), "--dataset", "toy", "--data-root", str(root), "--model", str(checkpoint), "--quiet", "--out", str(tmp_path / "s")]
+    driver = [
+        sys.executable,
+        str(REPO / "drivers" / "suggest_labels.py"),
+        "--dataset",
+        "toy",
+        "--data-root",
+        str(root),
+        "--model",
+        str(checkpoint),
+        "--quiet",
+        "--out",
+        str(tmp_path / "s"),
+    ]
     ok = subprocess.run(driver + ["--count", "3"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "15 box-only images scored" in ok.stdout and "3 images" in ok.stdout and (tmp_path / "s" / "via_project.json").is_file()

@@ -11,6 +11,7 @@ their regions; the folder is rewritten atomically (a temporary folder, then a re
 manifest lists them under ``added``. EVAL and TEST are never touched, so the next loop's
 figures compare with the previous ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def unsplit_labelled(dataset: str, data_root: str | Path = "datasets") -> tuple[
         return source, [], {}
     if len(present) < len(SPLITS):
         missing = [str(folders[s]) for s in SPLITS if s not in present]
-        raise DatasetError(f"the splits of {source.name} are incomplete: {', '.join(missing)} missing; run drivers/preprocess.py --dataset {source.name} --overwrite.")
+        raise DatasetError(
+            f"the splits of {source.name} are incomplete: {', '.join(missing)} missing; run drivers/preprocess.py --dataset {source.name} --overwrite."
+        )
     in_splits = set().union(*(split_stems(p) for p in folders.values()))
     return source, [s for s in source.hand_labelled() if s.stem not in in_splits], folders
 

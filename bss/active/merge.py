@@ -22,6 +22,7 @@ to a temporary file beside it, read back and checked, flushed to disk and rename
 ``labels.csv`` (``os.replace``): a crash leaves the old file or the new one, never half of one.
 The previous file is kept as ``labels.csv.bak``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,7 +58,7 @@ def _records(text: str) -> tuple[list[str], list[tuple[list[str], str]]]:
     done = 0
     header = None
     for row in reader:
-        raw = "".join(lines[done:reader.line_num])
+        raw = "".join(lines[done : reader.line_num])
         done = reader.line_num
         if header is None:
             header = (row, raw)
@@ -83,7 +84,9 @@ def _export_rows(path: Path) -> dict[str, list[tuple[int, dict]]]:
         for line, row in enumerate(reader, start=2):
             name = check_filename((row.get("filename") or "").strip(), f"{path} line {line}")
             if name in out and previous != name:
-                raise DatasetError(f"{path} line {line}: duplicate: {name!r} appears twice in the export (first on line {out[name][0][0]}); export each image once.")
+                raise DatasetError(
+                    f"{path} line {line}: duplicate: {name!r} appears twice in the export (first on line {out[name][0][0]}); export each image once."
+                )
             out.setdefault(name, []).append((line, row))
             previous = name
     return out
@@ -103,7 +106,9 @@ def merge_labels(dataset: str, export: str | Path, data_root: str | Path = "data
         line, first = entries[0]
         where = f"{export} line {line}"
         if name not in images:
-            raise DatasetError(f"{where}: {name!r} is not an image of {source.root / 'images'}; the export belongs to another dataset, or the file was renamed.")
+            raise DatasetError(
+                f"{where}: {name!r} is not an image of {source.root / 'images'}; the export belongs to another dataset, or the file was renamed."
+            )
         regions = parsed.regions.get(name, [])
         if not regions:
             ignored += 1
@@ -114,14 +119,20 @@ def merge_labels(dataset: str, export: str | Path, data_root: str | Path = "data
         except ValueError:
             declared = -1
         if declared != actual:
-            raise DatasetError(f"{where}: {name!r} has file_size {first.get('file_size')!r} in the export but {images[name]} is {actual} bytes; VIA labelled another file of that name. Load the dataset's own images in VIA and export again.")
+            raise DatasetError(
+                f"{where}: {name!r} has file_size {first.get('file_size')!r} in the export but {images[name]} is {actual} bytes; VIA labelled another file of that name. Load the dataset's own images in VIA and export again."
+            )
         if name in already:
-            raise DatasetError(f"{where}: duplicate: {name!r} already has hand-drawn regions in {labels_path}; remove its rows from the export (or from labels.csv) so each image is labelled once.")
+            raise DatasetError(
+                f"{where}: duplicate: {name!r} already has hand-drawn regions in {labels_path}; remove its rows from the export (or from labels.csv) so each image is labelled once."
+            )
         h, w = image_size(images[name])
         masks[name] = rasterize(regions, h, w, name)
         merged.append(name)
     if not merged:
-        raise DatasetError(f"{export}: no image with regions in the export ({ignored} unlabelled row(s)); nothing to merge. Draw the polygons in VIA, then Annotation > Export annotations (as csv).")
+        raise DatasetError(
+            f"{export}: no image with regions in the export ({ignored} unlabelled row(s)); nothing to merge. Draw the polygons in VIA, then Annotation > Export annotations (as csv)."
+        )
 
     data = labels_path.read_bytes()
     encoding = _encoding(data)

@@ -12,6 +12,7 @@ mask with its holes filled. ``epsilon = 0`` and ``max_points = 0`` keep every co
 Points are pixel corners as VIA and :func:`bss.data.via.rasterize` use them: the contour of
 pixel centres, which ``cv2.fillPoly`` fills back to the same pixels.
 """
+
 from __future__ import annotations
 
 import cv2

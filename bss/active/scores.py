@@ -22,6 +22,7 @@ first". Scores are registered by name in :data:`SCORES`:
 An image without a box scores 0 on every score but ``random``: the refined label of an empty
 box mask is empty, and a box-only image has nothing to teach there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ the same defect a moment apart 0.007 and 0.093, the same pipe a few metres on 0.
 pair of frames 0.78; synthetic frames are never nearer than 0.36 to each other. Greedy: in score order, an image is taken unless it is a near-duplicate of an image
 already taken. ``near = 0`` turns the suppression off.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ class Pick:
     skipped: list[tuple[int, int, float]]  # (pool index, index of the chosen look-alike, distance) passed over for it
 
 
-def choose(values: np.ndarray, count: int, signatures: list[np.ndarray] | None = None, near: float = DEFAULT_NEAR, eligible: np.ndarray | None = None) -> tuple[list[Pick], list[tuple[int, int, float]]]:
+def choose(
+    values: np.ndarray, count: int, signatures: list[np.ndarray] | None = None, near: float = DEFAULT_NEAR, eligible: np.ndarray | None = None
+) -> tuple[list[Pick], list[tuple[int, int, float]]]:
     """Greedy choice of up to ``count`` pool indices by decreasing ``values`` (ties: pool order).
 
     Returns the picks and every (index, look-alike, distance) skipped as a near-duplicate.

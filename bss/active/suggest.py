@@ -18,6 +18,7 @@ The output folder (written atomically; an existing one is replaced only with ``o
     ranking.csv        every box-only image: rank (chosen ones), score values, reason
     suggestions.json   checkpoint, rule, score, counts, and the same table
 """
+
 from __future__ import annotations
 
 import csv
@@ -84,7 +85,15 @@ def teacher_rule(checkpoint: str | Path, dataset: str, data_root: str | Path, de
     return quality.best.rule, f"chosen on {name}_EVAL (EVAL label IoU {quality.label_iou:.3f}; boxes {quality.box_iou_pixels:.3f})"
 
 
-def score_pool(dataset: str, checkpoint: str | Path, data_root: str | Path = "datasets", rule: RefineRule | None = None, batch_size: int = 8, device: str = "auto", progress: bool = False) -> Pool:
+def score_pool(
+    dataset: str,
+    checkpoint: str | Path,
+    data_root: str | Path = "datasets",
+    rule: RefineRule | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    progress: bool = False,
+) -> Pool:
     """Predict and refine every box-only image of ``dataset``; compute its scores and signature."""
     from bss.inference import ImageFolderDataset, Predictor
 
@@ -138,17 +147,19 @@ def rank(pool: Pool, count: int, score: str = DEFAULT_SCORE, near: float = DEFAU
             why = "not chosen: no box in the image"
         else:
             why = f"not chosen: {score} {table[score][i]:.3g} below the {count} chosen"
-        rows.append({
-            "rank": rank_of.get(i, ""),
-            "filename": pool.names[i],
-            "file_size": pool.sizes[i],
-            "score": score,
-            "value": round(float(table[score][i]), 5),
-            **{k: round(float(table[k][i]), 5) for k in BASE_SCORES + ("combined",)},
-            "boxes": s.boxes,
-            "fallback_boxes": s.fallbacks,
-            "reason": why,
-        })
+        rows.append(
+            {
+                "rank": rank_of.get(i, ""),
+                "filename": pool.names[i],
+                "file_size": pool.sizes[i],
+                "score": score,
+                "value": round(float(table[score][i]), 5),
+                **{k: round(float(table[k][i]), 5) for k in BASE_SCORES + ("combined",)},
+                "boxes": s.boxes,
+                "fallback_boxes": s.fallbacks,
+                "reason": why,
+            }
+        )
     return Suggestion(None, pool, score, chosen, skipped, rows)
 
 
@@ -198,7 +209,12 @@ def suggest(
         "near": near,
         "seed": seed,
         "polygons": {"epsilon": epsilon, "max_points": max_points},
-        "counts": {"box_only": len(pool.names), "chosen": len(result.chosen), "near_duplicates_skipped": len(result.skipped), "regions": sum(len(e[2]) for e in entries)},
+        "counts": {
+            "box_only": len(pool.names),
+            "chosen": len(result.chosen),
+            "near_duplicates_skipped": len(result.skipped),
+            "regions": sum(len(e[2]) for e in entries),
+        },
         "ranking": result.rows,
     }
     with atomic_folder(out, overwrite=overwrite) as tmp:

@@ -18,6 +18,7 @@ so ``size`` must be the file's byte size: VIA then attaches the images the user 
 Add local files*) to these entries, or finds them under ``default_filepath``. The order of
 ``_via_image_id_list`` is the order VIA shows the images in: the ranking's.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,21 @@ def settings(project_name: str, default_filepath: str = "") -> dict:
             "annotation_editor_height": 25,
             "annotation_editor_fontsize": 0.8,
             "leftsidebar_width": 18,
-            "image_grid": {"img_height": 80, "rshape_fill": "none", "rshape_fill_opacity": 0.3, "rshape_stroke": "yellow", "rshape_stroke_width": 2, "show_region_shape": True, "show_image_policy": "all"},
-            "image": {"region_label": "__via_region_id__", "region_color": "__via_default_region_color__", "region_label_font": "10px Sans", "on_image_annotation_editor_placement": "NEAR_REGION"},
+            "image_grid": {
+                "img_height": 80,
+                "rshape_fill": "none",
+                "rshape_fill_opacity": 0.3,
+                "rshape_stroke": "yellow",
+                "rshape_stroke_width": 2,
+                "show_region_shape": True,
+                "show_image_policy": "all",
+            },
+            "image": {
+                "region_label": "__via_region_id__",
+                "region_color": "__via_default_region_color__",
+                "region_label_font": "10px Sans",
+                "on_image_annotation_editor_placement": "NEAR_REGION",
+            },
         },
         "core": {"buffer_size": 18, "filepath": {}, "default_filepath": default_filepath},
         "project": {"name": project_name},
