@@ -1,7 +1,7 @@
 """Which box-only images to hand-label next, pre-annotated for VIA.
 
     python drivers/suggest_labels.py --dataset obstacle --model runs/obstacle/best.pt --count 40
-        [--score expected_errors] [--near 0.25] [--out suggestions/obstacle] [--overwrite]
+        [--score expected_errors] [--near 0.12] [--out suggestions/obstacle] [--overwrite]
 
 The teacher refines the box of every box-only image (labels.csv rows with region_count 0) as the
 next H<n> would; the images are ranked by --score (see bss/active/scores.py), near-duplicate
