@@ -364,6 +364,40 @@ def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_pa
         driver.quit()
 
 
+def test_optuna_dashboard_opens_the_studies_of_the_run(reference, tmp_path):
+    """The README's ``optuna-dashboard sqlite:///<run-dir>/optuna.db``: a real dashboard serves each
+    iteration's study with every trial the search ran."""
+    import urllib.request
+
+    run = Path(reference[0]["run_dir"])
+    port = _free_port()
+    log = open(tmp_path / "dashboard.log", "w")
+    proc = subprocess.Popen(
+        [shutil.which("optuna-dashboard") or "optuna-dashboard", f"sqlite:///{run / 'optuna.db'}", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read())["study_summaries"]
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"optuna-dashboard did not start: {(tmp_path / 'dashboard.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        assert sorted(s["study_name"] for s in studies) == ["toy iteration 0", "toy iteration 1"]
+        first = next(s for s in studies if s["study_name"] == "toy iteration 0")
+        detail = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{first['study_id']}?after=0", timeout=10).read())
+        state = json.loads((run / "state.json").read_text())
+        assert len(detail["trials"]) == len(state["iterations"][0]["search"]["trials"]) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
 def state_train(run: Path, k: int) -> str:
     return json.loads((run / "state.json").read_text())["iterations"][k]["train_dataset"]
 
