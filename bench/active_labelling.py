@@ -42,14 +42,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-for key, value in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TQDM_DISABLE": "1",
-}.items():
-    os.environ.setdefault(key, value)
+from bss.environment import quiet  # noqa: E402
+
+quiet(offline=True, bars=False)
 
 import numpy as np  # noqa: E402
 

@@ -33,7 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> None:
+def answers(url: str) -> bool:
+    """Whether ``url`` answers an HTTP GET with a success status."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return 200 <= reply.status < 300
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -71,7 +80,7 @@ class RayNodes:
         cmd = [str(BIN / "ray"), "start", "--block", "--node-name", name, "--node-ip-address", "127.0.0.1", "--disable-usage-stats", *args]
         with open(log, "w") as handle:
             self.nodes[name] = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        _wait_for(lambda: "Ray runtime started" in log.read_text() or self.nodes[name].poll() is not None, 90, f"ray node {name}", log)
+        wait_for(lambda: "Ray runtime started" in log.read_text() or self.nodes[name].poll() is not None, 90, f"ray node {name}", log)
         if self.nodes[name].poll() is not None:
             raise RuntimeError(f"ray node {name} did not start:\n{log.read_text()[-3000:]}")
 
@@ -144,16 +153,12 @@ class MlflowServer:
             self.proc = subprocess.Popen(
                 cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
             )
-        _wait_for(self._healthy, 90, "mlflow server", self.log)
+        wait_for(self._healthy, 90, "mlflow server", self.log)
 
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
+        return answers(f"{self.uri}/health")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

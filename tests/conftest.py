@@ -7,14 +7,9 @@ import tempfile
 
 # the decode-once image cache of every test run goes to a throw-away folder, not ~/.cache
 os.environ.setdefault("BSS_CACHE_DIR", tempfile.mkdtemp(prefix="bss-test-cache-"))
-for _key, _value in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TQDM_DISABLE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+from bss.environment import quiet  # noqa: E402
+
+quiet(offline=True, bars=False)
 
 from pathlib import Path  # noqa: E402
 
@@ -91,3 +86,24 @@ def tiny_config_dict(data_root: Path, tmp_path: Path, **over) -> dict:
     }
     cfg.update(over)
     return cfg
+
+
+def train_oracle_teacher(root: Path, source: Path, folder: Path, epochs: int) -> Path:
+    """A teacher trained on the *truth* masks of every image of ``source`` (a temporary
+    ``toy_TRUTH`` dataset, removed afterwards): a model that refines boxes well. Its checkpoint."""
+    import shutil
+
+    from bss.config import from_dict
+    from bss.data.io import link_or_copy
+    from bss.training.trainer import Trainer
+
+    oracle = root / "toy_TRUTH"
+    for sub in ("images", "masks"):
+        (oracle / sub).mkdir(parents=True)
+    for path in sorted((source / "images").iterdir()):
+        link_or_copy(path, oracle / "images" / path.name)
+        link_or_copy(source / "truth" / path.name, oracle / "masks" / path.name)
+    cfg = from_dict(tiny_config_dict(root, folder, epochs=epochs, train_dataset="toy_TRUTH", visualization_samples=0))
+    checkpoint = Trainer(cfg, progress=False).fit().checkpoint
+    shutil.rmtree(oracle)
+    return checkpoint

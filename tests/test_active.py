@@ -16,7 +16,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, make_source_dataset, tiny_config_dict
+from conftest import REPO, make_source_dataset, train_oracle_teacher
 
 from bss.active.baseline import add_to_baseline, unsplit_labelled
 from bss.active.merge import merge_labels
@@ -25,14 +25,12 @@ from bss.active.scores import image_scores, percentile_ranks, score_table
 from bss.active.select import choose, distance, signature
 from bss.active.suggest import rank, score_pool, suggest
 from bss.active.via_project import image_id, read_project
-from bss.config import from_dict
-from bss.data.io import link_or_copy, read_image, read_mask
+from bss.data.io import read_image, read_mask
 from bss.data.layout import SourceDataset, list_samples
 from bss.data.splits import make_splits
 from bss.data.via import rasterize, read_via_csv, write_via_csv
 from bss.errors import BSSError, DatasetError
 from bss.hybrid import RefineRule, make_hybrid, refine
-from bss.training.trainer import Trainer
 
 
 def _iou(a, b) -> float:
@@ -113,15 +111,7 @@ def world(tmp_path_factory):
     rows["img_dup.png"] = []
     write_via_csv(source / "labels.csv", rows, {n: (source / "images" / n).stat().st_size for n in rows})
     make_splits("toy", root, progress=False)
-    oracle = root / "toy_TRUTH"
-    for sub in ("images", "masks"):
-        (oracle / sub).mkdir(parents=True)
-    for path in sorted((source / "images").iterdir()):
-        link_or_copy(path, oracle / "images" / path.name)
-        link_or_copy(source / "truth" / path.name, oracle / "masks" / path.name)
-    cfg = from_dict(tiny_config_dict(root, tmp / "teacher", epochs=4, train_dataset="toy_TRUTH", visualization_samples=0))
-    checkpoint = Trainer(cfg, progress=False).fit().checkpoint
-    shutil.rmtree(oracle)
+    checkpoint = train_oracle_teacher(root, source, tmp / "teacher", epochs=4)
     return root, checkpoint
 
 

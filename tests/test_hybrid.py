@@ -13,18 +13,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_source_dataset, tiny_config_dict
+from conftest import REPO, make_source_dataset, train_oracle_teacher
 from PIL import Image
 
-from bss.config import from_dict
-from bss.data.io import link_or_copy, read_mask, write_mask
+from bss.data.io import read_mask, write_mask
 from bss.data.splits import make_splits
 from bss.data.via import write_via_csv
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.hybrid import RefineRule, make_hybrid, measure_folder, next_number, refine
 from bss.hybrid.refine import ellipse_in
 from bss.training.checkpoint import read_checkpoint
-from bss.training.trainer import Trainer
 
 
 # ---------------------------------------------------------------------------------- the rule
@@ -170,15 +168,7 @@ def world(tmp_path_factory):
     root = tmp / "datasets"
     source = make_source_dataset(root, n=24, labelled=10)
     make_splits("toy", root, progress=False)
-    oracle = root / "toy_TRUTH"
-    for sub in ("images", "masks"):
-        (oracle / sub).mkdir(parents=True)
-    for path in sorted((source / "images").iterdir()):
-        link_or_copy(path, oracle / "images" / path.name)
-        link_or_copy(source / "truth" / path.name, oracle / "masks" / path.name)
-    cfg = from_dict(tiny_config_dict(root, tmp / "teacher", epochs=6, train_dataset="toy_TRUTH", visualization_samples=0))
-    checkpoint = Trainer(cfg, progress=False).fit().checkpoint
-    shutil.rmtree(oracle)
+    checkpoint = train_oracle_teacher(root, source, tmp / "teacher", epochs=6)
     result = make_hybrid("toy", checkpoint, root, progress=False)
     return root, checkpoint, result
 

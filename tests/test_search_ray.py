@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cluster import answers, free_port, wait_for  # noqa: E402
 from conftest import make_source_dataset, tiny_config_dict  # noqa: E402
 
 from bss.data.splits import make_splits  # noqa: E402
@@ -259,18 +259,10 @@ def test_the_mlflow_record_of_a_loop(reference, tmp_path):
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_ui(reference, tmp_path):
     """``mlflow ui`` on 127.0.0.1 over the reference loop's store (stopped after the test)."""
-    import urllib.request
-
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "mlflow-ui.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", reference[0]["tracking_uri"], "--host", "127.0.0.1", "--port", str(port)],
@@ -279,16 +271,12 @@ def mlflow_ui(reference, tmp_path):
         env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"),
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow ui did not start: {(tmp_path / 'mlflow-ui.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_for(lambda: answers(base + "/health") or proc.poll() is not None, 90, "mlflow ui", tmp_path / "mlflow-ui.log")
+        assert proc.poll() is None, (tmp_path / "mlflow-ui.log").read_text()[-2000:]
+    except BaseException:
+        proc.kill()
+        raise
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -370,7 +358,7 @@ def test_optuna_dashboard_opens_the_studies_of_the_run(reference, tmp_path):
     import urllib.request
 
     run = Path(reference[0]["run_dir"])
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "dashboard.log", "w")
     proc = subprocess.Popen(
         [shutil.which("optuna-dashboard") or "optuna-dashboard", f"sqlite:///{run / 'optuna.db'}", "--host", "127.0.0.1", "--port", str(port)],
@@ -378,15 +366,9 @@ def test_optuna_dashboard_opens_the_studies_of_the_run(reference, tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read())["study_summaries"]
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"optuna-dashboard did not start: {(tmp_path / 'dashboard.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+        api = f"http://127.0.0.1:{port}/api/studies"
+        wait_for(lambda: answers(api) or proc.poll() is not None, 60, "optuna-dashboard", tmp_path / "dashboard.log")
+        studies = json.loads(urllib.request.urlopen(api, timeout=10).read())["study_summaries"]
         assert sorted(s["study_name"] for s in studies) == ["toy iteration 0", "toy iteration 1"]
         first = next(s for s in studies if s["study_name"] == "toy iteration 0")
         detail = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{first['study_id']}?after=0", timeout=10).read())
