@@ -6,7 +6,12 @@ import os
 import tempfile
 
 # the decode-once image cache of every test run goes to a throw-away folder, not ~/.cache
-os.environ.setdefault("BSS_CACHE_DIR", tempfile.mkdtemp(prefix="bss-test-cache-"))
+if "BSS_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+
+    os.environ["BSS_CACHE_DIR"] = tempfile.mkdtemp(prefix="bss-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["BSS_CACHE_DIR"], ignore_errors=True)
 from bss.environment import quiet  # noqa: E402
 
 quiet(offline=True, bars=False)

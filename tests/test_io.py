@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bss.data.io import OWNER, atomic_folder, link_or_copy, remove_stale_temporaries
+from bss.data.io import OWNER, atomic_folder, link_or_copy, publish_copy, remove_stale_temporaries
 from bss.errors import BSSError, DatasetError
 
 
@@ -122,3 +122,15 @@ def test_predict_on_a_full_disk_is_one_error_line(tiny_disk, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tiny_disk / 'pred'}: the disk is full"), proc.stderr[-2000:]
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_publish_copy_links_atomically_and_a_later_rewrite_of_the_source_leaves_it(tmp_path):
+    src, dst = tmp_path / "promote.pt", tmp_path / "best.pt"
+    src.write_bytes(b"weights v1")
+    dst.write_bytes(b"an older model")
+    publish_copy(src, dst)
+    assert dst.read_bytes() == b"weights v1" and os.stat(dst).st_ino == os.stat(src).st_ino  # no second copy on disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "promote.pt"]  # no temporary left
+    (tmp_path / "new.tmp").write_bytes(b"weights v2")  # how every BSS writer replaces a file
+    os.replace(tmp_path / "new.tmp", src)
+    assert dst.read_bytes() == b"weights v1"

@@ -98,3 +98,40 @@ def test_unknown_model_argument_is_refused_with_a_suggestion():
         )
     )
     assert model is not None
+
+
+def test_stages_deeper_than_the_encoder_depth_are_dropped_and_old_checkpoints_still_load(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    from bss.config import from_dict
+    from bss.training.checkpoint import load_model, save_checkpoint
+
+    args = dict(TINY, encoder_weights=None)
+    torch.manual_seed(0)
+    model = build_model(NamedArgs("UNetAttention", args)).eval()
+    torch.manual_seed(0)
+    full = UNetAttention(**args).eval()  # smp as is: every resnet18 stage kept
+    assert isinstance(model.encoder.layer3, torch.nn.Identity) and isinstance(model.encoder.layer4, torch.nn.Identity)
+    kept = sum(p.numel() for p in model.parameters())
+    assert kept < 0.1 * sum(p.numel() for p in full.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(model(x), full(x))  # the same weights and output: only unused stages went
+
+    cfg = from_dict({"model": {"name": "UNetAttention", "args": args}})
+    old = save_checkpoint(tmp_path / "old.pt", full, cfg, {}, 1.0)  # written before stages were dropped
+    new = save_checkpoint(tmp_path / "new.pt", model, cfg, {}, 1.0)
+    assert new.stat().st_size < 0.15 * old.stat().st_size
+    for path in (old, new):
+        loaded, _ = load_model(path)
+        assert torch.equal(loaded(x), full(x))
+    # a stage the depth does use is never dropped, and a depth-5 encoder keeps everything
+    deep = build_model(NamedArgs("Unet", {"encoder_name": "resnet18", "encoder_weights": None}))
+    assert not isinstance(deep.encoder.layer4, torch.nn.Identity)
+    assert sum(p.numel() for p in deep.parameters()) == sum(p.numel() for p in smp.Unet("resnet18", encoder_weights=None).parameters())
+
+
+def test_encoder_weights_of_a_full_depth_encoder_load_into_a_shallower_one(tmp_path):
+    donor = build_model(NamedArgs("Unet", {"encoder_name": "resnet18", "encoder_weights": None}))  # depth 5: every stage
+    torch.save(donor.encoder.state_dict(), tmp_path / "enc.pt")
+    model = build_model(NamedArgs("UNetAttention", dict(TINY, encoder_weights=str(tmp_path / "enc.pt"))))
+    assert torch.equal(model.encoder.layer2[0].conv1.weight, donor.encoder.layer2[0].conv1.weight)

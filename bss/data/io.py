@@ -170,6 +170,19 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+def publish_copy(src: str | Path, dst: str | Path) -> Path:
+    """Put ``src``'s content at ``dst`` atomically, as a hard link where possible (a checkpoint
+    promoted, then kept as the final model, costs its disk once). Safe because BSS never writes a
+    file in place: every writer replaces it (temp file + rename), which leaves the other link as
+    it was."""
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    link_or_copy(Path(src), tmp)
+    tmp.replace(dst)
+    return dst
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` to ``dst`` (no extra disk) where the filesystem allows, else copy it.
     A symbolic link is followed: the file it points to is linked (never the link itself, which

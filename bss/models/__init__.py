@@ -14,6 +14,7 @@ import torch
 
 from bss.config import NamedArgs
 from bss.errors import ConfigError, suggest
+from bss.models.stages import drop_unused_stages
 from bss.models.unet_attention import UNetAttention
 from bss.models.weights import resolve_weights
 
@@ -66,6 +67,7 @@ def build_model(spec: NamedArgs) -> torch.nn.Module:
         model = MODELS[spec.name](**args)
     except (TypeError, KeyError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"config key 'model.args' does not fit {spec.name}: {exc}") from None
+    drop_unused_stages(model.encoder)
     if load is not None:
         load(model.encoder)
     return model

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from bss.errors import ConfigError
+from bss.models.stages import without_dropped_stages
 
 OFFLINE_IMAGENET = {"tu-efficientnet_lite0"}
 _HEAD_KEYS = ("_conv_head", "_bn1.", "_fc.")
@@ -63,6 +64,7 @@ def load_encoder_file(encoder: torch.nn.Module, path: Path) -> None:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    state = without_dropped_stages(encoder, state, prefix="")
     try:
         encoder.load_state_dict(state)
     except RuntimeError:

@@ -3,9 +3,8 @@ TEST never steers the loop), the report files, the final model, and the console 
 
 from __future__ import annotations
 
-import shutil
-
 from bss.config import METRICS
+from bss.data.io import publish_copy
 from bss.search.stages import LoopRun
 
 
@@ -64,8 +63,7 @@ def report_stage(run: LoopRun) -> list[dict]:
     if final is not None:
         promoted = st.iterations[final]["promoted"]
         for name, src in (("best.pt", promoted["checkpoint"]), ("config.yaml", promoted["config_path"])):
-            shutil.copyfile(src, run.run_dir / (name + ".tmp"))
-            (run.run_dir / (name + ".tmp")).replace(run.run_dir / name)
+            publish_copy(src, run.run_dir / name)
     log_report(run, rows, paths, final)
     st.data["report"] = {k: str(v) for k, v in paths.items()}
     st.data["finished"] = True

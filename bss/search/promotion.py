@@ -27,13 +27,13 @@ it stays available by name.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from bss.config import METRICS
+from bss.data.io import publish_copy
 from bss.errors import BSSError, ConfigError
 from bss.search.state import atomic_write_json
 
@@ -224,9 +224,7 @@ def promote(candidate: Candidate, iteration: int, dest: str | Path) -> Promoted:
         raise BSSError(
             f"the checkpoint of trial {candidate.ordinal} ({candidate.checkpoint}) is missing; with a Ray cluster, --run-dir must be on storage every node can reach."
         )
-    tmp = dest / "best.pt.tmp"
-    shutil.copyfile(candidate.checkpoint, tmp)
-    tmp.replace(dest / "best.pt")
+    publish_copy(candidate.checkpoint, dest / "best.pt")
     config = dict(candidate.config or {})
     (dest / "config.yaml.tmp").write_text(yaml.safe_dump(config, sort_keys=False))
     (dest / "config.yaml.tmp").replace(dest / "config.yaml")
