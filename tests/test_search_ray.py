@@ -236,6 +236,14 @@ def test_the_mlflow_record_of_a_loop(reference, tmp_path):
         assert (t.data.tags.get("bss.promoted") == "true") == (t.info.run_id in promoted)
         assert "best_eval_iou" in t.data.metrics and t.info.status == "FINISHED"  # stopped trials too
         assert not any(k.startswith(("tracking.", "output_dir")) for k in t.data.params)
+    # the printed link's shared view: its filter finds exactly this loop's iterations, and each
+    # has its overlays at the top level (the only files MLflow's Compare shows side by side)
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.bss-loop-{parent.info.run_id}"])
+    found = client.search_runs([exp.experiment_id], view["searchFilter"], order_by=["metrics.iteration ASC"])
+    assert [r.info.run_id for r in found] == [it.info.run_id for it in sorted(runs["iteration"], key=lambda r: int(r.data.tags["bss.iteration"]))]
+    assert view["orderByKey"] == "metrics.`iteration`" and "metrics.`eval_iou`" in view["selectedColumns"]
+    for it in runs["iteration"]:
+        assert "overlays.png" in {f.path for f in client.list_artifacts(it.info.run_id)}
     images = [f.path for f in client.list_artifacts(parent.info.run_id, "images")]
     assert any("eval_predictions" in p for p in images) and any("refined_masks" in p for p in images)
     # the Optuna study of each search, for optuna-dashboard
@@ -287,8 +295,9 @@ def mlflow_ui(reference, tmp_path):
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
 def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_path):
     """The README's "MLflow: comparing iterations" steps, clicked in headless Chromium: the link
-    the loop prints opens the runs table (not the GenAI overview), the loop run expands into its
-    iterations, Compare on them offers the iteration as an axis. Screenshots: test-artifacts/browser/."""
+    the loop prints opens the runs table (not the GenAI overview) on this loop's iterations, flat,
+    in order, with their figures as columns; Compare on them offers the iteration as an axis and
+    shows their overlays side by side. Screenshots: test-artifacts/browser/."""
     from mlflow.tracking import MlflowClient
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -311,7 +320,7 @@ def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_pa
         "--disable-component-update",
         "--no-first-run",
         "--disable-dev-shm-usage",
-        "--window-size=1600,1000",
+        "--window-size=2800,1000",  # wide enough for every column of the shared view (the grid draws only visible ones)
         f"--user-data-dir={tmp_path / 'chromium'}",
     ):
         options.add_argument(arg)
@@ -322,17 +331,20 @@ def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_pa
         return wait.until(EC.presence_of_element_located((By.XPATH, f"//*[@role='row'][.//a[normalize-space()='{name}']]")))
 
     try:
-        # 1. the link the loop prints: the experiment's runs, filtered to the iterations
-        driver.get(ui_url(exp.experiment_id, "tags.bss.kind = 'iteration'", base=mlflow_ui))
-        loop = row("loop toy")
-        driver.save_screenshot(str(shots / "1-runs.png"))
+        # 1. the link the loop prints: a shared view of this loop's iterations, flat and in order
+        view = f"bss-loop-{json.loads((Path(reference[0]['run_dir']) / 'state.json').read_text())['parent_run_id']}"
+        driver.get(ui_url(exp.experiment_id, base=mlflow_ui, view=view))
+        iterations = [row(f"iteration {k}") for k in range(2)]  # no + to press
+        time.sleep(2)  # the columns render
+        driver.save_screenshot(str(shots / "1-iterations.png"))
         text = driver.find_element(By.TAG_NAME, "body").text
-        assert "/runs" in driver.current_url and "matching runs" in text and "Token Usage" not in text  # not the GenAI overview
-        # 2. the iterations are nested under the loop run: its + shows them
-        loop.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()
-        iterations = [row(f"iteration {k}") for k in range(2)]
-        driver.save_screenshot(str(shots / "2-iterations.png"))
-        # 3. tick them and press Compare
+        assert "/runs" in driver.current_url and "Token Usage" not in text  # not the GenAI overview
+        assert "loop toy" not in text and "Error loading shared view state" not in text
+        headers = {h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR, "[role='columnheader']")}
+        assert {"eval_iou", "eval_recall", "test_iou", "bss.decision"} <= headers, headers
+        top = [r.location["y"] for r in iterations]
+        assert top[0] < top[1]  # sorted by iteration
+        # 2. tick them and press Compare
         for r in iterations:
             r.find_element(By.CSS_SELECTOR, "input.ag-checkbox-input").click()
         compare = wait.until(EC.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Compare']")))
@@ -341,12 +353,15 @@ def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_pa
         body = wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Comparing 2 Runs')]")))
         assert body is not None
         time.sleep(2)  # the plots render
-        driver.save_screenshot(str(shots / "3-compare.png"))
+        driver.save_screenshot(str(shots / "2-compare.png"))
         text = driver.find_element(By.TAG_NAME, "body").text
         # the iteration is an axis: a param and a metric of every iteration run
         parameters, metrics = text.split("Parameters:", 1)[1].split("Metrics:", 1)
         assert "iteration" in parameters.split("Clear All")[0] and "iteration" in metrics.split("Clear All")[0]
         assert "iteration 0" in text and "iteration 1" in text
+        # the iterations' overlays, side by side
+        wait.until(EC.presence_of_element_located((By.XPATH, "//*[normalize-space()='overlays.png']")))
+        assert "No common artifacts" not in driver.find_element(By.TAG_NAME, "body").text
     finally:
         driver.save_screenshot(str(shots / "last.png"))
         driver.quit()

@@ -32,6 +32,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bss.data.io import image_size
 from bss.data.layout import SourceDataset
 from bss.data.via import VIA_COLUMNS, check_filename, rasterize, read_text, read_via_csv
@@ -99,9 +101,21 @@ def merge_labels(dataset: str, export: str | Path, data_root: str | Path = "data
     labels_path = source.root / "labels.csv"
     parsed = read_via_csv(export)  # shapes, JSON, region_count, duplicate region ids
     rows = _export_rows(export)
+    masks, ignored = _checked_masks(export, source, parsed, rows)
+    merged = list(masks)
+    text, encoding = _merged_text(labels_path, rows, merged)
+    backup_path = _replace_checked(labels_path, text.encode(encoding), merged, set(source.labels.labelled), backup)
+    return MergeResult(labels_path, backup_path, merged, sum(len(parsed.regions[n]) for n in merged), ignored, masks)
+
+
+def _checked_masks(export: Path, source: SourceDataset, parsed, rows: dict) -> tuple[dict[str, np.ndarray], int]:
+    """The masks of the export's labelled images (in export order), each checked against the
+    dataset: a known image, the same file size, not labelled already; and how many rows had no
+    regions. Any problem is one error naming the export's line."""
+    labels_path = source.root / "labels.csv"
     images = {s.image.name: s.image for s in source.samples}
     already = set(source.labels.labelled)
-    merged, masks, ignored = [], {}, 0
+    masks, ignored = {}, 0
     for name, entries in rows.items():
         line, first = entries[0]
         where = f"{export} line {line}"
@@ -128,14 +142,17 @@ def merge_labels(dataset: str, export: str | Path, data_root: str | Path = "data
             )
         h, w = image_size(images[name])
         masks[name] = rasterize(regions, h, w, name)
-        merged.append(name)
-    if not merged:
+    if not masks:
         raise DatasetError(
             f"{export}: no image with regions in the export ({ignored} unlabelled row(s)); nothing to merge. Draw the polygons in VIA, then Annotation > Export annotations (as csv)."
         )
+    return masks, ignored
 
-    data = labels_path.read_bytes()
-    encoding = _encoding(data)
+
+def _merged_text(labels_path: Path, rows: dict, merged: list[str]) -> tuple[str, str]:
+    """labels.csv with the merged images' rows in place of their empty ones (appended if it did
+    not list them); every other line byte for byte. The text and the file's encoding."""
+    encoding = _encoding(labels_path.read_bytes())
     (header, header_raw), records = _records(read_text(labels_path))
     ending = "\r\n" if header_raw.endswith("\r\n") else ("\r" if header_raw.endswith("\r") else "\n")
     columns = {c: header.index(c) for c in header}
@@ -150,25 +167,29 @@ def merge_labels(dataset: str, export: str | Path, data_root: str | Path = "data
         return buf.getvalue()
 
     out = [header_raw if header_raw.endswith(("\n", "\r")) else header_raw + ending]
-    placed = set()
+    chosen, placed = set(merged), set()
     for row, raw in records:
         name = row[columns["filename"]].strip() if len(row) > columns["filename"] else ""
-        if name in masks and name not in placed:
+        if name in chosen and name not in placed:
             out.append(new_rows(name))
             placed.add(name)
-        elif name in masks:
+        elif name in chosen:
             continue  # a second row of a merged image (cannot happen: region_count 0 rows are unique)
         else:
             out.append(raw if raw.endswith(("\n", "\r")) else raw + ending)
     for name in merged:
         if name not in placed:  # an image that labels.csv did not list: appended
             out.append(new_rows(name))
-    text = "".join(out)
+    return "".join(out), encoding
 
+
+def _replace_checked(labels_path: Path, data: bytes, merged: list[str], already: set[str], backup: bool) -> Path | None:
+    """Write ``data`` as labels.csv atomically, once it reads back as a VIA export holding every
+    merged and every earlier label; keep the old file as labels.csv.bak. The backup's path."""
     tmp = labels_path.with_name(f".{labels_path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(text.encode(encoding))
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         check = read_via_csv(tmp)  # the new file must read as a VIA export again
@@ -185,7 +206,7 @@ def merge_labels(dataset: str, export: str | Path, data_root: str | Path = "data
         os.replace(tmp, labels_path)
     finally:
         tmp.unlink(missing_ok=True)
-    return MergeResult(labels_path, backup_path, merged, sum(len(parsed.regions[n]) for n in merged), ignored, masks)
+    return backup_path
 
 
 __all__ = ["MergeResult", "merge_labels", "VIA_COLUMNS"]

@@ -45,7 +45,7 @@ from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - par
 from bss.search.stages import LoopRun, count_images
 from bss.search.state import LoopState, RunLock
 from bss.search.stop import build_stop_rule
-from bss.tracking import Tracker, ui_command, ui_url
+from bss.tracking import Tracker, ui_command, ui_url, view_state
 
 # The embedded default: a synthetic dataset generated when --dataset names a defect class that
 # the data root does not hold. CPU: small enough for the whole loop in minutes on 2 cores.
@@ -55,6 +55,19 @@ SYNTHETIC = {
 }
 MIN_SEARCH_SECONDS = 60.0  # a later search with less than this left is not started
 _now = time.monotonic  # the budget's clock (tests move it)
+
+
+def iterations_view(loop_run_id: str) -> dict:
+    """The MLflow runs table of one loop's iterations, in order, with the figures that decide
+    it: the link the loop prints opens this."""
+    return view_state(
+        f"tags.bss.kind = 'iteration' and tags.mlflow.parentRunId = '{loop_run_id}'",
+        "metrics.`iteration`",
+        {
+            "metrics": ["iteration", "eval_iou", "eval_dice", "eval_recall", "eval_precision", "eval_label_iou", "test_iou", "test_dice"],
+            "tags": ["bss.train_dataset", "bss.decision"],
+        },
+    )
 
 
 @dataclass
@@ -324,8 +337,9 @@ class Loop:
         else:
             run.tracker.reopen(st.get("parent_run_id"))
         _say(f"  MLflow: {run.tracker.uri}, experiment {s.experiment}, loop run {st.get('parent_run_id')}")
-        iterations = ui_url(run.tracker.experiment_id, "tags.bss.kind = 'iteration'")
-        _say(f"    view: {ui_command(run.tracker.uri)}  ->  {iterations}")
+        view = f"bss-loop-{st.get('parent_run_id')}"
+        run.tracker.share_view(view, iterations_view(st.get("parent_run_id")))
+        _say(f"    view: {ui_command(run.tracker.uri)}  ->  {ui_url(run.tracker.experiment_id, view=view)}")
 
     def iteration_run(self, k: int, it: dict) -> str:
         if not it.get("run_id"):

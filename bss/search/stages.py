@@ -245,9 +245,10 @@ def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
     tr.params(run_id, {f"promoted.{key}": v for key, v in promoted.params.items()} | {"promoted.trial": promoted.ordinal})
     tr.tag(run_id, "bss.promoted_trial_run", promoted.run_id or "")
     tr.tag(promoted.run_id, "bss.promoted", "true")
-    for path in (promoted.checkpoint, promoted.config_path, iter_dir / "promotion.json", overlays):
-        if path:
-            tr.artifact(run_id, path, "promoted")
+    for path in (promoted.checkpoint, promoted.config_path, iter_dir / "promotion.json"):
+        tr.artifact(run_id, path, "promoted")
+    if overlays:  # at the run's top level: MLflow's Compare shows only top-level files side by side
+        tr.artifact(run_id, overlays)
     if overlays:  # an image slider over the iterations, on the loop run
         from bss.data.io import read_image
 
@@ -440,5 +441,5 @@ def draw_refined_sheet(run: LoopRun, k: int, folder: Path) -> None:
         run.say(f"warning: could not draw the refined masks of {folder.name}: {exc}")
         return
     if sheet is not None:
-        run.tracker.artifact(run.state.iterations[k]["run_id"], sheet, "hybrid")
+        run.tracker.artifact(run.state.iterations[k]["run_id"], sheet)
         run.tracker.image(run.state.get("parent_run_id"), read_image(sheet), key="refined_masks", step=k)

@@ -97,12 +97,33 @@ def mark_model_training(uri: str, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, key, value)
 
 
-def ui_url(experiment_id: str, search_filter: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
-    """The experiment's runs table in ``mlflow ui`` (its model-training view, optionally filtered)."""
+def ui_url(experiment_id: str, search_filter: str | None = None, base: str = "http://127.0.0.1:5000", view: str | None = None) -> str:
+    """The experiment's runs table in ``mlflow ui`` (its model-training view), filtered, or laid
+    out as the shared view ``view`` (see :meth:`Tracker.share_view`) says."""
     from urllib.parse import quote
 
-    query = "workflowType=machine_learning" + (f"&searchFilter={quote(search_filter)}" if search_filter else "")
+    query = "workflowType=machine_learning"
+    if view:
+        query += f"&viewStateShareKey={quote(view)}"
+    elif search_filter:
+        query += f"&searchFilter={quote(search_filter)}"
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def view_state(search_filter: str, order_by: str, columns: dict[str, list[str]]) -> dict:
+    """A runs-table layout as the MLflow UI's "Share" button stores it: the filter, the sort key
+    (ascending) and the columns shown (``{"metrics": [...], "params": [...], "tags": [...]}``).
+    Sorting by anything but the start time shows the matching runs flat, not folded under
+    their parent."""
+
+    def column(kind: str, key: str) -> str:
+        return f"{kind}.`{key}`"
+
+    selected = [column("attributes", "Dataset")] + [column(kind, key) for kind, keys in columns.items() for key in keys]
+    return {"searchFilter": search_filter, "orderByKey": order_by, "orderByAsc": True, "selectedColumns": selected, "runsHiddenMode": "SHOW_ALL"}
 
 
 def ui_command(uri: str) -> str:
@@ -212,6 +233,14 @@ class Tracker:
     def reopen(self, run_id: str | None) -> None:
         if run_id and self.client.get_run(run_id).info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
+
+    @_guarded
+    def share_view(self, key: str, state: dict) -> None:
+        """Store a runs-table layout in the experiment, as the UI's "Share" button does; the
+        link ``ui_url(experiment_id, view=key)`` opens it."""
+        import json
+
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
 
     def usable(self, run_id: str | None) -> bool:
         """Whether ``run_id`` can be logged to again: it exists and is not deleted."""
