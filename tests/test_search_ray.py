@@ -244,6 +244,7 @@ def test_the_mlflow_record_of_a_loop(reference, tmp_path):
     assert view["orderByKey"] == "metrics.`iteration`" and "metrics.`eval_iou`" in view["selectedColumns"]
     for it in runs["iteration"]:
         assert "overlays.png" in {f.path for f in client.list_artifacts(it.info.run_id)}
+    assert len({it.data.tags["mlflow.runColor"] for it in runs["iteration"]}) == len(runs["iteration"])  # one colour each
     images = [f.path for f in client.list_artifacts(parent.info.run_id, "images")]
     assert any("eval_predictions" in p for p in images) and any("refined_masks" in p for p in images)
     # the Optuna study of each search, for optuna-dashboard

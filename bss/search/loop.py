@@ -45,7 +45,7 @@ from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - par
 from bss.search.stages import LoopRun, count_images
 from bss.search.state import LoopState, RunLock
 from bss.search.stop import build_stop_rule
-from bss.tracking import Tracker, ui_command, ui_url, view_state
+from bss.tracking import Tracker, run_colour, ui_command, ui_url, view_state
 
 # The embedded default: a synthetic dataset generated when --dataset names a defect class that
 # the data root does not hold. CPU: small enough for the whole loop in minutes on 2 cores.
@@ -344,7 +344,9 @@ class Loop:
     def iteration_run(self, k: int, it: dict) -> str:
         if not it.get("run_id"):
             it["run_id"] = self.run.tracker.create(
-                f"iteration {k}", self.run.state.get("parent_run_id"), {"bss.kind": "iteration", "bss.iteration": k, "bss.train_dataset": it["train_dataset"]}
+                f"iteration {k}",
+                self.run.state.get("parent_run_id"),
+                {"bss.kind": "iteration", "bss.iteration": k, "bss.train_dataset": it["train_dataset"]} | run_colour(k),
             )
             self.run.state.save()
         else:
