@@ -240,10 +240,8 @@ def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    names = {a.path for a in client.list_artifacts(iterations[0].info.run_id, "promoted")} | {
-        a.path for a in client.list_artifacts(iterations[0].info.run_id, "hybrid")
-    }
-    assert {"promoted/best.pt", "promoted/overlays.png", "promoted/promotion.json", "hybrid/manifest.json"} <= names
+    names = {a.path for folder in (None, "promoted", "hybrid") for a in client.list_artifacts(iterations[0].info.run_id, folder)}
+    assert {"overlays.png", "refined_masks.png", "promoted/best.pt", "promoted/promotion.json", "hybrid/manifest.json"} <= names
     assert {"report/report.md", "report/metrics.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     # resuming a finished loop redoes nothing
     calls.clear()
