@@ -202,7 +202,7 @@ def runs_by_kind(tracking_uri: str, experiment: str) -> dict:
     return out
 
 
-def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
+def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request, capsys):
     tmp_path, root, options, calls = setup_loop
     # iteration 0: the all-foreground trial (recall 1.0, precision 0.12) must not be promoted
     PLAN.clear()
@@ -233,6 +233,11 @@ def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request):
     kinds = runs_by_kind(uri, request.node.name)
     (parent,) = kinds["loop"]
     assert parent.info.status == "FINISHED" and parent.data.metrics["final_iteration"] == 0
+    # the summary ends on the link to the loop's shared MLflow view
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("compare the iterations in MLflow: mlflow ui --backend-store-uri ") and last.endswith(
+        f"viewStateShareKey=bss-loop-{parent.info.run_id}"
+    )
     iterations = sorted(kinds["iteration"], key=lambda r: int(r.data.tags["bss.iteration"]))
     assert [r.info.status for r in iterations] == ["FINISHED", "FINISHED"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in iterations)

@@ -122,3 +122,5 @@ def print_summary(run: LoopRun, rows: list[dict]) -> None:
         run.say(
             f"final model: {run.run_dir / 'best.pt'} (iteration {best['iteration']}); report: {run.run_dir / 'report.md'}, plot: {run.run_dir / 'metrics.png'}"
         )
+    if run.view:
+        run.say(f"compare the iterations in MLflow: {run.view}")

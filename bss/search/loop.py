@@ -339,7 +339,8 @@ class Loop:
         _say(f"  MLflow: {run.tracker.uri}, experiment {s.experiment}, loop run {st.get('parent_run_id')}")
         view = f"bss-loop-{st.get('parent_run_id')}"
         run.tracker.share_view(view, iterations_view(st.get("parent_run_id")))
-        _say(f"    view: {ui_command(run.tracker.uri)}  ->  {ui_url(run.tracker.experiment_id, view=view)}")
+        run.view = f"{ui_command(run.tracker.uri)}  ->  {ui_url(run.tracker.experiment_id, view=view)}"
+        _say(f"    view: {run.view}")
 
     def iteration_run(self, k: int, it: dict) -> str:
         if not it.get("run_id"):

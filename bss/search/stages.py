@@ -48,6 +48,7 @@ class LoopRun:
     max_failures: int = 2
     progress: bool = True
     hybrid_batch_size: int = 8
+    view: str | None = None  # the MLflow UI command and link to this loop's iterations (Loop.start_tracking)
 
 
 BUDGET_RESERVE = 0.15  # of the time left: teacher measurement, hybrid, TEST evaluation, report
