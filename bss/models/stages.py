@@ -3,8 +3,8 @@
 smp's own encoders keep every stage whatever ``encoder_depth`` says: a ``resnet18`` at depth 3
 runs conv1, layer1 and layer2 (0.7M parameters) but carries layer3 and layer4 (10.5M more)
 through every optimizer step and into every checkpoint (44 MB instead of 3 MB). timm encoders
-(``tu-*``) are already cut by timm. Dropping happens after the model is built (weights loaded later skip the dropped stages), so
-training and its random draws are exactly as before.
+(``tu-*``) are already cut by timm. Dropping happens after the model is built, and weights loaded
+later skip the dropped stages, so training and its random draws are exactly as before.
 """
 
 from __future__ import annotations
@@ -13,23 +13,20 @@ import torch
 from torch import nn
 
 
-def drop_unused_stages(encoder: nn.Module) -> list[str]:
-    """Replace the stages deeper than the encoder's depth by ``nn.Identity``; their names."""
+def drop_unused_stages(encoder: nn.Module) -> None:
+    """Replace the stages deeper than the encoder's depth by ``nn.Identity``."""
     depth = getattr(encoder, "_depth", None)
     get_stages = getattr(encoder, "get_stages", None)
     if depth is None or get_stages is None:
-        return []
+        return
     try:
         stages = get_stages()
     except (AttributeError, NotImplementedError):
-        return []
+        return
     unused = {id(module) for stride, modules in stages.items() if stride > 2**depth for module in modules}
-    dropped = []
     for name, child in list(encoder.named_children()):
         if id(child) in unused:
             setattr(encoder, name, nn.Identity())
-            dropped.append(name)
-    return dropped
 
 
 def without_dropped_stages(encoder: nn.Module | None, state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:

@@ -336,9 +336,10 @@ class Loop:
             st.set("parent_run_id", run_id)
         else:
             run.tracker.reopen(st.get("parent_run_id"))
-        _say(f"  MLflow: {run.tracker.uri}, experiment {s.experiment}, loop run {st.get('parent_run_id')}")
-        view = f"bss-loop-{st.get('parent_run_id')}"
-        run.tracker.share_view(view, iterations_view(st.get("parent_run_id")))
+        loop_run_id = st.get("parent_run_id")
+        _say(f"  MLflow: {run.tracker.uri}, experiment {s.experiment}, loop run {loop_run_id}")
+        view = f"bss-loop-{loop_run_id}"
+        run.tracker.share_view(view, iterations_view(loop_run_id))
         run.view = f"{ui_command(run.tracker.uri)}  ->  {ui_url(run.tracker.experiment_id, view=view)}"
         _say(f"    view: {run.view}")
 

@@ -248,11 +248,11 @@ def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
     tr.tag(promoted.run_id, "bss.promoted", "true")
     for path in (promoted.checkpoint, promoted.config_path, iter_dir / "promotion.json"):
         tr.artifact(run_id, path, "promoted")
-    if overlays:  # at the run's top level: MLflow's Compare shows only top-level files side by side
-        tr.artifact(run_id, overlays)
-    if overlays:  # an image slider over the iterations, on the loop run
+    if overlays:  # at the run's top level (MLflow's Compare shows only top-level files side by
+        # side), and a step of the image slider over the iterations on the loop run
         from bss.data.io import read_image
 
+        tr.artifact(run_id, overlays)
         tr.image(run.state.get("parent_run_id"), read_image(overlays), key="eval_predictions", step=k)
     from bss.search.tune_callback import short_params
 

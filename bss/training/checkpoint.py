@@ -62,24 +62,27 @@ def checkpoint_config(path: str | Path, payload: dict) -> Config:
         raise BSSError(f"{path}: its config is not valid ({exc}); the checkpoint was not written by this version of BSS, or was edited.") from None
 
 
-def load_state_into(model: torch.nn.Module, path: str | Path) -> None:
+def _load_state(model: torch.nn.Module, state: dict) -> None:
+    """Load ``state`` strictly, less the weights of encoder stages the model dropped."""
     from bss.models.stages import without_dropped_stages
 
-    target = getattr(model, "_orig_mod", model)
-    target.load_state_dict(without_dropped_stages(getattr(target, "encoder", None), read_checkpoint(path)["state_dict"]))
+    model.load_state_dict(without_dropped_stages(getattr(model, "encoder", None), state))
+
+
+def load_state_into(model: torch.nn.Module, path: str | Path) -> None:
+    _load_state(getattr(model, "_orig_mod", model), read_checkpoint(path)["state_dict"])
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
     """Rebuild the model from the checkpoint's own config and load its weights."""
     from bss.models import build_model
-    from bss.models.stages import without_dropped_stages
 
     payload = read_checkpoint(path)
     config = checkpoint_config(path, payload)
     # the weights come from the checkpoint: never download or read encoder weights again
     model = build_model(NamedArgs(config.model.name, {**config.model.args, "encoder_weights": None}))
     try:
-        model.load_state_dict(without_dropped_stages(getattr(model, "encoder", None), payload["state_dict"]))
+        _load_state(model, payload["state_dict"])
     except RuntimeError as exc:
         raise BSSError(f"{path}: weights do not fit the model its config describes ({str(exc)[:200]}).") from None
     return model.to(device).eval(), config
