@@ -31,7 +31,7 @@ from bss.search import stages  # noqa: E402
 from bss.search.loop import LoopOptions, run_loop  # noqa: E402
 from bss.search.promotion import Candidate, FloorRule, GuardedRecall, build_promotion_rule, choose  # noqa: E402
 from bss.search.state import LoopState, atomic_write_json  # noqa: E402
-from bss.search.stop import GuardedStop, Outcome, build_stop_rule  # noqa: E402
+from bss.search.stop import GuardedStop, History, Outcome, build_stop_rule  # noqa: E402
 from bss.search.tune_search import SearchOutcome, plan_resources  # noqa: E402
 from bss.training.checkpoint import load_model, save_checkpoint  # noqa: E402
 
@@ -49,21 +49,23 @@ def cand(ordinal, r, checkpoint="x.pt", state="complete"):
 
 
 def test_guarded_recall_cannot_be_won_by_over_segmenting():
-    rule = GuardedRecall(floor_iou=0.60, margin=0.03)
+    rule = GuardedRecall(margin=0.03)
     box_painter = cand(1, row(1.0, 0.62, iou=0.59))  # paints the whole box: recall 1.0, IoU at the boxes' level
     everything = cand(2, row(1.0, 0.12, iou=0.12))  # calls every pixel foreground
     tight = cand(3, row(0.85, 0.93, iou=0.80))
     near_more_recall = cand(4, row(0.95, 0.82, iou=0.78))  # within the margin of the best IoU, higher recall
-    far_more_recall = cand(5, row(0.99, 0.72, iou=0.71))  # admissible, but 0.09 IoU behind
+    far_more_recall = cand(5, row(0.99, 0.72, iou=0.71))  # 0.09 IoU behind
     failed = cand(6, row(0.99, 0.99, iou=0.99), state="failed")  # NaN after a good epoch: failed is failed
     assert choose([box_painter, everything, tight, far_more_recall, failed], rule) is tight
     assert choose([box_painter, everything, tight, near_more_recall, far_more_recall], rule) is near_more_recall
-    assert choose([box_painter, everything], rule) is None  # nothing beats the boxes: no promotion
-    twin = cand(7, dict(tight.best))
+    # no box floor: the best of what there is is promoted (whether it may teach is judged as a teacher)
+    assert choose([box_painter, everything], rule) is box_painter
+    assert choose([failed], rule) is None and choose([cand(7, None)], rule) is None  # nothing finished an evaluation
+    twin = cand(8, dict(tight.best))
     assert choose([tight, twin], rule) is tight  # equal figures: the earlier trial
     # the objective (TPE, ASHA, the checkpoint inside a trial) agrees: IoU first, recall within the margin
-    assert rule.objective(tight.best) > rule.objective(far_more_recall.best) > rule.objective(box_painter.best)
-    assert rule.objective(box_painter.best) < 0 < rule.objective(far_more_recall.best)
+    assert rule.objective(tight.best) > rule.objective(far_more_recall.best) > rule.objective(box_painter.best) > rule.objective(everything.best)
+    assert rule.objective(tight.best) == pytest.approx(0.80 + 0.03 * 0.85)
     assert rule.better(tight.best, far_more_recall.best) and not rule.better(everything.best, box_painter.best)
     with pytest.raises(BSSError, match="--margin must be between 0 and 1"):
         GuardedRecall(margin=2)
@@ -93,35 +95,70 @@ def test_floor_rule_is_the_seeds_rule_by_name():
 # --------------------------------------------------------------------------- stop rule
 
 
-def outcome(k, iou, recall, new_best=False):
-    return Outcome(k, None if iou is None else {"eval_iou": iou, "eval_recall": recall}, new_best)
+def outcome(k, iou, recall, new_best=False, label_iou=0.9):
+    return Outcome(k, None if iou is None else {"eval_iou": iou, "eval_recall": recall}, label_iou, new_best)
+
+
+def decide(rule, *outcomes, labels=0.7, left=1, time_left=None):
+    return rule.decide(History(tuple(outcomes), labels, "the boxes", left, time_left))
 
 
 def test_stop_rule_never_keeps_an_iou_drop_whatever_the_recall():
     rule = GuardedStop(metric="recall", tolerance=0.02, patience=1)
     base = outcome(0, 0.80, 0.85, new_best=True)
-    assert rule.decide([outcome(0, 0.80, 0.85)]).verdict == "baseline"
-    dropped = rule.decide([base, outcome(1, 0.70, 0.99)])
-    assert dropped.stop and not dropped.new_best and dropped.verdict.startswith("stop: EVAL IoU -0.100 below the best")
-    gained = rule.decide([base, outcome(1, 0.79, 0.90)])  # more recall, IoU within the tolerance
-    assert gained.new_best and not gained.stop and gained.verdict.startswith("improved (recall +0.050")
-    sharper = rule.decide([base, outcome(1, 0.85, 0.80)])  # less recall but a clear IoU gain
+    first = decide(rule, outcome(0, 0.80, 0.85))
+    assert (first.verdict, first.reason, first.new_best, first.make_hybrid, first.stop) == ("baseline", "baseline", True, True, False)
+    dropped = decide(rule, base, outcome(1, 0.70, 0.99))
+    assert dropped.stop and not dropped.new_best and dropped.verdict.startswith("stop: EVAL IoU -0.100 below the best") and dropped.reason == "iou_drop"
+    gained = decide(rule, base, outcome(1, 0.79, 0.90))  # more recall, IoU within the tolerance
+    assert gained.new_best and not gained.stop and gained.verdict.startswith("improved (recall +0.050") and gained.make_hybrid
+    sharper = decide(rule, base, outcome(1, 0.85, 0.80))  # less recall but a clear IoU gain
     assert sharper.new_best
     # no ratchet: each step within the tolerance of the last best, but 0.025 below the best IoU ever kept
-    slide = rule.decide([base, outcome(1, 0.79, 0.90, new_best=True), outcome(2, 0.775, 0.95)])
+    slide = decide(rule, base, outcome(1, 0.79, 0.90, new_best=True), outcome(2, 0.775, 0.95))
     assert slide.stop and slide.verdict.startswith("stop: EVAL IoU -0.025")
-    assert rule.decide([base, outcome(1, None, None)]).verdict == "stop: no admissible model"
+    none = decide(rule, base, outcome(1, None, None))
+    assert (none.verdict, none.reason, none.stop) == ("stop: no model (no trial finished an evaluation)", "no_model", True)
 
 
 def test_stop_rule_patience_counts_iterations_without_gain():
     rule = GuardedStop(tolerance=0.05, patience=2)
     base = outcome(0, 0.80, 0.85, new_best=True)
-    first = rule.decide([base, outcome(1, 0.80, 0.84)])
-    assert not first.stop and not first.new_best and first.verdict.startswith("no gain (recall -0.010, 1/2)")
-    second = rule.decide([base, outcome(1, 0.80, 0.84), outcome(2, 0.79, 0.85)])
-    assert second.stop and second.verdict == "stop: no gain for 2 iteration(s) (patience 2)"
+    first = decide(rule, base, outcome(1, 0.80, 0.84))
+    assert not first.stop and not first.new_best and first.verdict.startswith("no gain (recall -0.010, 1/2)") and not first.make_hybrid
+    second = decide(rule, base, outcome(1, 0.80, 0.84), outcome(2, 0.79, 0.85))
+    assert second.stop and second.verdict == "stop: no gain for 2 iteration(s) (patience 2)" and second.reason == "patience"
     with pytest.raises(BSSError, match="--patience must be at least 1"):
         build_stop_rule("guarded", patience=0)
+
+
+def test_stop_rule_judges_a_teacher_by_its_label_iou_not_its_image_only_iou():
+    rule = GuardedStop(tolerance=0.02, patience=1)
+    # tight boxes (label IoU 0.75): the model is far below them image-only (0.61), yet refines them to 0.805
+    tight = decide(rule, outcome(0, 0.61, 0.70, label_iou=0.805), labels=0.75)
+    assert tight.new_best and tight.make_hybrid and not tight.stop
+    # a teacher whose refined labels are no better than the boxes: no H1, and the loop ends with iteration 0 as its model
+    useless = decide(rule, outcome(0, 0.90, 0.95, label_iou=0.74), labels=0.75)
+    assert useless.new_best and useless.stop and not useless.make_hybrid and useless.reason == "labels_not_better"
+    assert useless.verdict == "baseline; then stop: its EVAL label IoU as a teacher (0.740) does not beat the boxes (0.750); no H<n> is made"
+    assert useless.stop_text == "stop: its EVAL label IoU as a teacher (0.740) does not beat the boxes (0.750); no H<n> is made"
+    equal = decide(rule, outcome(0, 0.90, 0.95, new_best=True), outcome(1, 0.92, 0.96, label_iou=0.80), labels=0.80)
+    assert equal.new_best and equal.stop and equal.reason == "labels_not_better"  # a tie makes no new H<n>
+    # the last iteration teaches nothing: its label IoU is not asked for, and the loop simply ends
+    last = decide(rule, outcome(0, 0.90, 0.95, label_iou=None), left=0)
+    assert last.new_best and not last.stop and not last.make_hybrid and last.verdict == "baseline"
+
+
+def test_stop_rule_stops_when_the_budget_is_spent():
+    rule = GuardedStop(min_search_seconds=60.0)
+    base = outcome(0, 0.80, 0.85, new_best=True)
+    spent = decide(rule, base, outcome(1, 0.82, 0.90), time_left=50.0)
+    assert spent.new_best and spent.stop and not spent.make_hybrid and spent.reason == "budget"
+    assert spent.stop_text == "stop: the --budget is spent (50 s left, a search needs 60 s)"
+    assert not decide(rule, base, outcome(1, 0.82, 0.90), time_left=61.0).stop
+    assert not decide(rule, base, outcome(1, 0.82, 0.90), time_left=5.0, left=0).stop  # no later search to start
+    reused = decide(rule, base, outcome(1, 0.80, 0.80), time_left=5.0)  # no gain, patience 1: patience says it first
+    assert reused.reason == "patience"
 
 
 # --------------------------------------------------------------------------- loop with fabricated searches
@@ -276,15 +313,57 @@ def test_patience_stops(setup_loop):
     assert result.stopped.startswith("stop: no gain for 1 iteration") and len(calls) == 2
 
 
-def test_no_admissible_model_at_iteration_0_is_a_clear_error(setup_loop):
+def test_tight_boxes_a_model_below_them_image_only_still_teaches_h1(setup_loop):
+    """The boxes score EVAL IoU 0.764 (toy); no trial comes near that image-only, yet the
+    promoted one refines the EVAL boxes to label IoU 0.80 > the boxes' 0.76: it makes H1
+    (before issue 18 the loop exited 2 here with no model)."""
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
-    PLAN.update({0: [(1.0, 0.1, 0.1), (1.0, 0.7, 0.7)]})  # neither segments better than the boxes (IoU 0.764)
-    with pytest.raises(
-        BSSError,
-        match=r"none of the 2 trials reached EVAL IoU > 0.764 .*the best trial \(2\) reached EVAL IoU 0.700, Recall 1.000, Precision 0.700; the EVAL boxes themselves score IoU 0.764",
-    ):
-        run_loop(options())
+    TEACHER.clear()
+    PLAN.update({0: [(1.0, 0.1, 0.1), (0.8, 0.7, 0.6)], 1: [(0.85, 0.7, 0.62)]})
+    TEACHER.update({0: 0.80, 1: 0.78})
+    result = run_loop(options(iterations=2))
+    assert [c["train_dataset"] for c in calls] == ["toy_BASELINE", "toy_H1"] and (root / "toy_H1" / "manifest.json").is_file()
+    assert result.rows[0]["promoted_trial"] == 2 and result.rows[0]["decision"] == "baseline"
+    assert result.final_iteration == 1 and result.stopped is None and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_no_admissible_teacher_ends_with_exit_0_and_a_final_model(setup_loop, capsys):
+    """The driver itself: the teacher's labels are no better than the boxes, so no H1 is made, and
+    the loop still evaluates TEST, writes the report and the final model, and exits 0."""
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    TEACHER.clear()
+    PLAN.update({0: [(0.9, 0.9, 0.85)]})
+    TEACHER.update({0: 0.70})
+    result = run_loop(options(iterations=3))
+    out = capsys.readouterr().out
+    assert len(calls) == 1 and not (root / "toy_H1").exists() and result.final_iteration == 0
+    assert "the loop ends with iteration 0's model as the final model. What would help: more hand-labelled images" in out
+    assert result.rows[0]["test_iou"] is not None and (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "report.md").is_file()
+    assert load_model(tmp_path / "run" / "best.pt")[1].train_dataset == "toy_BASELINE"
+
+
+def test_a_dataset_that_cannot_train_is_a_clear_error(setup_loop):
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    PLAN.update({0: [(0.9, 0.9, 0.85)]})
+    real = stages.run_search
+
+    def failing(context, *args, **kwargs):
+        out = real(context, *args, **kwargs)
+        for c in out.candidates:
+            c.state, c.best, c.error = "failed", None, "Traceback ...\nRuntimeError: out of memory"
+        return out
+
+    stages.run_search = failing
+    try:
+        with pytest.raises(
+            BSSError, match=r"iteration 0: none of the 1 trials reached a finished EVAL evaluation, 1 failed \(last error: RuntimeError: out of memory\)"
+        ):
+            run_loop(options())
+    finally:
+        stages.run_search = real
 
 
 def test_labels_no_better_than_the_current_ones_make_no_hybrid(setup_loop):
@@ -296,9 +375,9 @@ def test_labels_no_better_than_the_current_ones_make_no_hybrid(setup_loop):
     result = run_loop(options(iterations=2))
     assert len(calls) == 1 and not (root / "toy_H1").exists()
     assert len(json.loads((tmp_path / "run" / "state.json").read_text())["iterations"]) == 1  # no empty entry for an iteration that never ran
-    assert result.stopped.startswith("stop: the new teacher's EVAL label IoU 0.700 does not beat the current training labels, the boxes (EVAL label IoU 0.760)")
+    assert result.stopped == "stop: its EVAL label IoU as a teacher (0.700) does not beat the EVAL boxes' own label IoU (0.760); no H<n> is made"
     assert result.final_iteration == 0 and result.rows[0]["eval_label_iou"] == pytest.approx(0.70)
-    assert result.rows[0]["decision"].startswith("baseline; then stop: the new teacher's")
+    assert result.rows[0]["decision"].startswith("baseline; then stop: its EVAL label IoU")
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(setup_loop):
@@ -339,7 +418,7 @@ def test_state_is_written_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    state.data["seed"] = 2
+    state.record.settings["seed"] = 2
     with pytest.raises(OSError):
         state.save()
     assert (tmp_path / "state.json").read_text() == before  # the old file survives intact
@@ -347,6 +426,61 @@ def test_state_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     atomic_write_json(tmp_path / "state.json", {"version": 1, "settings": {}, "iterations": []})
     assert LoopState.load(tmp_path).settings == {}
+
+
+OLD_STATE = {  # a state.json as the untyped loop wrote it (issue 17), one iteration done, H1 made
+    "version": 1,
+    "settings": {"dataset": "toy", "seed": 0},
+    "iterations": [
+        {
+            "index": 0,
+            "train_dataset": "toy_BASELINE",
+            "run_id": "r0",
+            "search": {"done": True, "mode": "search", "wall_seconds": 3.5, "counts": {"complete": 1, "stopped": 0, "failed": 0, "lost": 0},
+                       "trials": [{"ordinal": 1, "key": "t001", "state": "complete", "params": {"learning_rate": 0.01}, "evaluations": 2,
+                                   "best": {"eval_iou": 0.8}, "error": None, "run_id": None, "host": "h", "node_id": None, "node_name": None, "lost_attempts": []}],
+                       "timings": {}},
+            "promoted": {"iteration": 0, "ordinal": 1, "key": "t001", "checkpoint": "iter_0/best.pt", "config_path": "iter_0/config.yaml",
+                         "metrics": {"eval_iou": 0.8, "eval_recall": 0.9}, "params": {"learning_rate": 0.01}, "epoch": 2.0, "run_id": None},
+            "teacher": {"images": 2, "box_iou_pixels": 0.7, "box_iou_per_image": 0.7, "raw_iou_pixels": 0.75, "label_iou_pixels": 0.85,
+                        "label_iou_per_image": 0.84, "default_rule_iou_pixels": 0.8, "rule": {"mode": "inside_box"}, "top_rules": [], "rules_tried": 1, "seconds": 0.2},
+            "decision": {"verdict": "baseline", "stop": False, "new_best": True, "value": 0.9},
+            "hybrid": {"number": 1, "checkpoint_sha256": "ab", "done": True, "path": "d/toy_H1", "name": "toy_H1", "images": 8, "label_quality": None, "seconds": 1.0},
+            "done": True,
+        },
+        {"index": 1, "train_dataset": "toy_H1"},
+    ],
+    "finished": False,
+    "data": {"generated": False, "splits_made": True, "counts": {"BASELINE": 4}, "fingerprint": {"median_shape": [64, 64], "input_size": [64, 64]}},
+    "boxes_eval": {"iou": 0.7, "dice": 0.82, "recall": 1.0, "precision": 0.7},
+    "parent_run_id": "p",
+    "best": {"iteration": 0, "value": 0.9, "checkpoint": "iter_0/best.pt"},
+}  # fmt: skip
+
+
+def test_a_state_file_from_before_the_typed_record_resumes_and_a_foreign_one_is_refused(tmp_path):
+    atomic_write_json(tmp_path / "state.json", OLD_STATE)
+    record = LoopState.load(tmp_path).record
+    it = record.iterations[0]
+    assert it.searched and it.search.ok == 1 and it.search.trials[0].host == "h" and it.promoted.metrics["eval_recall"] == 0.9
+    assert it.teacher.admissible and it.decision.new_best and not it.decision.make_hybrid  # older decisions lack the new fields
+    assert it.hybrid.name == "toy_H1" and record.iterations[1].train_dataset == "toy_H1" and not record.iterations[1].searched
+    assert record.data.fingerprint.input_size == [64, 64] and record.data.box_only is None and record.best.iteration == 0
+    # written back, nothing is lost or renamed: the old keys come out as they went in
+    again = record.to_json()
+    assert {k: again[k] for k in OLD_STATE if k != "iterations"} == {k: v for k, v in OLD_STATE.items() if k != "iterations"}
+    assert again["iterations"][1] == {"index": 1, "train_dataset": "toy_H1", "done": False}
+    assert {k: again["iterations"][0]["decision"][k] for k in OLD_STATE["iterations"][0]["decision"]} == OLD_STATE["iterations"][0]["decision"]
+    bad = dict(OLD_STATE, iterations=[{"index": 0, "promoted": {"checkpoint": "x"}}])
+    atomic_write_json(tmp_path / "state.json", bad)
+    with pytest.raises(
+        BSSError,
+        match=r"state.json: not a state file this version of BSS can resume \(iterations\[0\].promoted: .*missing .*start a new run with another --run-dir",
+    ):
+        LoopState.load(tmp_path)
+    atomic_write_json(tmp_path / "state.json", dict(OLD_STATE, surprise=1))
+    with pytest.raises(BSSError, match="unknown key 'surprise'"):
+        LoopState.load(tmp_path)
 
 
 def test_plan_resources():
@@ -453,7 +587,8 @@ def test_budget_is_split_over_the_searches_and_stops_the_loop_when_spent(setup_l
     result = run_loop(options(iterations=3, budget=400.0))
     # iteration 0: 400 s left, 3 searches -> 0.85 * 400 / 3; iteration 1: 200 s left, 2 searches
     assert budgets == [pytest.approx(0.85 * 400 / 3), pytest.approx(0.85 * 200 / 2)]
-    assert result.stopped == "stop: the --budget of 400 s is spent (50 s left)" and len(result.rows) == 2
+    assert result.stopped == "stop: the --budget is spent (50 s left, a search needs 60 s)" and len(result.rows) == 2
+    assert not (root / "toy_H2").exists()  # decided before H2 is made: no time is spent on labels nobody trains on
     assert stages.search_budget(100.0, 2, 30.0) == 30.0 and stages.search_budget(None, 2, None) is None
     assert [loop_mod.parse_duration(x) for x in ("90", "90s", "10m", "1.5h")] == [90.0, 90.0, 600.0, 5400.0]
     with pytest.raises(BSSError, match="--budget 'soon': give a duration such as 600, 90s, 10m or 1.5h"):

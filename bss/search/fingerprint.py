@@ -8,6 +8,7 @@ The training budget itself is in optimizer steps (the config's ``train_steps``, 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from bss.data.io import image_size, is_image
@@ -31,6 +32,18 @@ def input_size(shape: tuple[int, int], long_side: int = LONG_SIDE) -> list[int]:
     return [max(32, int(round(h * scale / 32)) * 32), max(32, int(round(w * scale / 32)) * 32)]
 
 
-def fingerprint(source: Path) -> dict:
+@dataclass
+class Fingerprint:
+    """What the loop plans from the data: the images' median shape and the network input."""
+
+    median_shape: list  # [height, width]
+    input_size: list  # [height, width], multiples of 32
+
+    def describe(self, space_sets_size: bool) -> str:
+        sized = "the search space's" if space_sets_size else f"[{self.input_size[0]}, {self.input_size[1]}] (from the images' shape)"
+        return f"images: median {self.median_shape[1]}x{self.median_shape[0]} (WxH); network input {sized}"
+
+
+def fingerprint(source: Path) -> Fingerprint:
     shape = median_shape(Path(source) / "images")
-    return {"median_shape": list(shape), "input_size": input_size(shape)}
+    return Fingerprint(list(shape), input_size(shape))

@@ -1,14 +1,15 @@
 """The automated self-training loop (``drivers/search.py``).
 
-Iteration 0 searches on ``NAME_BASELINE`` and promotes a model with the promotion rule
-(:mod:`bss.search.promotion`; its IoU floor is the EVAL boxes' own IoU, measured first). The
-promoted model is measured as a teacher on EVAL (:mod:`bss.hybrid.teacher_quality`: its EVAL
-label IoU and the refinement rule chosen there) and refines the box-only images into
-``NAME_H1``, unless its labels would be no better than the current ones. Iteration k >= 1
-searches again (the best config so far first; or, with ``retrain_best``, retrains it with new
-seeds) on ``NAME_H<k>`` and is judged on ``NAME_EVAL`` by the stop rule (:mod:`bss.search.stop`):
-a new best refines the next ``H<k+1>``; an EVAL IoU drop beyond the tolerance, no admissible
-model, or ``patience`` iterations without gain stop the loop.
+Before any training the data stage (:mod:`bss.search.data_stage`) checks the dataset, draws its
+splits, and measures the EVAL boxes' own figures. Iteration 0 searches on ``NAME_BASELINE`` and
+promotes a model with the promotion rule (:mod:`bss.search.promotion`, image-only EVAL
+figures). The promoted model is measured as a teacher on EVAL (:mod:`bss.hybrid.teacher_quality`:
+its EVAL label IoU and the refinement rule chosen there). The stop rule (:mod:`bss.search.stop`)
+then decides, once: whether the model is a new best, whether it refines the box-only images
+into ``NAME_H1`` (only if its label IoU beats the labels trained on now), and whether the loop
+goes on. Iteration k >= 1 searches again (the best config so far first; or, with
+``retrain_best``, retrains it with new seeds) on ``NAME_H<k>`` and is decided the same way. A
+loop whose teacher never beats the boxes still ends with a final model (iteration 0's).
 
 After the last decision every promoted model is evaluated on ``NAME_TEST`` for the report; no
 decision ever reads TEST. The final model (the best by EVAL) is copied to ``<run-dir>/best.pt``.
@@ -31,29 +32,26 @@ trials (bss.search.tune_search).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bss.data.io import file_sha256
-from bss.errors import BSSError, ConfigError, DatasetError
+from bss.errors import BSSError, ConfigError
 from bss.search import final_report, stages
+from bss.search.data_stage import measure_boxes, prepare_data
 from bss.search.promotion import build_promotion_rule
 from bss.search.ray_cluster import HeadWatch, local_resources, node_resources, plan_resources, quiet_environment, start_ray, stop_ray
+from bss.search.record import IterationRecord, LoopRecord
 from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - parse_duration: the driver's --budget
-from bss.search.stages import LoopRun, count_images
+from bss.search.stages import LoopRun
 from bss.search.state import LoopState, RunLock
 from bss.search.stop import build_stop_rule
 from bss.tracking import Tracker, run_colour, ui_command, ui_url, view_state
 
-# The embedded default: a synthetic dataset generated when --dataset names a defect class that
-# the data root does not hold. CPU: small enough for the whole loop in minutes on 2 cores.
-SYNTHETIC = {
-    "cpu": {"count": 300, "hand_labelled": 120, "width": 256, "height": 192},
-    "gpu": {"count": 1000, "hand_labelled": 200, "width": 256, "height": 192},
-}
-MIN_SEARCH_SECONDS = 60.0  # a later search with less than this left is not started
+MIN_SEARCH_SECONDS = 60.0  # no search starts with less of --budget left (the stop rule's min_search_seconds)
 _now = time.monotonic  # the budget's clock (tests move it)
 
 
@@ -71,34 +69,9 @@ def iterations_view(loop_run_id: str) -> dict:
 
 
 @dataclass
-class LoopOptions:
-    """What a caller asks for: any :class:`~bss.search.settings.LoopSettings` field (None = its
-    default, or on --resume the run's stored value) plus how to run (not stored, free to change)."""
+class RunOptions:
+    """How to run a loop: not stored, free to change on --resume."""
 
-    dataset: str
-    data_root: str | None = None
-    config: str | None = None
-    space: str | None = None
-    trials: int | None = None
-    time_budget: float | None = None
-    budget: float | None = None
-    iterations: int | None = None
-    promotion: str | None = None
-    metric: str | None = None
-    margin: float | None = None
-    floor_metric: str | None = None
-    floor: float | None = None
-    stop: str | None = None
-    tolerance: float | None = None
-    patience: int | None = None
-    retrain_best: bool | None = None
-    seed: int | None = None
-    algorithm: str | None = None
-    scheduler: str | None = None
-    split_fractions: tuple | None = None
-    tracking_uri: str | None = None
-    experiment: str | None = None
-    # how to run
     concurrency: int | None = None
     cpus_per_trial: float | None = None
     gpus_per_trial: float | None = None
@@ -111,10 +84,21 @@ class LoopOptions:
     hybrid_batch_size: int = 8
 
 
+def _loop_options() -> type:
+    """:class:`LoopOptions`: every :class:`LoopSettings` field (None = its default, or on --resume
+    the run's stored value) plus the :class:`RunOptions`; derived, so a new setting needs no copy."""
+    settings = [(name, object, field(default=None)) for name in LoopSettings.names()]
+    run = [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(RunOptions)]
+    return dataclasses.make_dataclass("LoopOptions", settings + run, namespace={"__doc__": _loop_options.__doc__, "__module__": __name__})
+
+
+LoopOptions = _loop_options()
+
+
 @dataclass
 class LoopResult:
     run_dir: Path
-    state: dict
+    record: LoopRecord
     rows: list[dict] = field(default_factory=list)
     final_iteration: int | None = None
     stopped: str | None = None
@@ -123,9 +107,6 @@ class LoopResult:
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
-
-
-# --------------------------------------------------------------------------- inputs and data
 
 
 def load_inputs(settings: LoopSettings, run_dir: Path, resuming: bool):
@@ -143,69 +124,17 @@ def load_inputs(settings: LoopSettings, run_dir: Path, resuming: bool):
     except ConfigError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
     space = load_space(space_path, base)
-    return base, space, config_path, space_path
-
-
-def prepare_data(settings: LoopSettings, cpus: int, progress: bool, check_files: bool = True) -> dict:
-    """The source dataset (generated when it is a missing synthetic class) and its splits;
-    ``check_files`` decodes every image and box mask once (a resumed run checked them at its start)."""
-    from bss.data.splits import SPLITS, make_splits
-
-    dataset, root = settings.dataset, Path(settings.data_root)
-    if not dataset or dataset != Path(dataset).name:
-        raise BSSError(f"--dataset {dataset!r} must be a dataset name under --data-root (a folder name, no '/').")
-    source = root / dataset
-    info = {"generated": False, "splits_made": False}
-    if not (source / "images").is_dir():
-        from bss.data.synthetic import DEFECTS, SynthConfig, generate_dataset
-
-        if dataset not in DEFECTS:
-            from bss.data.layout import resolve_dataset
-
-            resolve_dataset(dataset, root)  # raises DatasetError listing what is there
-        spec = SYNTHETIC[settings.device_kind]
-        _say(
-            f"dataset {source} not found: generating the synthetic '{dataset}' dataset, the embedded default "
-            f"({spec['count']} images {spec['width']}x{spec['height']}, {spec['hand_labelled']} hand-labelled, seed {settings.seed}) ..."
-        )
-        start = time.perf_counter()
-        report = generate_dataset(
-            SynthConfig(dataset, dataset, spec["count"], spec["hand_labelled"], spec["width"], spec["height"], settings.seed),
-            root,
-            workers=max(1, min(2, cpus)),
-        )
-        _say(f"  wrote {report.folder} in {time.perf_counter() - start:.0f} s")
-        info["generated"] = True
-    splits = {s: root / f"{dataset}_{s}" for s in SPLITS}
-    present = [s for s, p in splits.items() if p.is_dir()]
-    if present and check_files:  # make_splits checks the files itself
-        from bss.data.layout import SourceDataset
-
-        SourceDataset.open(dataset, root).check_files(progress)
-    if not present:
-        counts = make_splits(dataset, root, tuple(settings.split_fractions), settings.seed, progress=False)
-        _say(f"made the splits of {dataset}: " + ", ".join(f"{dataset}_{s} {n}" for s, n in counts.items()) + f" images (seed {settings.seed})")
-        info["splits_made"] = True
-    elif len(present) < len(SPLITS):
-        missing = [str(splits[s]) for s in SPLITS if s not in present]
-        raise DatasetError(
-            f"the splits of {dataset} are incomplete: {', '.join(missing)} missing. Remove the other {dataset}_BASELINE/EVAL/TEST folders to redraw them, or run drivers/preprocess.py."
-        )
-    info["counts"] = {s: count_images(p) for s, p in splits.items()}
-    from bss.search.fingerprint import fingerprint
-
-    info["fingerprint"] = fingerprint(source)
-    return info
-
-
-# --------------------------------------------------------------------------- the loop
+    settings.trials = settings.trials or int(space.searcher.get("trials", 8))
+    settings.algorithm = settings.algorithm or space.searcher["algorithm"]
+    settings.scheduler = settings.scheduler or space.scheduler["name"]
+    return base, space, (config_path, space_path)
 
 
 class Loop:
     """Sequences the stages (:mod:`bss.search.stages`) and owns resume: every stage whose record
     the state holds is skipped, every other one runs and records itself."""
 
-    def __init__(self, opts: LoopOptions):
+    def __init__(self, opts):
         self.opts = opts
         self.run_dir = Path(opts.run_dir or f"runs/{opts.dataset}")
         self.run: LoopRun | None = None
@@ -222,226 +151,206 @@ class Loop:
             lock.release()
 
     # ---- set-up ------------------------------------------------------------------------
-    def setup(self) -> tuple[LoopSettings, LoopState | None, int, int]:
-        opts = self.opts
-        quiet_environment()
+    def stored_state(self) -> LoopState | None:
         stored = LoopState.load(self.run_dir)
-        if stored is not None and not opts.resume:
+        if stored is not None and not self.opts.resume:
             raise BSSError(f"{self.run_dir} already holds a loop ({self.run_dir / 'state.json'}); pass --resume to continue it, or --run-dir to start another.")
-        if stored is None and opts.resume:
+        if stored is None and self.opts.resume:
             raise BSSError(
                 f"nothing to resume: {self.run_dir / 'state.json'} does not exist. Leave out --resume to start, or pass the --run-dir of the run to continue."
             )
-        if opts.address:
-            cpus, gpus, self.ray_started = start_ray(opts.address)
-        else:
-            cpus, gpus = local_resources()
-        given = {name: getattr(opts, name) for name in LoopSettings.names()}
-        settings = LoopSettings.resolve(given, stored.settings if stored else None, gpus)
-        return settings, stored, cpus, gpus
-
-    def build_run(self, settings: LoopSettings, stored: LoopState | None, cpus: int, gpus: int) -> tuple[LoopRun, tuple[Path, Path]]:
-        base, space, config_path, space_path = load_inputs(settings, self.run_dir, stored is not None)
-        settings.trials = settings.trials or int(space.searcher.get("trials", 8))
-        settings.algorithm = settings.algorithm or space.searcher["algorithm"]
-        settings.scheduler = settings.scheduler or space.scheduler["name"]
-        s, o = settings, self.opts
-        run = LoopRun(
-            run_dir=self.run_dir,
-            settings=s,
-            state=stored,
-            tracker=None,
-            base=base,
-            space=space,
-            resources=plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None),
-            rule=self.promotion_rule(s, floor_iou=0.0),  # checks the flags now; the IoU floor comes with the data
-            stop_rule=build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience)),
-            gpus=gpus,
-            time_left=self.time_left,
-            say=_say,
-            reuse_actors=o.reuse_actors,
-            max_failures=o.max_failures,
-            progress=o.progress,
-            hybrid_batch_size=o.hybrid_batch_size,
-        )
-        return run, (config_path, space_path)
-
-    @staticmethod
-    def promotion_rule(s: LoopSettings, floor_iou: float):
-        return build_promotion_rule(s.promotion, metric=s.metric, margin=s.margin, floor_iou=floor_iou, floor_metric=s.floor_metric, floor=s.floor)
+        return stored
 
     def time_left(self) -> float | None:
         """Seconds of ``--budget`` left (None without one); the budget counts from this start."""
-        budget = self.run.settings.budget
+        budget = self.settings.budget
         return None if budget is None else float(budget) - (_now() - self.started)
 
-    def create_state(self, inputs: tuple[Path, Path]) -> None:
+    def new_state(self, inputs: tuple[Path, Path], space, data) -> LoopState:
         """A new run's state, written once its data is ready (a failed start leaves no run folder)."""
-        run = self.run
-        if run.state is not None:
-            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for src, name in zip(inputs, ("base_config.yaml", "space.yaml")):
             shutil.copyfile(src, self.run_dir / f"{name}.tmp")
             (self.run_dir / f"{name}.tmp").replace(self.run_dir / name)
-        run.settings.config_digest = file_sha256(self.run_dir / "base_config.yaml")[:12]
-        run.settings.space_digest = run.space.digest()
-        run.state = LoopState.new(self.run_dir, run.settings.to_dict())
-        run.state.save()
+        self.settings.config_digest = file_sha256(self.run_dir / "base_config.yaml")[:12]
+        self.settings.space_digest = space.digest()
+        state = LoopState.new(self.run_dir, self.settings.to_dict())
+        state.record.data = data
+        state.save()
+        return state
 
-    def measure_boxes(self) -> dict:
-        """The EVAL box masks' own IoU/Dice/Recall/Precision against the exact masks (once per run)."""
-        from bss.hybrid.teacher_quality import box_quality
+    def state_with_data(self, stored: LoopState | None, inputs, space, cpus: int) -> LoopState:
+        """The run's state with its data stage done: the dataset checked (a resumed run checked
+        its files at its start), its record and the EVAL boxes' figures."""
+        data = prepare_data(self.settings, cpus, self.opts.progress, _say, check_files=stored is None)
+        state = stored or self.new_state(inputs, space, data)
+        if state.record.data is None or state.record.data.box_only is None:  # a run from before the count
+            state.record.data = dataclasses.replace(state.record.data or data, box_only=data.box_only)
+        if state.record.boxes_eval is None:
+            state.record.boxes_eval = measure_boxes(self.settings)
+        state.save()
+        return state
 
-        run, st, s = self.run, self.run.state, self.run.settings
-        if "boxes_eval" not in st.data:
-            st.set("boxes_eval", box_quality(s.dataset, s.data_root))
-        boxes = st.get("boxes_eval")
-        run.rule = self.promotion_rule(s, floor_iou=float(boxes["iou"]))
-        fp = st.get("data", {}).get("fingerprint")
-        if fp:
-            sized = "the search space's" if run.space.sets("image_size") else f"[{fp['input_size'][0]}, {fp['input_size'][1]}] (from the images' shape)"
-            _say(f"  images: median {fp['median_shape'][1]}x{fp['median_shape'][0]} (WxH); network input {sized}")
-        _say(
-            f"  the EVAL boxes themselves: IoU {boxes['iou']:.3f}  Dice {boxes['dice']:.3f}  Recall {boxes['recall']:.3f}  Precision {boxes['precision']:.3f} (a model must segment better than this)"
-        )
-        _say(f"  promotion: {run.rule.describe()}")
-        _say(f"  stop rule: {run.stop_rule.describe()}")
-        return boxes
-
-    def header(self) -> None:
-        s, r = self.run.settings, self.run.resources
+    def header(self, resources, space) -> None:
+        s = self.settings
         mode = "search (TPE + ASHA)" if s.algorithm == "tpe" and s.scheduler == "asha" else f"search ({s.algorithm}, {s.scheduler})"
         _say(f"BSS self-training loop: dataset {s.dataset} (data root {s.data_root}), run folder {self.run_dir}" + ("  [resumed]" if self.opts.resume else ""))
         _say(
             f"  {s.iterations} iteration(s) max; each: {mode} of {s.trials} trials"
             + (" (iterations >= 1: retrain the best config)" if s.retrain_best else "")
-            + f"; {r.describe()}"
+            + f"; {resources.describe()}"
         )
-        _say(f"  search space {s.space}: " + "; ".join(self.run.space.describe()))
+        _say(f"  search space {s.space}: " + "; ".join(space.describe()))
 
-    def start_tracking(self) -> None:
-        run, s, st = self.run, self.run.settings, self.run.state
-        run.tracker = Tracker.open(
-            s.tracking_uri or run.base["tracking"]["uri"],
+    def describe_rules(self, record: LoopRecord, space, rule, stop_rule) -> None:
+        boxes = record.boxes_eval
+        if record.data and record.data.fingerprint:
+            _say("  " + record.data.fingerprint.describe(space.sets("image_size")))
+        _say(
+            f"  the EVAL boxes themselves: IoU {boxes.iou:.3f}  Dice {boxes.dice:.3f}  Recall {boxes.recall:.3f}  Precision {boxes.precision:.3f} "
+            "(a teacher's refined EVAL labels must beat this)"
+        )
+        _say(f"  promotion: {rule.describe()}")
+        _say(f"  stop rule: {stop_rule.describe()}")
+
+    def start_tracking(self, state: LoopState, base: dict) -> tuple[Tracker, str]:
+        """The loop's MLflow run (created once, reopened on resume) and the link to its iterations."""
+        s, record = self.settings, state.record
+        tracker = Tracker.open(
+            s.tracking_uri or base["tracking"]["uri"],
             s.experiment,
             say=_say,
             going_on="the loop goes on without it, recording to its own run folder (state.json, report.*)",
         )
-        if not st.get("parent_run_id"):
-            run_id = run.tracker.create(f"loop {s.dataset}", None, {"bss.kind": "loop", "bss.dataset": s.dataset, "bss.run_dir": str(self.run_dir.resolve())})
-            run.tracker.params(run_id, {k: v for k, v in s.to_dict().items() if k != "tracking_uri"})
-            run.tracker.artifact(run_id, self.run_dir / "base_config.yaml", "inputs")
-            run.tracker.artifact(run_id, self.run_dir / "space.yaml", "inputs")
-            st.set("parent_run_id", run_id)
+        if not record.parent_run_id:
+            run_id = tracker.create(f"loop {s.dataset}", None, {"bss.kind": "loop", "bss.dataset": s.dataset, "bss.run_dir": str(self.run_dir.resolve())})
+            tracker.params(run_id, {k: v for k, v in s.to_dict().items() if k != "tracking_uri"})
+            tracker.artifact(run_id, self.run_dir / "base_config.yaml", "inputs")
+            tracker.artifact(run_id, self.run_dir / "space.yaml", "inputs")
+            record.parent_run_id = run_id
+            state.save()
         else:
-            run.tracker.reopen(st.get("parent_run_id"))
-        loop_run_id = st.get("parent_run_id")
-        _say(f"  MLflow: {run.tracker.uri}, experiment {s.experiment}, loop run {loop_run_id}")
-        view = f"bss-loop-{loop_run_id}"
-        run.tracker.share_view(view, iterations_view(loop_run_id))
-        run.view = f"{ui_command(run.tracker.uri)}  ->  {ui_url(run.tracker.experiment_id, view=view)}"
-        _say(f"    view: {run.view}")
+            tracker.reopen(record.parent_run_id)
+        _say(f"  MLflow: {tracker.uri}, experiment {s.experiment}, loop run {record.parent_run_id}")
+        view_key = f"bss-loop-{record.parent_run_id}"
+        tracker.share_view(view_key, iterations_view(record.parent_run_id))
+        view = f"{ui_command(tracker.uri)}  ->  {ui_url(tracker.experiment_id, view=view_key)}"
+        _say(f"    view: {view}")
+        return tracker, view
 
-    def iteration_run(self, k: int, it: dict) -> str:
-        if not it.get("run_id"):
-            it["run_id"] = self.run.tracker.create(
-                f"iteration {k}",
-                self.run.state.get("parent_run_id"),
-                {"bss.kind": "iteration", "bss.iteration": k, "bss.train_dataset": it["train_dataset"]} | run_colour(k),
-            )
+    def build_run(self, cpus: int, gpus: int) -> LoopRun | LoopResult:
+        """The whole :class:`LoopRun` (or, for a loop finished earlier, its result)."""
+        s, o = self.settings, self.opts
+        stored = self.stored
+        base, space, inputs = load_inputs(s, self.run_dir, stored is not None)
+        resources = plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None)
+        rule = build_promotion_rule(s.promotion, metric=s.metric, margin=s.margin, floor_metric=s.floor_metric, floor=s.floor)
+        stop_rule = build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience), min_search_seconds=MIN_SEARCH_SECONDS)
+        if stored is not None and stored.record.finished:
+            _say(f"{self.run_dir}: this loop finished earlier; its report is {(stored.record.report or {}).get('md')}.")
+            rows = final_report.table_rows(stored.record, s)
+            final_report.print_summary(stored.record, s, self.run_dir, rows, None, _say)
+            return self.result(stored.record, rows)
+        self.header(resources, space)
+        state = self.state_with_data(stored, inputs, space, cpus)
+        self.describe_rules(state.record, space, rule, stop_rule)
+        if not self.ray_started:
+            _, _, self.ray_started = start_ray(None, cpus, gpus)
+        tracker, view = self.start_tracking(state, base)
+        return LoopRun(
+            self.run_dir, s, state, tracker, base, space, resources, rule, stop_rule, gpus, self.time_left, _say,
+            o.reuse_actors, o.max_failures, o.progress, o.hybrid_batch_size, view,
+        )  # fmt: skip
+
+    def iteration_run(self, k: int, it: IterationRecord) -> str:
+        if not it.run_id:
+            tags = {"bss.kind": "iteration", "bss.iteration": k, "bss.train_dataset": it.train_dataset} | run_colour(k)
+            it.run_id = self.run.tracker.create(f"iteration {k}", self.run.record.parent_run_id, tags)
             self.run.state.save()
         else:
-            self.run.tracker.reopen(it["run_id"])
-        return it["run_id"]
+            self.run.tracker.reopen(it.run_id)
+        return it.run_id
 
     # ---- sequencing -----------------------------------------------------------------------
     def _run(self) -> LoopResult:
         self.started = _now()
-        settings, stored, cpus, gpus = self.setup()
-        self.run, inputs = self.build_run(settings, stored, cpus, gpus)
-        if stored is not None and stored.get("finished"):
-            _say(f"{self.run_dir}: this loop finished earlier; its report is {stored.get('report', {}).get('md')}.")
-            return self.result(final_report.table_rows(self.run))
-        self.header()
-        data = prepare_data(settings, cpus, self.opts.progress, check_files=stored is None)
-        self.create_state(inputs)
-        if "data" not in self.run.state.data:
-            self.run.state.set("data", data)
-        self.measure_boxes()
-        if not self.ray_started:
-            _, _, self.ray_started = start_ray(None, cpus, gpus)
-        self.start_tracking()
-        monitor = self.run.tracker.system_metrics(self.run.state.get("parent_run_id"))  # CPU, memory, GPU of the loop
+        quiet_environment()
+        self.stored = self.stored_state()
+        if self.opts.address:
+            cpus, gpus, self.ray_started = start_ray(self.opts.address)
+        else:
+            cpus, gpus = local_resources()
+        given = {name: getattr(self.opts, name) for name in LoopSettings.names()}
+        self.settings = LoopSettings.resolve(given, self.stored.settings if self.stored else None, gpus)
+        try:
+            built = self.build_run(cpus, gpus)
+            if isinstance(built, LoopResult):
+                return built
+            self.run = built
+            return self.iterate()
+        finally:
+            if self.ray_started:
+                stop_ray()
+
+    def iterate(self) -> LoopResult:
+        """Every iteration not done yet, then the report; the MLflow runs end with the outcome."""
+        run = self.run
+        monitor = run.tracker.system_metrics(run.record.parent_run_id)  # CPU, memory, GPU of the loop
         HeadWatch.on_lost(lambda message: self.abort("FAILED", message))
         try:
-            for k in range(settings.iterations):
+            for k in range(self.settings.iterations):
                 if not self.iteration(k):
                     break
-            rows = final_report.report_stage(self.run)
-            return self.result(rows)
+            rows = final_report.report_stage(run)
+            final_report.print_summary(run.record, run.settings, run.run_dir, rows, run.view, _say)
+            return self.result(run.record, rows)
         except KeyboardInterrupt:
             self.abort("KILLED")
-            _say(f"\ninterrupted: completed stages are saved in {self.run.state.path}; continue with the same command and --resume")
+            _say(f"\ninterrupted: completed stages are saved in {run.state.path}; continue with the same command and --resume")
             raise
         except BaseException:
             self.abort("FAILED")
             raise
         finally:
             Tracker.stop_system_metrics(monitor)
-            if self.ray_started:
-                stop_ray()
 
     def iteration(self, k: int) -> bool:
         """Run iteration k's stages that are not done yet; False: the loop stops here."""
-        run, st, s = self.run, self.run.state, self.run.settings
-        if k < len(st.iterations) and st.iterations[k].get("done"):
-            _say(f"iteration {k}: done earlier ({(st.iterations[k].get('decision') or {}).get('verdict', '')}); skipped")
-            return not st.get("stopped")
-        if st.get("stopped") or self.budget_spent(k):
+        run, record, s = self.run, self.run.record, self.settings
+        if k < len(record.iterations) and record.iterations[k].done:
+            decision = record.iterations[k].decision
+            _say(f"iteration {k}: done earlier ({decision.verdict if decision else ''}); skipped")
+            return not record.stopped
+        if record.stopped or k >= len(record.iterations) and k > 0:  # stopped, or no training set was made for k
             return False
-        it = st.iteration(k)
+        it = record.iteration(k)
         if k == 0:
-            it.setdefault("train_dataset", f"{s.dataset}_BASELINE")
-        self.current_run = run_id = self.iteration_run(k, it)
-        if not it.get("search", {}).get("done"):
+            it.train_dataset = it.train_dataset or f"{s.dataset}_BASELINE"
+        self.current_run = self.iteration_run(k, it)
+        if not it.searched:
             stages.search_stage(run, k, it)
         stages.teacher_stage(run, k, it)
-        decision = it.get("decision") or stages.decide_stage(run, k, it)
-        if not decision["stop"] and k + 1 < s.iterations and not it.get("hybrid", {}).get("done"):
+        decision = it.decision or stages.decide_stage(run, k, it)
+        if not decision.stop and run.iterations_left(k) > 0 and not (it.hybrid and it.hybrid.done):
             stages.next_dataset_stage(run, k, it, decision)
-        it["done"] = True
-        st.save()
-        run.tracker.end(run_id, "FINISHED")
+        it.done = True
+        run.state.save()
+        run.tracker.end(it.run_id, "FINISHED")
         self.current_run = None
-        return not decision["stop"]
+        return not decision.stop
 
-    def budget_spent(self, k: int) -> bool:
-        """--budget: no later search starts with less than MIN_SEARCH_SECONDS left (records the stop)."""
-        st, left = self.run.state, self.time_left()
-        started = k < len(st.iterations) and st.iterations[k].get("search", {}).get("done")
-        if k == 0 or left is None or left >= MIN_SEARCH_SECONDS or started:
-            return False
-        verdict = f"stop: the --budget of {self.run.settings.budget:g} s is spent ({max(0.0, left):.0f} s left)"
-        st.data["stopped"] = verdict
-        st.save()
-        _say(f"iteration {k}: {verdict}")
-        return True
-
-    def result(self, rows: list[dict]) -> LoopResult:
-        final_report.print_summary(self.run, rows)
-        st = self.run.state
-        best = st.get("best")
-        return LoopResult(self.run_dir, st.data, rows, best["iteration"] if best else None, st.get("stopped"), st.get("report"))
+    def result(self, record: LoopRecord, rows: list[dict]) -> LoopResult:
+        best = record.best
+        return LoopResult(self.run_dir, record, rows, best.iteration if best else None, record.stopped, record.report)
 
     def abort(self, status: str, why: str | None = None) -> None:
-        if self.run is None or self.run.tracker is None:
+        if self.run is None:
             return
         tags = {"bss.error": why} if why else None
         self.run.tracker.end(self.current_run, status, tags)
-        self.run.tracker.end(self.run.state.get("parent_run_id") if self.run.state else None, status, tags)
+        self.run.tracker.end(self.run.record.parent_run_id, status, tags)
 
 
-def run_loop(opts: LoopOptions) -> LoopResult:
-    """Run (or resume) the self-training loop described by ``opts``."""
+def run_loop(opts) -> LoopResult:
+    """Run (or resume) the self-training loop described by ``opts`` (a :class:`LoopOptions`)."""
     return Loop(opts).run_loop()

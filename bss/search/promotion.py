@@ -9,15 +9,20 @@ A rule is a small object registered by name in :data:`PROMOTION_RULES`; each has
 
 ``guarded_recall`` (the default) promotes by EVAL Recall *among good segmenters*:
 
-1. admissible: EVAL IoU above the IoU of the EVAL images' own box masks (``floor_iou``,
-   measured by the loop). A model that segments no better than the box is useless as a teacher,
-   and a model that paints the whole box (or more) cannot pass.
-2. among the admissible trials, those within ``margin`` of the best EVAL IoU;
-3. of those, the highest EVAL Recall (ties: higher IoU, then the earlier trial).
+1. among the trials that finished an evaluation, those within ``margin`` of the best EVAL IoU;
+2. of those, the highest EVAL Recall (ties: higher IoU, then the earlier trial).
 
-Its objective is ``IoU + margin * Recall`` (admissible) and ``IoU + margin * Recall - 1``
-(not): a model more than ``margin`` IoU behind another can never score above it, so the search
-is steered toward good segmenters and Recall only separates near-equals, as in step 3.
+Its objective is ``IoU + margin * Recall``: a model more than ``margin`` IoU behind another can
+never score above it, so the search is steered toward good segmenters and Recall only separates
+near-equals, as in step 2. A model that paints the whole box (or more) loses on IoU and cannot win.
+
+The promoted model is judged on image-only EVAL figures, as it will be used on new footage where
+there are no boxes. There is no box floor here: whether it may *teach* (refine the boxes into
+H<n>) is judged like with like, by its EVAL *label* IoU against the boxes' own
+(:attr:`bss.search.record.TeacherRecord.admissible`, in the stop rule). The box floor of earlier
+versions threw good teachers away: where boxes are tight no model from few hand labels beats them
+image-only, yet the same model refines them better than they are (issue 18: a real tile set,
+boxes' EVAL IoU 0.750, best trial 0.61 image-only, label IoU 0.805 as a teacher).
 
 ``floor`` is the seed's rule: the best EVAL ``metric`` among evaluations whose EVAL
 ``floor_metric`` is at least ``floor``. Recall with a precision floor of 0.3 is won by models
@@ -35,7 +40,6 @@ import yaml
 from bss.config import METRICS
 from bss.data.io import publish_copy
 from bss.errors import BSSError, ConfigError
-from bss.search.state import atomic_write_json
 
 
 def _value(row: dict, metric: str) -> float:
@@ -85,25 +89,21 @@ class PromotionRule:
 
 @dataclass(frozen=True)
 class GuardedRecall(PromotionRule):
-    """Best EVAL Recall among models within ``margin`` of the best EVAL IoU and above the boxes' IoU."""
+    """Best EVAL Recall among models within ``margin`` of the best EVAL IoU."""
 
-    floor_iou: float = 0.0  # the EVAL box masks' own IoU against the exact masks
     margin: float = 0.03
     name = "guarded_recall"
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= float(self.floor_iou) < 1.0:
-            raise ConfigError(f"the IoU floor must be in [0, 1), got {self.floor_iou!r}.")
         if not 0.0 <= float(self.margin) <= 1.0:
             raise ConfigError(f"--margin must be between 0 and 1 (an IoU difference), got {self.margin!r}.")
 
     def admissible(self, row: dict) -> bool:
-        return _value(row, "iou") > self.floor_iou
+        return True  # every finished evaluation: how good a teacher it is, is judged as a teacher
 
     def objective(self, row: dict) -> float:
-        score = _value(row, "iou") + self.margin * _value(row, self.metric)
-        return score if self.admissible(row) else score - 1.0
+        return _value(row, "iou") + self.margin * _value(row, self.metric)
 
     def choose(self, candidates):
         eligible = self.eligible(candidates)
@@ -114,10 +114,10 @@ class GuardedRecall(PromotionRule):
         return max(near, key=lambda c: (_value(c.best, self.metric), _value(c.best, "iou")))
 
     def describe(self) -> str:
-        return f"best EVAL {self.metric} among models within {self.margin:g} of the best EVAL IoU and above the boxes' EVAL IoU {self.floor_iou:.3f}"
+        return f"best EVAL {self.metric} among models within {self.margin:g} of the best EVAL IoU"
 
     def floor_text(self) -> str:
-        return f"EVAL IoU > {self.floor_iou:.3f} (the EVAL boxes' own IoU)"
+        return "a finished EVAL evaluation"
 
 
 @dataclass(frozen=True)
@@ -240,5 +240,7 @@ def promote(candidate: Candidate, iteration: int, dest: str | Path) -> Promoted:
         float(candidate.best.get("epoch", 0.0)),
         candidate.run_id,
     )
+    from bss.search.state import atomic_write_json
+
     atomic_write_json(dest / "promotion.json", promoted.to_dict())
     return promoted

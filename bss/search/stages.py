@@ -1,9 +1,13 @@
 """The loop's stages, in data-flow order: search -> promote -> teacher -> decide -> next H<n>.
 
 Each stage is a function of the run (:class:`LoopRun`: typed settings, the state, the tracker)
-and an iteration's record ``it`` (a dict in ``state.json``); it fills in its part of ``it``,
-saves the state, and returns that part. :class:`bss.search.loop.Loop` only sequences them and
-skips what the state says is done (resume). The final report is :mod:`bss.search.final_report`.
+and an iteration's record ``it`` (:class:`~bss.search.record.IterationRecord`); it fills in its
+part of ``it``, saves the state, and returns that part. :class:`bss.search.loop.Loop` only
+sequences them and skips what the record says is done (resume). Every decision (a new best,
+stop, make the next H<n>) is the stop rule's (:mod:`bss.search.stop`), taken once in
+:func:`decide_stage`; the other stages carry it out. The data stages that run before the first
+iteration (:func:`prepare_data`, :func:`measure_boxes`) are in :mod:`bss.search.data_stage`; the
+final report is :mod:`bss.search.final_report`.
 """
 
 from __future__ import annotations
@@ -19,23 +23,25 @@ import yaml
 
 from bss.data.io import file_sha256
 from bss.errors import BSSError
+from bss.search.data_stage import count_images
 from bss.search.promotion import PromotionRule, promote
 from bss.search.ray_cluster import Resources
+from bss.search.record import BestRecord, HybridRecord, IterationRecord, LoopRecord, SearchRecord, TeacherRecord, TrialRecord
 from bss.search.settings import LoopSettings
 from bss.search.state import LoopState
-from bss.search.stop import Outcome, StopRule
+from bss.search.stop import Decision, History, Outcome, StopRule
 from bss.search.tune_search import run_search
 from bss.tracking import Tracker
 
 
 @dataclass
 class LoopRun:
-    """Everything the stages share: built once by :meth:`bss.search.loop.Loop.setup`."""
+    """Everything the stages share: built whole, once, by :class:`bss.search.loop.Loop`."""
 
     run_dir: Path
     settings: LoopSettings
-    state: LoopState | None  # None until a new run's data is ready (Loop.create_state)
-    tracker: Tracker | None  # None until Loop.start_tracking
+    state: LoopState
+    tracker: Tracker
     base: dict  # the base training config (validated)
     space: object  # SearchSpace
     resources: Resources
@@ -49,6 +55,23 @@ class LoopRun:
     progress: bool = True
     hybrid_batch_size: int = 8
     view: str | None = None  # the MLflow UI command and link to this loop's iterations (Loop.start_tracking)
+
+    @property
+    def record(self) -> LoopRecord:
+        return self.state.record
+
+    @property
+    def input_size(self) -> list | None:
+        """The network input planned from the dataset's fingerprint (None: the base config's)."""
+        data = self.record.data
+        return data.fingerprint.input_size if data and data.fingerprint else None
+
+    def iterations_left(self, k: int) -> int:
+        """Iterations that may run after iteration k (0 where nothing can be refined)."""
+        data = self.record.data
+        if data is not None and data.box_only == 0:
+            return 0
+        return max(0, self.settings.iterations - k - 1)
 
 
 BUDGET_RESERVE = 0.15  # of the time left: teacher measurement, hybrid, TEST evaluation, report
@@ -66,11 +89,6 @@ def search_budget(time_left: float | None, searches_left: int, per_search: float
 def derive_seed(*parts: int) -> int:
     """A seed for (loop seed, iteration, ...) that does not collide across iterations."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 1))
-
-
-def count_images(folder: Path) -> int:
-    images = Path(folder) / "images"
-    return sum(1 for _ in images.iterdir()) if images.is_dir() else 0
 
 
 def trial_base(base: dict, settings: LoopSettings, train_dataset: str, image_size: list | None = None) -> dict:
@@ -104,34 +122,29 @@ def incumbent(run: LoopRun) -> list[dict] | None:
     """The best model's searched params, tried first by the next search (Optuna's
     points_to_evaluate): with a handful of trials, the known-good config on the new labels is
     the most informative first trial, and TPE proposes the rest."""
-    best = run.state.get("best")
+    best = run.record.best
     if best is None:
         return None
-    params = run.state.iterations[best["iteration"]]["promoted"]["params"]
+    params = run.record.iterations[best.iteration].promoted.params
     return [dict(params)] if set(params) == {p.key for p in run.space.params} else None
 
 
-def search_context(run: LoopRun, k: int, it: dict):
+def search_context(run: LoopRun, k: int, it: IterationRecord):
     """(TrialContext, searcher name, scheduler, points first, what the search does) of iteration k."""
     from bss.search.trial import TrialContext
 
-    s = run.settings
-    best = run.state.get("best")
-    retrain = s.retrain_best and k >= 1 and best is not None
-    if retrain:
-        promoted = run.state.iterations[best["iteration"]]["promoted"]
-        base, space, algorithm = trial_base(yaml.safe_load(Path(promoted["config_path"]).read_text()), s, it["train_dataset"]), None, "replicas"
+    s, best = run.settings, run.record.best
+    if s.retrain_best and k >= 1 and best is not None:
+        promoted = run.record.iterations[best.iteration].promoted
+        base, space, algorithm = trial_base(yaml.safe_load(Path(promoted.config_path).read_text()), s, it.train_dataset), None, "replicas"
         seeds = {j: derive_seed(s.seed, k, j) for j in range(1, s.trials + 1)}
         points, scheduler = None, {"name": "fifo"}
-        what = f"retrain the best config (iteration {best['iteration']}) with {s.trials} seed(s)"
+        what = f"retrain the best config (iteration {best.iteration}) with {s.trials} seed(s)"
     else:
-        fingerprint = run.state.get("data", {}).get("fingerprint", {})
-        base, space, algorithm, seeds = trial_base(run.base, s, it["train_dataset"], fingerprint.get("input_size")), run.space, s.algorithm, {}
+        base, space, algorithm, seeds = trial_base(run.base, s, it.train_dataset, run.input_size), run.space, s.algorithm, {}
         points, scheduler = incumbent(run), dict(run.space.scheduler, name=s.scheduler)
         what = f"search {s.trials} trials" + (" (the first: the best config so far)" if points else "")
-    tracking = (
-        {"uri": run.tracker.uri, "experiment_id": run.tracker.experiment_id, "parent_run_id": it["run_id"]} if run.tracker.ok and it.get("run_id") else None
-    )
+    tracking = {"uri": run.tracker.uri, "experiment_id": run.tracker.experiment_id, "parent_run_id": it.run_id} if run.tracker.ok and it.run_id else None
     context = TrialContext(
         base=base,
         space=space,
@@ -148,18 +161,18 @@ def search_context(run: LoopRun, k: int, it: dict):
     return context, algorithm, scheduler, points, what
 
 
-def search_stage(run: LoopRun, k: int, it: dict) -> dict:
-    """Search iteration k's training set; record every trial in ``it["search"]``, then promote."""
+def search_stage(run: LoopRun, k: int, it: IterationRecord) -> SearchRecord:
+    """Search iteration k's training set; record every trial in ``it.search``, then promote."""
     s = run.settings
     context, algorithm, scheduler, points, what = search_context(run, k, it)
-    n_images = count_images(Path(s.data_root) / it["train_dataset"])
-    run.say(f"\n== iteration {k}: {what} on {it['train_dataset']} ({n_images} images), judged on {s.dataset}_EVAL ==")
+    n_images = count_images(Path(s.data_root) / it.train_dataset)
+    run.say(f"\n== iteration {k}: {what} on {it.train_dataset} ({n_images} images), judged on {s.dataset}_EVAL ==")
     mode = "retrain" if algorithm == "replicas" else "search"
     run.tracker.params(
-        it["run_id"], {"iteration": k, "train_dataset": it["train_dataset"], "mode": mode, "trials": s.trials, "seed": context.seed, "algorithm": algorithm}
+        it.run_id, {"iteration": k, "train_dataset": it.train_dataset, "mode": mode, "trials": s.trials, "seed": context.seed, "algorithm": algorithm}
     )
-    run.tracker.metrics(it["run_id"], {"iteration": k})
-    log_lineage(run, it["run_id"], {it["train_dataset"]: "training", f"{s.dataset}_EVAL": "evaluation"})
+    run.tracker.metrics(it.run_id, {"iteration": k})
+    log_lineage(run, it.run_id, {it.train_dataset: "training", f"{s.dataset}_EVAL": "evaluation"})
     outcome = run_search(
         context,
         s.trials,
@@ -176,33 +189,16 @@ def search_stage(run: LoopRun, k: int, it: dict) -> dict:
         points=points,
     )
     counts = {state: sum(1 for c in outcome.candidates if c.state == state) for state in ("complete", "stopped", "failed", "lost")}
-    it["search"] = {
-        "done": True,
-        "mode": mode,
-        "wall_seconds": round(outcome.wall_seconds, 2),
-        "counts": counts,
-        "trials": [
-            {
-                "ordinal": c.ordinal,
-                "key": c.key,
-                "state": c.state,
-                "params": c.params,
-                "evaluations": c.evaluations,
-                "best": c.best,
-                "error": (c.error or "")[-300:] or None,
-                "run_id": c.run_id,
-                **c.where,
-            }
-            for c in outcome.candidates
-        ],
-        "timings": outcome.timings,
-    }
+    trials = [
+        TrialRecord(c.ordinal, c.key, c.state, c.params, c.evaluations, c.best, (c.error or "")[-300:] or None, c.run_id, **c.where) for c in outcome.candidates
+    ]
+    it.search = SearchRecord(mode, round(outcome.wall_seconds, 2), counts, trials, outcome.timings)
     run.tracker.metrics(
-        it["run_id"],
+        it.run_id,
         {"search_seconds": outcome.wall_seconds, "trials_complete": counts["complete"], "trials_stopped": counts["stopped"], "trials_failed": counts["failed"]},
     )
     promote_stage(run, k, it, outcome)
-    return it["search"]
+    return it.search
 
 
 def log_lineage(run: LoopRun, run_id: str | None, datasets: dict[str, str]) -> None:
@@ -216,32 +212,22 @@ def log_lineage(run: LoopRun, run_id: str | None, datasets: dict[str, str]) -> N
             run.tracker.dataset(run_id, name, digest, folder.resolve(), profile, context)
 
 
-def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
-    """The promotion rule's winner of iteration k's search, copied to ``iter_<k>/`` (None: no winner)."""
-    s = run.settings
-    summary = ", ".join(f"{n} {state}" for state, n in it["search"]["counts"].items() if n)
+def promote_stage(run: LoopRun, k: int, it: IterationRecord, outcome) -> None:
+    """The promotion rule's winner of iteration k's search, copied to ``iter_<k>/`` (None: no
+    trial finished an evaluation; at iteration 0 the dataset cannot train at all: an error)."""
+    summary = ", ".join(f"{n} {state}" for state, n in it.search.counts.items() if n)
     winner = run.rule.choose(outcome.candidates)
     if winner is None:
-        it["promoted"] = None
         run.state.save()
         run.say(f"iteration {k}: no trial reached {run.rule.floor_text()} ({summary}, {outcome.wall_seconds:.0f} s)")
         if k == 0:
             raise BSSError(no_model_message(run, outcome.candidates))
-        return None
+        return
     iter_dir = run.run_dir / f"iter_{k}"
-    promoted = promote(winner, k, iter_dir)
-    overlays = None
-    try:
-        from bss.search.evaluate import draw_overlays
-
-        overlays = draw_overlays(
-            promoted.checkpoint, f"{s.dataset}_EVAL", s.data_root, iter_dir / "overlays.png", samples=int(run.base.get("visualization_samples", 4)) or 4
-        )
-    except BSSError as exc:  # a picture is not worth stopping the loop
-        run.say(f"warning: could not draw the overlays: {exc}")
-    it["promoted"] = promoted.to_dict()
+    it.promoted = promoted = promote(winner, k, iter_dir)
     run.state.save()
-    tr, run_id = run.tracker, it["run_id"]
+    overlays = draw_promoted_overlays(run, promoted.checkpoint, iter_dir)
+    tr, run_id = run.tracker, it.run_id
     tr.metrics(run_id, promoted.metrics)
     tr.params(run_id, {f"promoted.{key}": v for key, v in promoted.params.items()} | {"promoted.trial": promoted.ordinal})
     tr.tag(run_id, "bss.promoted_trial_run", promoted.run_id or "")
@@ -253,181 +239,203 @@ def promote_stage(run: LoopRun, k: int, it: dict, outcome) -> dict | None:
         from bss.data.io import read_image
 
         tr.artifact(run_id, overlays)
-        tr.image(run.state.get("parent_run_id"), read_image(overlays), key="eval_predictions", step=k)
+        tr.image(run.record.parent_run_id, read_image(overlays), key="eval_predictions", step=k)
     from bss.search.tune_callback import short_params
 
     m = promoted.metrics
     run.say(
         f"iteration {k}: promoted trial {promoted.ordinal} ({short_params(promoted.params)}) - EVAL recall {m['eval_recall']:.3f} precision {m['eval_precision']:.3f} IoU {m['eval_iou']:.3f} Dice {m['eval_dice']:.3f}   [{summary}; {outcome.wall_seconds:.0f} s]"
     )
-    return it["promoted"]
+
+
+def draw_promoted_overlays(run: LoopRun, checkpoint: str, iter_dir: Path) -> Path | None:
+    """The promoted model's EVAL overlays (None, with a warning, when they cannot be drawn)."""
+    from bss.search.evaluate import draw_overlays
+
+    s = run.settings
+    try:
+        return draw_overlays(
+            checkpoint, f"{s.dataset}_EVAL", s.data_root, iter_dir / "overlays.png", samples=int(run.base.get("visualization_samples", 4)) or 4
+        )
+    except BSSError as exc:  # a picture is not worth stopping the loop
+        run.say(f"warning: could not draw the overlays: {exc}")
+        return None
 
 
 def no_model_message(run: LoopRun, candidates) -> str:
     """Why iteration 0 has nothing to promote, with the numbers and what to change."""
     s = run.settings
-    best = max((c for c in candidates if c.best), key=lambda c: float(c.best["eval_iou"]), default=None)
-    boxes = run.state.get("boxes_eval") or {}
-    figures = "no trial finished an evaluation"
-    if best is not None:
-        b = best.best
-        figures = f"the best trial ({best.ordinal}) reached EVAL IoU {b['eval_iou']:.3f}, Recall {b['eval_recall']:.3f}, Precision {b['eval_precision']:.3f}"
-    if boxes:
-        figures += f"; the EVAL boxes themselves score IoU {boxes['iou']:.3f}, Recall {boxes['recall']:.3f}, Precision {boxes['precision']:.3f}"
     failed = sum(c.state == "failed" for c in candidates)
     budget = f" (the --time-budget of {s.time_budget:g} s may have cut them short)" if s.time_budget else ""
+    errors = sorted({(c.error or "").strip().splitlines()[-1] for c in candidates if c.error})
     return (
         f"iteration 0: none of the {len(candidates)} trials reached {run.rule.floor_text()}{budget}"
         + (f", {failed} failed" if failed else "")
-        + f", so there is no model to promote: {figures}. "
-        "Give the trials more training (the space's fixed: train_steps), more --trials or a larger image_size, or hand-label more images; start again with another --run-dir."
+        + (f" (last error: {errors[0][:200]})" if errors else "")
+        + ", so there is no model. Give the trials more training (the space's fixed: train_steps), a longer --time-budget or --budget, or more --trials; start again with another --run-dir."
     )
 
 
 # --------------------------------------------------------------------------- teacher + decide
 
 
-def teacher_stage(run: LoopRun, k: int, it: dict) -> dict | None:
-    """EVAL label IoU of the promoted model as a teacher, and the refinement rule chosen on EVAL."""
-    if not it.get("promoted"):
-        return None
-    if "teacher" not in it:
-        from bss.hybrid import teacher_quality
+def teacher_stage(run: LoopRun, k: int, it: IterationRecord) -> TeacherRecord | None:
+    """EVAL label IoU of the promoted model as a teacher, and the refinement rule chosen on EVAL
+    (skipped when no later iteration could train on what it would refine)."""
+    if it.promoted is None or it.teacher is not None or (run.record.data is not None and run.record.data.box_only == 0):
+        return it.teacher
+    from bss.hybrid import teacher_quality
 
-        start = time.perf_counter()
-        s = run.settings
-        quality = teacher_quality.measure_teacher(
-            it["promoted"]["checkpoint"], s.dataset, s.data_root, batch_size=run.hybrid_batch_size, device="cpu" if not run.gpus else "auto"
-        )
-        it["teacher"] = dict(quality.to_dict(), seconds=round(time.perf_counter() - start, 2))
-        run.state.save()
-        run.tracker.metrics(
-            it["run_id"],
-            {
-                "eval_label_iou": quality.label_iou,
-                "eval_box_label_iou": quality.box_iou_pixels,
-                "eval_raw_label_iou": quality.raw_iou_pixels,
-                "eval_default_rule_label_iou": quality.default.iou_pixels,
-            },
-        )
-        run.tracker.params(it["run_id"], {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
-        t, rule = it["teacher"], it["teacher"]["rule"]
-        run.say(
-            f"iteration {k}: as a teacher on EVAL: label IoU {t['label_iou_pixels']:.3f} with the chosen rule ({rule['mode']}, threshold {rule['threshold']:g}, min_fill {rule['min_fill']:g}, "
-            f"fallback {rule['fallback']}{', holes filled' if rule['fill_holes'] else ''}; default rule {t['default_rule_iou_pixels']:.3f}); the EVAL boxes {t['box_iou_pixels']:.3f}, raw prediction {t['raw_iou_pixels']:.3f}"
-        )
-    return it["teacher"]
-
-
-def decide_stage(run: LoopRun, k: int, it: dict) -> dict:
-    """The stop rule on this run's history (bss.search.stop); the state keeps the best so far."""
-    history = [
-        Outcome(j, (x.get("promoted") or {}).get("metrics"), bool((x.get("decision") or {}).get("new_best")))
-        for j, x in enumerate(run.state.iterations[: k + 1])
-    ]
-    decision = run.stop_rule.decide(history).to_dict()
-    if decision["new_best"]:
-        run.state.data["best"] = {"iteration": k, "value": decision["value"], "checkpoint": it["promoted"]["checkpoint"]}
-    it["decision"] = decision
-    if decision["stop"]:
-        run.state.data["stopped"] = decision["verdict"]
+    start = time.perf_counter()
+    s = run.settings
+    quality = teacher_quality.measure_teacher(
+        it.promoted.checkpoint, s.dataset, s.data_root, batch_size=run.hybrid_batch_size, device="cpu" if not run.gpus else "auto"
+    )
+    it.teacher = t = TeacherRecord(**quality.to_dict(), seconds=round(time.perf_counter() - start, 2))
     run.state.save()
-    run.tracker.tag(it["run_id"], "bss.decision", decision["verdict"])
-    best = run.state.get("best")
-    run.say(f"iteration {k}: {decision['verdict']}" + ("" if decision["stop"] else f"; best so far: iteration {best['iteration']}"))
+    run.tracker.metrics(
+        it.run_id,
+        {
+            "eval_label_iou": quality.label_iou,
+            "eval_box_label_iou": quality.box_iou_pixels,
+            "eval_raw_label_iou": quality.raw_iou_pixels,
+            "eval_default_rule_label_iou": quality.default.iou_pixels,
+        },
+    )
+    run.tracker.params(it.run_id, {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
+    from bss.hybrid import RefineRule
+    from bss.hybrid.make import rule_description
+
+    run.say(
+        f"iteration {k}: as a teacher on EVAL: label IoU {t.label_iou_pixels:.3f} with the chosen rule ({rule_description(RefineRule.from_dict(t.rule))}; default rule {t.default_rule_iou_pixels:.3f}); "
+        f"the EVAL boxes {t.box_iou_pixels:.3f}, raw prediction {t.raw_iou_pixels:.3f}"
+    )
+    return t
+
+
+def labels_to_beat(run: LoopRun, k: int) -> tuple[float, str]:
+    """EVAL label IoU of the labels iteration k trained on: the teacher that made its H<n>, or the boxes."""
+    train = run.record.iterations[k].train_dataset
+    for prev in reversed(run.record.iterations[:k]):
+        if prev.hybrid is not None and prev.hybrid.name == train:
+            return prev.teacher.label_iou_pixels, f"the labels of {train} (made with EVAL label IoU {prev.teacher.label_iou_pixels:.3f})"
+    boxes = run.record.iterations[k].teacher
+    return (boxes.box_iou_pixels if boxes else 0.0), "the EVAL boxes' own label IoU"
+
+
+def history(run: LoopRun, k: int) -> History:
+    """Iterations 0..k as the stop rule sees them."""
+    outcomes = tuple(
+        Outcome(
+            j,
+            x.promoted.metrics if x.promoted else None,
+            x.teacher.label_iou_pixels if x.teacher else None,
+            bool(x.decision and x.decision.new_best),
+        )
+        for j, x in enumerate(run.record.iterations[: k + 1])
+    )
+    value, name = labels_to_beat(run, k)
+    return History(outcomes, value, name, run.iterations_left(k), run.time_left())
+
+
+def decide_stage(run: LoopRun, k: int, it: IterationRecord) -> Decision:
+    """The stop rule on this run's history (bss.search.stop); the record keeps the best so far."""
+    decision = run.stop_rule.decide(history(run, k))
+    if decision.new_best:
+        run.record.best = BestRecord(k, decision.value, it.promoted.checkpoint)
+    it.decision = decision
+    if decision.stop:
+        run.record.stopped = decision.stop_text
+    run.state.save()
+    run.tracker.tag(it.run_id, "bss.decision", decision.verdict)
+    best = run.record.best
+    run.say(f"iteration {k}: {decision.verdict}" + ("" if decision.stop else f"; best so far: iteration {best.iteration}"))
+    if k == 0 and decision.reason == "labels_not_better":
+        run.say(
+            "  the loop ends with iteration 0's model as the final model. What would help: more hand-labelled images (a better teacher), "
+            "a longer search (--trials, the space's train_steps), or a refinement rule that suits these defects (bss/hybrid/refine.py)."
+        )
     return decision
 
 
 # --------------------------------------------------------------------------- the next training set
 
 
-def current_label_iou(run: LoopRun, k: int) -> tuple[float, str]:
-    """EVAL label IoU of the labels iteration k trained on: the teacher that made its H<n>, or the boxes."""
-    train = run.state.iterations[k]["train_dataset"]
-    for j in range(k - 1, -1, -1):
-        prev = run.state.iterations[j]
-        if (prev.get("hybrid") or {}).get("name") == train:
-            return float(prev["teacher"]["label_iou_pixels"]), f"{train} (made with EVAL label IoU {prev['teacher']['label_iou_pixels']:.3f})"
-    boxes = run.state.iterations[k]["teacher"]["box_iou_pixels"]
-    return float(boxes), f"the boxes (EVAL label IoU {boxes:.3f})"
+def next_dataset_stage(run: LoopRun, k: int, it: IterationRecord, decision: Decision) -> HybridRecord:
+    """The training set of iteration k+1, as the decision says: a new ``H<n>`` refined by this
+    iteration's model, or (no new best) the same one again with new seeds."""
+    if decision.make_hybrid:
+        return make_hybrid_stage(run, k, it)
+    it.hybrid = HybridRecord(done=True, reused=it.train_dataset)
+    run.record.iteration(k + 1).train_dataset = it.train_dataset
+    run.state.save()
+    run.say(f"iteration {k}: no new best, iteration {k + 1} trains again on {it.train_dataset} with new seeds")
+    return it.hybrid
 
 
-def next_dataset_stage(run: LoopRun, k: int, it: dict, decision: dict) -> dict:
-    """The training set of iteration k+1: the same one (no new best), none (the new teacher's
-    labels are no better: the loop stops), or a new ``H<n>`` refined by the best model."""
-    hybrid = it.setdefault("hybrid", {})
-    if not decision["new_best"]:  # the best model is the one that made the current set
-        hybrid.update(done=True, reused=it["train_dataset"])
-        run.state.iteration(k + 1)["train_dataset"] = it["train_dataset"]
+def make_hybrid_stage(run: LoopRun, k: int, it: IterationRecord) -> HybridRecord:
+    """Refine the box-only images with this iteration's model and the rule chosen on EVAL into
+    ``H<n>``. Its number is fixed in the state before the folder exists, so a resume never makes
+    a second one, and an existing folder is adopted only if its manifest names our checkpoint."""
+    from bss.hybrid import hybrid_name, next_number, read_manifest
+
+    s = run.settings
+    root, checkpoint = Path(s.data_root), Path(it.promoted.checkpoint)
+    if it.hybrid is None or it.hybrid.number is None:
+        it.hybrid = HybridRecord(number=int(next_number(s.dataset, root)), checkpoint_sha256=file_sha256(checkpoint))
         run.state.save()
-        run.say(f"iteration {k}: no new best, iteration {k + 1} trains again on {it['train_dataset']} with new seeds")
-        return hybrid
-    teacher = teacher_stage(run, k, it)
-    current, what = current_label_iou(run, k)
-    if teacher["label_iou_pixels"] <= current:
-        verdict = f"stop: the new teacher's EVAL label IoU {teacher['label_iou_pixels']:.3f} does not beat the current training labels, {what}; no H<n> is made"
-        hybrid.update(done=True, refused=verdict)
-        decision.update(stop=True, verdict=f"{decision['verdict']}; then {verdict}")
-        run.state.data["stopped"] = verdict
-        run.state.save()
-        run.tracker.tag(it["run_id"], "bss.decision", decision["verdict"])
-        run.say(f"iteration {k}: {verdict}")
-        return hybrid
-    return make_hybrid_stage(run, k, it, teacher)
-
-
-def make_hybrid_stage(run: LoopRun, k: int, it: dict, teacher: dict) -> dict:
-    """Refine the box-only images with the best model and the rule chosen on EVAL into ``H<n>``.
-    Its number is fixed in the state before the folder exists, so a resume never makes a
-    second one, and an existing folder is adopted only if its manifest names our checkpoint."""
-    from bss.hybrid import RefineRule, hybrid_name, make_hybrid, next_number, read_manifest
-
-    s, hybrid = run.settings, it["hybrid"]
-    root, checkpoint = Path(s.data_root), Path(run.state.get("best")["checkpoint"])
-    if "number" not in hybrid:
-        hybrid.update(number=int(next_number(s.dataset, root)), checkpoint_sha256=file_sha256(checkpoint))
-        run.state.save()
-    folder = root / hybrid_name(s.dataset, hybrid["number"])
+    hybrid = it.hybrid
+    folder = root / hybrid_name(s.dataset, hybrid.number)
     start = time.perf_counter()
     if folder.exists():
-        manifest = read_manifest(folder)
-        if (manifest.get("checkpoint") or {}).get("sha256") != hybrid["checkpoint_sha256"]:
+        if (read_manifest(folder).get("checkpoint") or {}).get("sha256") != hybrid.checkpoint_sha256:
             raise BSSError(
                 f"{folder} exists but was not made by this run's iteration-{k} model (its manifest names another checkpoint); it is left alone. Move it away and --resume, or start a new run."
             )
-        label_quality = manifest.get("label_quality")
+        label_quality = read_manifest(folder).get("label_quality")
         run.say(f"iteration {k}: {folder.name} already made by this run (adopted after a resume)")
     else:
         run.say(f"iteration {k}: refining the box-only images of {s.dataset} with the promoted model -> {folder.name} ...")
-        result = make_hybrid(
-            s.dataset,
-            checkpoint,
-            data_root=root,
-            number=hybrid["number"],
-            rule=RefineRule.from_dict(teacher["rule"]),
-            overwrite=False,
-            batch_size=run.hybrid_batch_size,
-            progress=False,
-        )
-        label_quality, folder = result.label_quality, Path(result.path)
-    hybrid.update(
-        done=True, path=str(folder), name=folder.name, images=count_images(folder), label_quality=label_quality, seconds=round(time.perf_counter() - start, 2)
-    )
-    run.state.iteration(k + 1)["train_dataset"] = folder.name
+        label_quality, folder = refine_into(run, checkpoint, hybrid.number, it.teacher.rule)
+    hybrid.done, hybrid.path, hybrid.name, hybrid.images = True, str(folder), folder.name, count_images(folder)
+    hybrid.label_quality, hybrid.seconds = label_quality, round(time.perf_counter() - start, 2)
+    run.record.iteration(k + 1).train_dataset = folder.name
     run.state.save()
-    tr, run_id = run.tracker, it["run_id"]
+    log_hybrid(run, k, it, folder)
+    return hybrid
+
+
+def refine_into(run: LoopRun, checkpoint: Path, number: int, rule: dict) -> tuple[dict | None, Path]:
+    """make_hybrid with the loop's settings: (label quality against truth/, the folder)."""
+    from bss.hybrid import RefineRule, make_hybrid
+
+    s = run.settings
+    result = make_hybrid(
+        s.dataset,
+        checkpoint,
+        data_root=Path(s.data_root),
+        number=number,
+        rule=RefineRule.from_dict(rule),
+        overwrite=False,
+        batch_size=run.hybrid_batch_size,
+        progress=False,
+    )
+    return result.label_quality, Path(result.path)
+
+
+def log_hybrid(run: LoopRun, k: int, it: IterationRecord, folder: Path) -> None:
+    """The new H<n> in MLflow (manifest, label quality, the refined-mask sheet) and on the console."""
+    hybrid, tr, run_id = it.hybrid, run.tracker, it.run_id
     tr.artifact(run_id, folder / "manifest.json", "hybrid")
     tr.artifact(run_id, folder / "label_quality.json", "hybrid")
-    tr.metrics(run_id, {f"hybrid_{key}": v for key, v in (label_quality or {}).items()})
+    tr.metrics(run_id, {f"hybrid_{key}": v for key, v in (hybrid.label_quality or {}).items()})
     tr.tag(run_id, "bss.hybrid", folder.name)
     draw_refined_sheet(run, k, folder)
+    lq = hybrid.label_quality
     quality = (
-        f"; label IoU vs truth: boxes {label_quality.get('box_iou_pixels', float('nan')):.3f} -> refined {label_quality.get('hybrid_iou_pixels', float('nan')):.3f}"
-        if label_quality
-        else ""
+        f"; label IoU vs truth: boxes {lq.get('box_iou_pixels', float('nan')):.3f} -> refined {lq.get('hybrid_iou_pixels', float('nan')):.3f}" if lq else ""
     )
-    run.say(f"iteration {k}: {folder.name}: {hybrid['images']} images{quality}")
-    return hybrid
+    run.say(f"iteration {k}: {folder.name}: {hybrid.images} images{quality}")
 
 
 def draw_refined_sheet(run: LoopRun, k: int, folder: Path) -> None:
@@ -442,5 +450,5 @@ def draw_refined_sheet(run: LoopRun, k: int, folder: Path) -> None:
         run.say(f"warning: could not draw the refined masks of {folder.name}: {exc}")
         return
     if sheet is not None:
-        run.tracker.artifact(run.state.iterations[k]["run_id"], sheet)
-        run.tracker.image(run.state.get("parent_run_id"), read_image(sheet), key="refined_masks", step=k)
+        run.tracker.artifact(run.record.iterations[k].run_id, sheet)
+        run.tracker.image(run.record.parent_run_id, read_image(sheet), key="refined_masks", step=k)

@@ -1,15 +1,9 @@
 """The loop's resume file: ``<run-dir>/state.json``, small, JSON, always written atomically.
 
-It records the loop's settings and, per iteration, which stages are complete::
-
-    {"version": 1, "settings": {...}, "parent_run_id": "...", "data": {...},
-     "iterations": [{"index": 0, "train_dataset": "obstacle_BASELINE", "run_id": "...",
-                     "search": {...}, "promoted": {...}, "decision": {...},
-                     "hybrid": {"number": 1, "path": "...", "done": true}, "done": true}],
-     "report": {...}, "finished": true}
-
-A stage is written only after its outputs are on disk, with a temporary file, ``fsync`` and
-``os.replace``: a kill at any moment leaves either the old or the new file, never half of one.
+Its content is the typed :class:`~bss.search.record.LoopRecord` (settings, and per iteration the
+record of every completed stage). A stage is written only after its outputs are on disk, with a
+temporary file, ``fsync`` and ``os.replace``: a kill at any moment leaves either the old or the
+new file, never half of one. :class:`RunLock` keeps a second driver out of a run folder.
 """
 
 from __future__ import annotations
@@ -21,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bss.errors import BSSError
+from bss.search.record import LoopRecord, load_record
 
-VERSION = 1
 FILE = "state.json"
 
 
@@ -87,48 +81,27 @@ class RunLock:
 
 
 class LoopState:
-    """The resume state of one loop; ``save()`` after every completed stage."""
+    """The resume state of one loop: its :class:`LoopRecord` and where it lives; ``save()``
+    after every completed stage."""
 
-    def __init__(self, path: Path, data: dict):
+    def __init__(self, path: Path, record: LoopRecord):
         self.path = Path(path)
-        self.data = data
+        self.record = record
 
     @classmethod
     def new(cls, run_dir: str | Path, settings: dict) -> "LoopState":
-        return cls(Path(run_dir) / FILE, {"version": VERSION, "settings": settings, "iterations": [], "finished": False})
+        return cls(Path(run_dir) / FILE, LoopRecord(settings=settings))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "LoopState | None":
         path = Path(run_dir) / FILE
         if not path.is_file():
             return None
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise BSSError(
-                f"{path}: unknown state format (version {data.get('version') if isinstance(data, dict) else '?'}); start a new run with another --run-dir."
-            )
-        return cls(path, data)
+        return cls(path, load_record(read_json(path), str(path)))
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        atomic_write_json(self.path, self.record.to_json())
 
-    # ---- convenience ---------------------------------------------------------------------
     @property
     def settings(self) -> dict:
-        return self.data["settings"]
-
-    @property
-    def iterations(self) -> list[dict]:
-        return self.data["iterations"]
-
-    def iteration(self, index: int) -> dict:
-        while len(self.iterations) <= index:
-            self.iterations.append({"index": len(self.iterations)})
-        return self.iterations[index]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.save()
+        return self.record.settings

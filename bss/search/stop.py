@@ -1,35 +1,66 @@
-"""Stop rules: after each iteration, is its promoted model a new best, and does the loop go on?
+"""The stop rule: after each iteration, is its model a new best, does it teach the next H<n>, and
+does the loop go on? Every stop of the loop is decided here, once, with the reason.
 
 A rule is an object registered by name in :data:`STOP_RULES` with one pure method,
-``decide(history) -> Decision``: ``history`` holds one :class:`Outcome` per iteration so far
-(the last one is being decided), and the rule reads everything it needs from it (the best so
-far, how many iterations in a row brought no gain), so it is tested with crafted numbers alone.
+``decide(history) -> Decision``. :class:`History` holds one :class:`Outcome` per iteration so
+far (the last one is being decided) and what the rule needs besides: the label IoU the next
+H<n> must beat, the iterations and the time left. So a rule is tested with crafted numbers alone.
 
-``guarded`` (the default) never calls an iteration better, nor keeps it as final, when its EVAL
-IoU fell by more than ``tolerance``, whatever its Recall did:
+``guarded`` (the default) judges two things, like with like:
+
+The **model** (image-only EVAL figures: what ``predict.py`` uses on new footage, where there are
+no boxes). It never calls an iteration better, nor keeps it as final, when its EVAL IoU fell by
+more than ``tolerance``, whatever its Recall did:
 
 * the first iteration is the baseline;
-* no admissible model -> stop;
-* EVAL IoU more than ``tolerance`` below the best IoU of any kept iteration -> stop;
+* no model (no trial finished an evaluation) -> stop (``no_model``);
+* EVAL IoU more than ``tolerance`` below the best IoU of any kept iteration -> stop (``iou_drop``);
 * higher EVAL ``metric`` (Recall) than the best, or an IoU gain of more than ``tolerance`` ->
-  a new best (it refines the next H<n>);
-* otherwise no gain; after ``patience`` such iterations in a row -> stop.
+  a new best (``improved``);
+* otherwise no gain; after ``patience`` such iterations in a row -> stop (``patience``).
+
+The **teacher** (a new best, when iterations are left): it refines the next H<n> only when its
+EVAL *label* IoU (the EVAL boxes refined by it, exactly as H<n> will be) beats that of the
+labels the loop trains on now: the EVAL boxes' own for H1, the teacher that made H<k> for
+H<k+1>. Otherwise no H<n> is made and the loop stops (``labels_not_better``); its model is
+still the final model when it is the best.
+
+The **budget**: no iteration starts with less than ``min_search_seconds`` of ``--budget`` left
+(``budget``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bss.errors import ConfigError
+
+REASONS = ("baseline", "improved", "no_gain", "no_model", "iou_drop", "patience", "labels_not_better", "budget")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One iteration as the stop rule sees it: its promoted EVAL metrics (None: nothing promoted)."""
+    """One iteration as the stop rule sees it."""
 
     iteration: int
-    metrics: dict | None  # {"eval_iou": ..., "eval_recall": ..., ...}
+    metrics: dict | None  # the promoted model's EVAL figures {"eval_iou": ..., "eval_recall": ...}; None: no model
+    label_iou: float | None = None  # its EVAL label IoU as a teacher (None: not measured)
     new_best: bool = False  # as decided earlier (ignored for the last entry)
+
+
+@dataclass(frozen=True)
+class History:
+    """What the rule decides on: the outcomes so far, the last being decided."""
+
+    outcomes: tuple[Outcome, ...]
+    labels_to_beat: float = 0.0  # EVAL label IoU of the labels trained on now (the boxes' own for H1)
+    labels_name: str = "the EVAL boxes"  # what those labels are, for the verdict
+    iterations_left: int = 1  # iterations the loop may run after this one (0: nothing to teach for)
+    time_left: float | None = None  # seconds of --budget left (None: no budget)
+
+    @property
+    def current(self) -> Outcome:
+        return self.outcomes[-1]
 
 
 @dataclass(frozen=True)
@@ -38,9 +69,27 @@ class Decision:
     stop: bool
     new_best: bool
     value: float | None = None  # the iteration's EVAL metric
+    make_hybrid: bool = False  # this iteration's model refines the next H<n>
+    reason: str = ""  # one of REASONS
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "stop": self.stop, "new_best": self.new_best, "value": self.value}
+        return {
+            "verdict": self.verdict,
+            "stop": self.stop,
+            "new_best": self.new_best,
+            "value": self.value,
+            "make_hybrid": self.make_hybrid,
+            "reason": self.reason,
+        }
+
+    @property
+    def stop_text(self) -> str | None:
+        """Why the loop stops ("stop: ..."), without what was decided before it; None: it goes on."""
+        at = self.verdict.find("stop: ")
+        return self.verdict[at:] if self.stop and at >= 0 else None
+
+    def then_stop(self, reason: str, why: str) -> "Decision":
+        return replace(self, verdict=f"{self.verdict}; then stop: {why}", stop=True, make_hybrid=False, reason=reason)
 
 
 class StopRule:
@@ -49,7 +98,7 @@ class StopRule:
 
     name = ""
 
-    def decide(self, history: list[Outcome]) -> Decision:
+    def decide(self, history: History) -> Decision:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -61,6 +110,7 @@ class GuardedStop(StopRule):
     metric: str = "recall"
     tolerance: float = 0.02
     patience: int = 1
+    min_search_seconds: float = 60.0
     name = "guarded"
 
     def __post_init__(self):
@@ -69,37 +119,62 @@ class GuardedStop(StopRule):
         if self.patience < 1:
             raise ConfigError(f"--patience must be at least 1, got {self.patience}.")
 
-    def decide(self, history: list[Outcome]) -> Decision:
-        *earlier, current = history
+    def decide(self, history: History) -> Decision:
+        decision = self.judge_model(history.outcomes)
+        if decision.stop:
+            return decision
+        if decision.new_best and history.iterations_left > 0:
+            decision = self.judge_teacher(history, decision)
+        if not decision.stop and history.iterations_left > 0 and history.time_left is not None and history.time_left < self.min_search_seconds:
+            return decision.then_stop(
+                "budget", f"the --budget is spent ({max(0.0, history.time_left):.0f} s left, a search needs {self.min_search_seconds:g} s)"
+            )
+        return decision
+
+    def judge_model(self, outcomes: tuple[Outcome, ...]) -> Decision:
+        """The iteration's model on image-only EVAL figures, against the best kept so far."""
+        *earlier, current = outcomes
         kept = [o for o in earlier if o.new_best and o.metrics]
         m = current.metrics
-        value = None if m is None else float(m[f"eval_{self.metric}"])
-        if not kept:
-            if m is None:
-                return Decision("stop: no admissible model", True, False, None)
-            return Decision("baseline", False, True, value)
         if m is None:
-            return Decision("stop: no admissible model", True, False, None)
+            return Decision("stop: no model (no trial finished an evaluation)", True, False, None, reason="no_model")
+        value = float(m[f"eval_{self.metric}"])
+        if not kept:
+            return Decision("baseline", False, True, value, reason="baseline")
         best = kept[-1].metrics
         top_iou = max(float(o.metrics["eval_iou"]) for o in kept)
         iou, best_value = float(m["eval_iou"]), float(best[f"eval_{self.metric}"])
         if iou < top_iou - self.tolerance:
-            return Decision(f"stop: EVAL IoU {iou - top_iou:+.3f} below the best (tolerance {self.tolerance:g})", True, False, value)
+            return Decision(f"stop: EVAL IoU {iou - top_iou:+.3f} below the best (tolerance {self.tolerance:g})", True, False, value, reason="iou_drop")
         if value > best_value + 1e-9 or iou > float(best["eval_iou"]) + self.tolerance:
-            return Decision(f"improved ({self.metric} {value - best_value:+.3f}, IoU {iou - float(best['eval_iou']):+.3f})", False, True, value)
+            return Decision(
+                f"improved ({self.metric} {value - best_value:+.3f}, IoU {iou - float(best['eval_iou']):+.3f})", False, True, value, reason="improved"
+            )
         no_gain = 1
         for o in reversed(earlier):
             if o.new_best:
                 break
             no_gain += 1
         if no_gain >= self.patience:
-            return Decision(f"stop: no gain for {no_gain} iteration(s) (patience {self.patience})", True, False, value)
-        return Decision(f"no gain ({self.metric} {value - best_value:+.3f}, {no_gain}/{self.patience})", False, False, value)
+            return Decision(f"stop: no gain for {no_gain} iteration(s) (patience {self.patience})", True, False, value, reason="patience")
+        return Decision(f"no gain ({self.metric} {value - best_value:+.3f}, {no_gain}/{self.patience})", False, False, value, reason="no_gain")
+
+    def judge_teacher(self, history: History, decision: Decision) -> Decision:
+        """A new best teaches the next H<n> only when its EVAL label IoU beats the current labels'."""
+        label_iou = history.current.label_iou
+        if label_iou is not None and label_iou > history.labels_to_beat:
+            return replace(decision, make_hybrid=True)
+        shown = "not measured" if label_iou is None else f"{label_iou:.3f}"
+        return decision.then_stop(
+            "labels_not_better",
+            f"its EVAL label IoU as a teacher ({shown}) does not beat {history.labels_name} ({history.labels_to_beat:.3f}); no H<n> is made",
+        )
 
     def describe(self) -> str:
         return (
             f"a new best needs a higher EVAL {self.metric} (or EVAL IoU +{self.tolerance:g}) without EVAL IoU falling more than "
-            f"{self.tolerance:g}; an IoU drop beyond that stops, and so do {self.patience} iteration(s) without gain"
+            f"{self.tolerance:g}; an IoU drop beyond that stops, and so do {self.patience} iteration(s) without gain; "
+            "a new best refines the next H<n> only if its EVAL label IoU beats the current labels'"
         )
 
 
