@@ -344,6 +344,25 @@ def test_no_admissible_teacher_ends_with_exit_0_and_a_final_model(setup_loop, ca
     assert load_model(tmp_path / "run" / "best.pt")[1].train_dataset == "toy_BASELINE"
 
 
+def test_a_dataset_with_no_box_only_image_runs_one_plain_search(setup_loop, capsys):
+    """Every image hand-labelled: said before any training, one search, no teacher measured, a final model."""
+    import shutil
+
+    tmp_path, root, options, calls = setup_loop
+    for folder in root.iterdir():
+        shutil.rmtree(folder)
+    make_source_dataset(root, labelled=12)
+    make_splits("toy", root, progress=False)
+    PLAN.clear()
+    TEACHER.clear()
+    PLAN.update({0: [(0.9, 0.9, 0.85)], 1: [(0.95, 0.9, 0.9)]})
+    result = run_loop(options(iterations=3))
+    out = capsys.readouterr().out
+    assert out.index("has no box-only image (every image is hand-labelled)") < out.index("== iteration 0")
+    assert len(calls) == 1 and result.final_iteration == 0 and result.stopped is None and "eval_label_iou" not in result.rows[0]
+    assert not any(p.name.startswith("toy_H") for p in root.iterdir()) and (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_a_dataset_that_cannot_train_is_a_clear_error(setup_loop):
     tmp_path, root, options, calls = setup_loop
     PLAN.clear()
@@ -613,3 +632,22 @@ def test_loop_settings_hold_every_default_and_refuse_a_changed_result_setting_on
     assert help_text("margin").endswith("(default: 0.03)") and help_text("split_fractions").endswith("(default: 0.6, 0.2, 0.2)")
     with pytest.raises(BSSError, match="--iterations must be at least 1"):
         LoopSettings.resolve({"dataset": "toy", "iterations": 0}, None, gpus=0)
+
+
+def test_every_loop_setting_has_a_driver_flag_and_a_loop_option():
+    """A new LoopSettings field needs its flag in drivers/search.py; LoopOptions derives it."""
+    import dataclasses
+    import importlib.util
+
+    from bss.search.settings import LoopSettings
+
+    spec = importlib.util.spec_from_file_location("search_driver", REPO / "drivers" / "search.py")
+    driver = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "drivers"))
+    spec.loader.exec_module(driver)
+    parsed = vars(driver.parse_args(["--dataset", "toy"]))
+    settings = LoopSettings.names()
+    assert set(settings) - set(parsed) == set(), "settings without a flag"
+    options = {f.name for f in dataclasses.fields(LoopOptions)}
+    assert set(settings) <= options and {"run_dir", "resume", "concurrency"} <= options
+    assert LoopOptions(dataset="toy").iterations is None  # None: the setting's default, or the stored value on --resume

@@ -33,7 +33,7 @@ class LoopSettings:
     iterations: int = _setting(3, "iterations including iteration 0 on BASELINE")
     promotion: str = _setting(
         "guarded_recall",
-        "promotion rule: guarded_recall: best EVAL --metric among models within --margin of the best EVAL IoU and above the EVAL boxes' own IoU; floor: best --metric with --floor-metric >= --floor",
+        "promotion rule: guarded_recall: best EVAL --metric among models within --margin of the best EVAL IoU (a model teaches H<n> only if its EVAL label IoU beats the current labels'); floor: best --metric with --floor-metric >= --floor",
     )
     metric: str = _setting("recall", "EVAL metric that promotes and decides")
     margin: float = _setting(0.03, "guarded_recall: --metric decides among models within this EVAL IoU of the best")
