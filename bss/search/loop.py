@@ -46,7 +46,7 @@ from bss.search.promotion import build_promotion_rule
 from bss.search.ray_cluster import HeadWatch, local_resources, node_resources, plan_resources, quiet_environment, start_ray, stop_ray
 from bss.search.record import IterationRecord, LoopRecord
 from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - parse_duration: the driver's --budget
-from bss.search.stages import LoopRun
+from bss.search.stages import LoopContext
 from bss.search.state import LoopState, RunLock
 from bss.search.stop import build_stop_rule
 from bss.tracking import Tracker, run_colour, ui_command, ui_url, view_state
@@ -137,7 +137,7 @@ class Loop:
     def __init__(self, opts):
         self.opts = opts
         self.run_dir = Path(opts.run_dir or f"runs/{opts.dataset}")
-        self.run: LoopRun | None = None
+        self.ctx: LoopContext | None = None
         self.current_run: str | None = None
         self.ray_started = False
 
@@ -238,8 +238,8 @@ class Loop:
         _say(f"    view: {view}")
         return tracker, view
 
-    def build_run(self, cpus: int, gpus: int) -> LoopRun | LoopResult:
-        """The whole :class:`LoopRun` (or, for a loop finished earlier, its result)."""
+    def build_run(self, cpus: int, gpus: int) -> LoopContext | LoopResult:
+        """The whole :class:`LoopContext` (or, for a loop finished earlier, its result)."""
         s, o = self.settings, self.opts
         stored = self.stored
         base, space, inputs = load_inputs(s, self.run_dir, stored is not None)
@@ -257,7 +257,7 @@ class Loop:
         if not self.ray_started:
             _, _, self.ray_started = start_ray(None, cpus, gpus)
         tracker, view = self.start_tracking(state, base)
-        return LoopRun(
+        return LoopContext(
             self.run_dir, s, state, tracker, base, space, resources, rule, stop_rule, gpus, self.time_left, _say,
             o.reuse_actors, o.max_failures, o.progress, o.hybrid_batch_size, view,
         )  # fmt: skip
@@ -265,10 +265,10 @@ class Loop:
     def iteration_run(self, k: int, it: IterationRecord) -> str:
         if not it.run_id:
             tags = {"bss.kind": "iteration", "bss.iteration": k, "bss.train_dataset": it.train_dataset} | run_colour(k)
-            it.run_id = self.run.tracker.create(f"iteration {k}", self.run.record.parent_run_id, tags)
-            self.run.state.save()
+            it.run_id = self.ctx.tracker.create(f"iteration {k}", self.ctx.record.parent_run_id, tags)
+            self.ctx.state.save()
         else:
-            self.run.tracker.reopen(it.run_id)
+            self.ctx.tracker.reopen(it.run_id)
         return it.run_id
 
     # ---- sequencing -----------------------------------------------------------------------
@@ -286,7 +286,7 @@ class Loop:
             built = self.build_run(cpus, gpus)
             if isinstance(built, LoopResult):
                 return built
-            self.run = built
+            self.ctx = built
             return self.iterate()
         finally:
             if self.ray_started:
@@ -294,19 +294,19 @@ class Loop:
 
     def iterate(self) -> LoopResult:
         """Every iteration not done yet, then the report; the MLflow runs end with the outcome."""
-        run = self.run
-        monitor = run.tracker.system_metrics(run.record.parent_run_id)  # CPU, memory, GPU of the loop
+        ctx = self.ctx
+        monitor = ctx.tracker.system_metrics(ctx.record.parent_run_id)  # CPU, memory, GPU of the loop
         HeadWatch.on_lost(lambda message: self.abort("FAILED", message))
         try:
             for k in range(self.settings.iterations):
                 if not self.iteration(k):
                     break
-            rows = final_report.report_stage(run)
-            final_report.print_summary(run.record, run.settings, run.run_dir, rows, run.view, _say)
-            return self.result(run.record, rows)
+            rows = final_report.report_stage(ctx)
+            final_report.print_summary(ctx.record, ctx.settings, ctx.run_dir, rows, ctx.view, _say)
+            return self.result(ctx.record, rows)
         except KeyboardInterrupt:
             self.abort("KILLED")
-            _say(f"\ninterrupted: completed stages are saved in {run.state.path}; continue with the same command and --resume")
+            _say(f"\ninterrupted: completed stages are saved in {ctx.state.path}; continue with the same command and --resume")
             raise
         except BaseException:
             self.abort("FAILED")
@@ -316,7 +316,7 @@ class Loop:
 
     def iteration(self, k: int) -> bool:
         """Run iteration k's stages that are not done yet; False: the loop stops here."""
-        run, record, s = self.run, self.run.record, self.settings
+        ctx, record, s = self.ctx, self.ctx.record, self.settings
         if k < len(record.iterations) and record.iterations[k].done:
             decision = record.iterations[k].decision
             _say(f"iteration {k}: done earlier ({decision.verdict if decision else ''}); skipped")
@@ -328,14 +328,14 @@ class Loop:
             it.train_dataset = it.train_dataset or f"{s.dataset}_BASELINE"
         self.current_run = self.iteration_run(k, it)
         if not it.searched:
-            stages.search_stage(run, k, it)
-        stages.teacher_stage(run, k, it)
-        decision = it.decision or stages.decide_stage(run, k, it)
-        if not decision.stop and run.iterations_left(k) > 0 and not (it.hybrid and it.hybrid.done):
-            stages.next_dataset_stage(run, k, it, decision)
+            stages.search_stage(ctx, k, it)
+        stages.teacher_stage(ctx, k, it)
+        decision = it.decision or stages.decide_stage(ctx, k, it)
+        if not decision.stop and ctx.iterations_left(k) > 0 and not (it.hybrid and it.hybrid.done):
+            stages.next_dataset_stage(ctx, k, it, decision)
         it.done = True
-        run.state.save()
-        run.tracker.end(it.run_id, "FINISHED")
+        ctx.state.save()
+        ctx.tracker.end(it.run_id, "FINISHED")
         self.current_run = None
         return not decision.stop
 
@@ -344,11 +344,11 @@ class Loop:
         return LoopResult(self.run_dir, record, rows, best.iteration if best else None, record.stopped, record.report)
 
     def abort(self, status: str, why: str | None = None) -> None:
-        if self.run is None:
+        if self.ctx is None:
             return
         tags = {"bss.error": why} if why else None
-        self.run.tracker.end(self.current_run, status, tags)
-        self.run.tracker.end(self.run.record.parent_run_id, status, tags)
+        self.ctx.tracker.end(self.current_run, status, tags)
+        self.ctx.tracker.end(self.ctx.record.parent_run_id, status, tags)
 
 
 def run_loop(opts) -> LoopResult:

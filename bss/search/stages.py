@@ -1,6 +1,6 @@
 """The loop's stages, in data-flow order: search -> promote -> teacher -> decide -> next H<n>.
 
-Each stage is a function of the run (:class:`LoopRun`: typed settings, the state, the tracker)
+Each stage is a function of the loop's context (:class:`LoopContext`: typed settings, the state, the tracker)
 and an iteration's record ``it`` (:class:`~bss.search.record.IterationRecord`); it fills in its
 part of ``it``, saves the state, and returns that part. :class:`bss.search.loop.Loop` only
 sequences them and skips what the record says is done (resume). Every decision (a new best,
@@ -35,7 +35,7 @@ from bss.tracking import Tracker
 
 
 @dataclass
-class LoopRun:
+class LoopContext:
     """Everything the stages share: built whole, once, by :class:`bss.search.loop.Loop`."""
 
     run_dir: Path
@@ -118,74 +118,74 @@ def max_evaluations(space, base: dict, train_images: int = 1) -> int:
 # --------------------------------------------------------------------------- search + promote
 
 
-def incumbent(run: LoopRun) -> list[dict] | None:
+def incumbent(ctx: LoopContext) -> list[dict] | None:
     """The best model's searched params, tried first by the next search (Optuna's
     points_to_evaluate): with a handful of trials, the known-good config on the new labels is
     the most informative first trial, and TPE proposes the rest."""
-    best = run.record.best
+    best = ctx.record.best
     if best is None:
         return None
-    params = run.record.iterations[best.iteration].promoted.params
-    return [dict(params)] if set(params) == {p.key for p in run.space.params} else None
+    params = ctx.record.iterations[best.iteration].promoted.params
+    return [dict(params)] if set(params) == {p.key for p in ctx.space.params} else None
 
 
-def search_context(run: LoopRun, k: int, it: IterationRecord):
+def search_context(ctx: LoopContext, k: int, it: IterationRecord):
     """(TrialContext, searcher name, scheduler, points first, what the search does) of iteration k."""
     from bss.search.trial import TrialContext
 
-    s, best = run.settings, run.record.best
+    s, best = ctx.settings, ctx.record.best
     if s.retrain_best and k >= 1 and best is not None:
-        promoted = run.record.iterations[best.iteration].promoted
+        promoted = ctx.record.iterations[best.iteration].promoted
         base, space, algorithm = trial_base(yaml.safe_load(Path(promoted.config_path).read_text()), s, it.train_dataset), None, "replicas"
         seeds = {j: derive_seed(s.seed, k, j) for j in range(1, s.trials + 1)}
         points, scheduler = None, {"name": "fifo"}
         what = f"retrain the best config (iteration {best.iteration}) with {s.trials} seed(s)"
     else:
-        base, space, algorithm, seeds = trial_base(run.base, s, it.train_dataset, run.input_size), run.space, s.algorithm, {}
-        points, scheduler = incumbent(run), dict(run.space.scheduler, name=s.scheduler)
+        base, space, algorithm, seeds = trial_base(ctx.base, s, it.train_dataset, ctx.input_size), ctx.space, s.algorithm, {}
+        points, scheduler = incumbent(ctx), dict(ctx.space.scheduler, name=s.scheduler)
         what = f"search {s.trials} trials" + (" (the first: the best config so far)" if points else "")
-    tracking = {"uri": run.tracker.uri, "experiment_id": run.tracker.experiment_id, "parent_run_id": it.run_id} if run.tracker.ok and it.run_id else None
+    tracking = {"uri": ctx.tracker.uri, "experiment_id": ctx.tracker.experiment_id, "parent_run_id": it.run_id} if ctx.tracker.ok and it.run_id else None
     context = TrialContext(
         base=base,
         space=space,
-        rule=run.rule,
-        trials_dir=str((run.run_dir / f"iter_{k}" / "trials").resolve()),
+        rule=ctx.rule,
+        trials_dir=str((ctx.run_dir / f"iter_{k}" / "trials").resolve()),
         seed=derive_seed(s.seed, k),
         iteration=k,
-        cpus=run.resources.cpus_per_trial,
-        gpus=run.resources.gpus_per_trial,
+        cpus=ctx.resources.cpus_per_trial,
+        gpus=ctx.resources.gpus_per_trial,
         tracking=tracking,
         seeds=seeds,
-        study={"storage": f"sqlite:///{(run.run_dir / 'optuna.db').resolve()}", "name": f"{s.dataset} iteration {k}"},
+        study={"storage": f"sqlite:///{(ctx.run_dir / 'optuna.db').resolve()}", "name": f"{s.dataset} iteration {k}"},
     )
     return context, algorithm, scheduler, points, what
 
 
-def search_stage(run: LoopRun, k: int, it: IterationRecord) -> SearchRecord:
+def search_stage(ctx: LoopContext, k: int, it: IterationRecord) -> SearchRecord:
     """Search iteration k's training set; record every trial in ``it.search``, then promote."""
-    s = run.settings
-    context, algorithm, scheduler, points, what = search_context(run, k, it)
+    s = ctx.settings
+    context, algorithm, scheduler, points, what = search_context(ctx, k, it)
     n_images = count_images(Path(s.data_root) / it.train_dataset)
-    run.say(f"\n== iteration {k}: {what} on {it.train_dataset} ({n_images} images), judged on {s.dataset}_EVAL ==")
+    ctx.say(f"\n== iteration {k}: {what} on {it.train_dataset} ({n_images} images), judged on {s.dataset}_EVAL ==")
     mode = "retrain" if algorithm == "replicas" else "search"
-    run.tracker.params(
+    ctx.tracker.params(
         it.run_id, {"iteration": k, "train_dataset": it.train_dataset, "mode": mode, "trials": s.trials, "seed": context.seed, "algorithm": algorithm}
     )
-    run.tracker.metrics(it.run_id, {"iteration": k})
-    log_lineage(run, it.run_id, {it.train_dataset: "training", f"{s.dataset}_EVAL": "evaluation"})
+    ctx.tracker.metrics(it.run_id, {"iteration": k})
+    log_lineage(ctx, it.run_id, {it.train_dataset: "training", f"{s.dataset}_EVAL": "evaluation"})
     outcome = run_search(
         context,
         s.trials,
-        run.resources,
-        run.run_dir / f"iter_{k}",
+        ctx.resources,
+        ctx.run_dir / f"iter_{k}",
         algorithm=algorithm,
         scheduler=scheduler,
         max_evaluations=max_evaluations(context.space, context.base, n_images),
-        time_budget=search_budget(run.time_left(), s.iterations - k, s.time_budget),
-        reuse_actors=run.reuse_actors,
-        max_failures=run.max_failures,
+        time_budget=search_budget(ctx.time_left(), s.iterations - k, s.time_budget),
+        reuse_actors=ctx.reuse_actors,
+        max_failures=ctx.max_failures,
         label=f"[iter {k}]",
-        progress=run.progress,
+        progress=ctx.progress,
         points=points,
     )
     counts = {state: sum(1 for c in outcome.candidates if c.state == state) for state in ("complete", "stopped", "failed", "lost")}
@@ -193,41 +193,41 @@ def search_stage(run: LoopRun, k: int, it: IterationRecord) -> SearchRecord:
         TrialRecord(c.ordinal, c.key, c.state, c.params, c.evaluations, c.best, (c.error or "")[-300:] or None, c.run_id, **c.where) for c in outcome.candidates
     ]
     it.search = SearchRecord(mode, round(outcome.wall_seconds, 2), counts, trials, outcome.timings)
-    run.tracker.metrics(
+    ctx.tracker.metrics(
         it.run_id,
         {"search_seconds": outcome.wall_seconds, "trials_complete": counts["complete"], "trials_stopped": counts["stopped"], "trials_failed": counts["failed"]},
     )
-    promote_stage(run, k, it, outcome)
+    promote_stage(ctx, k, it, outcome)
     return it.search
 
 
-def log_lineage(run: LoopRun, run_id: str | None, datasets: dict[str, str]) -> None:
+def log_lineage(ctx: LoopContext, run_id: str | None, datasets: dict[str, str]) -> None:
     """``mlflow.log_input`` for each dataset name -> context (training, evaluation, test)."""
     from bss.data.layout import dataset_digest
 
     for name, context in datasets.items():
-        folder = Path(run.settings.data_root) / name
+        folder = Path(ctx.settings.data_root) / name
         if folder.is_dir():
             digest, profile = dataset_digest(folder)
-            run.tracker.dataset(run_id, name, digest, folder.resolve(), profile, context)
+            ctx.tracker.dataset(run_id, name, digest, folder.resolve(), profile, context)
 
 
-def promote_stage(run: LoopRun, k: int, it: IterationRecord, outcome) -> None:
+def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> None:
     """The promotion rule's winner of iteration k's search, copied to ``iter_<k>/`` (None: no
     trial finished an evaluation; at iteration 0 the dataset cannot train at all: an error)."""
     summary = ", ".join(f"{n} {state}" for state, n in it.search.counts.items() if n)
-    winner = run.rule.choose(outcome.candidates)
+    winner = ctx.rule.choose(outcome.candidates)
     if winner is None:
-        run.state.save()
-        run.say(f"iteration {k}: no trial reached {run.rule.floor_text()} ({summary}, {outcome.wall_seconds:.0f} s)")
+        ctx.state.save()
+        ctx.say(f"iteration {k}: no trial reached {ctx.rule.floor_text()} ({summary}, {outcome.wall_seconds:.0f} s)")
         if k == 0:
-            raise BSSError(no_model_message(run, outcome.candidates))
+            raise BSSError(no_model_message(ctx, outcome.candidates))
         return
-    iter_dir = run.run_dir / f"iter_{k}"
+    iter_dir = ctx.run_dir / f"iter_{k}"
     it.promoted = promoted = promote(winner, k, iter_dir)
-    run.state.save()
-    overlays = draw_promoted_overlays(run, promoted.checkpoint, iter_dir)
-    tr, run_id = run.tracker, it.run_id
+    ctx.state.save()
+    overlays = draw_promoted_overlays(ctx, promoted.checkpoint, iter_dir)
+    tr, run_id = ctx.tracker, it.run_id
     tr.metrics(run_id, promoted.metrics)
     tr.params(run_id, {f"promoted.{key}": v for key, v in promoted.params.items()} | {"promoted.trial": promoted.ordinal})
     tr.tag(run_id, "bss.promoted_trial_run", promoted.run_id or "")
@@ -239,37 +239,37 @@ def promote_stage(run: LoopRun, k: int, it: IterationRecord, outcome) -> None:
         from bss.data.io import read_image
 
         tr.artifact(run_id, overlays)
-        tr.image(run.record.parent_run_id, read_image(overlays), key="eval_predictions", step=k)
+        tr.image(ctx.record.parent_run_id, read_image(overlays), key="eval_predictions", step=k)
     from bss.search.tune_callback import short_params
 
     m = promoted.metrics
-    run.say(
+    ctx.say(
         f"iteration {k}: promoted trial {promoted.ordinal} ({short_params(promoted.params)}) - EVAL recall {m['eval_recall']:.3f} precision {m['eval_precision']:.3f} IoU {m['eval_iou']:.3f} Dice {m['eval_dice']:.3f}   [{summary}; {outcome.wall_seconds:.0f} s]"
     )
 
 
-def draw_promoted_overlays(run: LoopRun, checkpoint: str, iter_dir: Path) -> Path | None:
+def draw_promoted_overlays(ctx: LoopContext, checkpoint: str, iter_dir: Path) -> Path | None:
     """The promoted model's EVAL overlays (None, with a warning, when they cannot be drawn)."""
     from bss.search.evaluate import draw_overlays
 
-    s = run.settings
+    s = ctx.settings
     try:
         return draw_overlays(
-            checkpoint, f"{s.dataset}_EVAL", s.data_root, iter_dir / "overlays.png", samples=int(run.base.get("visualization_samples", 4)) or 4
+            checkpoint, f"{s.dataset}_EVAL", s.data_root, iter_dir / "overlays.png", samples=int(ctx.base.get("visualization_samples", 4)) or 4
         )
     except BSSError as exc:  # a picture is not worth stopping the loop
-        run.say(f"warning: could not draw the overlays: {exc}")
+        ctx.say(f"warning: could not draw the overlays: {exc}")
         return None
 
 
-def no_model_message(run: LoopRun, candidates) -> str:
+def no_model_message(ctx: LoopContext, candidates) -> str:
     """Why iteration 0 has nothing to promote, with the numbers and what to change."""
-    s = run.settings
+    s = ctx.settings
     failed = sum(c.state == "failed" for c in candidates)
     budget = f" (the --time-budget of {s.time_budget:g} s may have cut them short)" if s.time_budget else ""
     errors = sorted({(c.error or "").strip().splitlines()[-1] for c in candidates if c.error})
     return (
-        f"iteration 0: none of the {len(candidates)} trials reached {run.rule.floor_text()}{budget}"
+        f"iteration 0: none of the {len(candidates)} trials reached {ctx.rule.floor_text()}{budget}"
         + (f", {failed} failed" if failed else "")
         + (f" (last error: {errors[0][:200]})" if errors else "")
         + ", so there is no model. Give the trials more training (the space's fixed: train_steps), a longer --time-budget or --budget, or more --trials; start again with another --run-dir."
@@ -279,21 +279,21 @@ def no_model_message(run: LoopRun, candidates) -> str:
 # --------------------------------------------------------------------------- teacher + decide
 
 
-def teacher_stage(run: LoopRun, k: int, it: IterationRecord) -> TeacherRecord | None:
+def teacher_stage(ctx: LoopContext, k: int, it: IterationRecord) -> TeacherRecord | None:
     """EVAL label IoU of the promoted model as a teacher, and the refinement rule chosen on EVAL
     (skipped when no later iteration could train on what it would refine)."""
-    if it.promoted is None or it.teacher is not None or (run.record.data is not None and run.record.data.box_only == 0):
+    if it.promoted is None or it.teacher is not None or (ctx.record.data is not None and ctx.record.data.box_only == 0):
         return it.teacher
     from bss.hybrid import teacher_quality
 
     start = time.perf_counter()
-    s = run.settings
+    s = ctx.settings
     quality = teacher_quality.measure_teacher(
-        it.promoted.checkpoint, s.dataset, s.data_root, batch_size=run.hybrid_batch_size, device="cpu" if not run.gpus else "auto"
+        it.promoted.checkpoint, s.dataset, s.data_root, batch_size=ctx.hybrid_batch_size, device="cpu" if not ctx.gpus else "auto"
     )
     it.teacher = t = TeacherRecord(**quality.to_dict(), seconds=round(time.perf_counter() - start, 2))
-    run.state.save()
-    run.tracker.metrics(
+    ctx.state.save()
+    ctx.tracker.metrics(
         it.run_id,
         {
             "eval_label_iou": quality.label_iou,
@@ -302,28 +302,28 @@ def teacher_stage(run: LoopRun, k: int, it: IterationRecord) -> TeacherRecord | 
             "eval_default_rule_label_iou": quality.default.iou_pixels,
         },
     )
-    run.tracker.params(it.run_id, {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
+    ctx.tracker.params(it.run_id, {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
     from bss.hybrid import RefineRule
     from bss.hybrid.make import rule_description
 
-    run.say(
+    ctx.say(
         f"iteration {k}: as a teacher on EVAL: label IoU {t.label_iou_pixels:.3f} with the chosen rule ({rule_description(RefineRule.from_dict(t.rule))}; default rule {t.default_rule_iou_pixels:.3f}); "
         f"the EVAL boxes {t.box_iou_pixels:.3f}, raw prediction {t.raw_iou_pixels:.3f}"
     )
     return t
 
 
-def labels_to_beat(run: LoopRun, k: int) -> tuple[float, str]:
+def labels_to_beat(ctx: LoopContext, k: int) -> tuple[float, str]:
     """EVAL label IoU of the labels iteration k trained on: the teacher that made its H<n>, or the boxes."""
-    train = run.record.iterations[k].train_dataset
-    for prev in reversed(run.record.iterations[:k]):
+    train = ctx.record.iterations[k].train_dataset
+    for prev in reversed(ctx.record.iterations[:k]):
         if prev.hybrid is not None and prev.hybrid.name == train:
             return prev.teacher.label_iou_pixels, f"the labels of {train} (made with EVAL label IoU {prev.teacher.label_iou_pixels:.3f})"
-    boxes = run.record.iterations[k].teacher
+    boxes = ctx.record.iterations[k].teacher
     return (boxes.box_iou_pixels if boxes else 0.0), "the EVAL boxes' own label IoU"
 
 
-def history(run: LoopRun, k: int) -> History:
+def history(ctx: LoopContext, k: int) -> History:
     """Iterations 0..k as the stop rule sees them."""
     outcomes = tuple(
         Outcome(
@@ -332,26 +332,26 @@ def history(run: LoopRun, k: int) -> History:
             x.teacher.label_iou_pixels if x.teacher else None,
             bool(x.decision and x.decision.new_best),
         )
-        for j, x in enumerate(run.record.iterations[: k + 1])
+        for j, x in enumerate(ctx.record.iterations[: k + 1])
     )
-    value, name = labels_to_beat(run, k)
-    return History(outcomes, value, name, run.iterations_left(k), run.time_left())
+    value, name = labels_to_beat(ctx, k)
+    return History(outcomes, value, name, ctx.iterations_left(k), ctx.time_left())
 
 
-def decide_stage(run: LoopRun, k: int, it: IterationRecord) -> Decision:
+def decide_stage(ctx: LoopContext, k: int, it: IterationRecord) -> Decision:
     """The stop rule on this run's history (bss.search.stop); the record keeps the best so far."""
-    decision = run.stop_rule.decide(history(run, k))
+    decision = ctx.stop_rule.decide(history(ctx, k))
     if decision.new_best:
-        run.record.best = BestRecord(k, decision.value, it.promoted.checkpoint)
+        ctx.record.best = BestRecord(k, decision.value, it.promoted.checkpoint)
     it.decision = decision
     if decision.stop:
-        run.record.stopped = decision.stop_text
-    run.state.save()
-    run.tracker.tag(it.run_id, "bss.decision", decision.verdict)
-    best = run.record.best
-    run.say(f"iteration {k}: {decision.verdict}" + ("" if decision.stop else f"; best so far: iteration {best.iteration}"))
+        ctx.record.stopped = decision.stop_text
+    ctx.state.save()
+    ctx.tracker.tag(it.run_id, "bss.decision", decision.verdict)
+    best = ctx.record.best
+    ctx.say(f"iteration {k}: {decision.verdict}" + ("" if decision.stop else f"; best so far: iteration {best.iteration}"))
     if k == 0 and decision.reason == "labels_not_better":
-        run.say(
+        ctx.say(
             "  the loop ends with iteration 0's model as the final model. What would help: more hand-labelled images (a better teacher), "
             "a longer search (--trials, the space's train_steps), or a refinement rule that suits these defects (bss/hybrid/refine.py)."
         )
@@ -361,29 +361,29 @@ def decide_stage(run: LoopRun, k: int, it: IterationRecord) -> Decision:
 # --------------------------------------------------------------------------- the next training set
 
 
-def next_dataset_stage(run: LoopRun, k: int, it: IterationRecord, decision: Decision) -> HybridRecord:
+def next_dataset_stage(ctx: LoopContext, k: int, it: IterationRecord, decision: Decision) -> HybridRecord:
     """The training set of iteration k+1, as the decision says: a new ``H<n>`` refined by this
     iteration's model, or (no new best) the same one again with new seeds."""
     if decision.make_hybrid:
-        return make_hybrid_stage(run, k, it)
+        return make_hybrid_stage(ctx, k, it)
     it.hybrid = HybridRecord(done=True, reused=it.train_dataset)
-    run.record.iteration(k + 1).train_dataset = it.train_dataset
-    run.state.save()
-    run.say(f"iteration {k}: no new best, iteration {k + 1} trains again on {it.train_dataset} with new seeds")
+    ctx.record.iteration(k + 1).train_dataset = it.train_dataset
+    ctx.state.save()
+    ctx.say(f"iteration {k}: no new best, iteration {k + 1} trains again on {it.train_dataset} with new seeds")
     return it.hybrid
 
 
-def make_hybrid_stage(run: LoopRun, k: int, it: IterationRecord) -> HybridRecord:
+def make_hybrid_stage(ctx: LoopContext, k: int, it: IterationRecord) -> HybridRecord:
     """Refine the box-only images with this iteration's model and the rule chosen on EVAL into
     ``H<n>``. Its number is fixed in the state before the folder exists, so a resume never makes
     a second one, and an existing folder is adopted only if its manifest names our checkpoint."""
     from bss.hybrid import hybrid_name, next_number, read_manifest
 
-    s = run.settings
+    s = ctx.settings
     root, checkpoint = Path(s.data_root), Path(it.promoted.checkpoint)
     if it.hybrid is None or it.hybrid.number is None:
         it.hybrid = HybridRecord(number=int(next_number(s.dataset, root)), checkpoint_sha256=file_sha256(checkpoint))
-        run.state.save()
+        ctx.state.save()
     hybrid = it.hybrid
     folder = root / hybrid_name(s.dataset, hybrid.number)
     start = time.perf_counter()
@@ -393,23 +393,23 @@ def make_hybrid_stage(run: LoopRun, k: int, it: IterationRecord) -> HybridRecord
                 f"{folder} exists but was not made by this run's iteration-{k} model (its manifest names another checkpoint); it is left alone. Move it away and --resume, or start a new run."
             )
         label_quality = read_manifest(folder).get("label_quality")
-        run.say(f"iteration {k}: {folder.name} already made by this run (adopted after a resume)")
+        ctx.say(f"iteration {k}: {folder.name} already made by this run (adopted after a resume)")
     else:
-        run.say(f"iteration {k}: refining the box-only images of {s.dataset} with the promoted model -> {folder.name} ...")
-        label_quality, folder = refine_into(run, checkpoint, hybrid.number, it.teacher.rule)
+        ctx.say(f"iteration {k}: refining the box-only images of {s.dataset} with the promoted model -> {folder.name} ...")
+        label_quality, folder = refine_into(ctx, checkpoint, hybrid.number, it.teacher.rule)
     hybrid.done, hybrid.path, hybrid.name, hybrid.images = True, str(folder), folder.name, count_images(folder)
     hybrid.label_quality, hybrid.seconds = label_quality, round(time.perf_counter() - start, 2)
-    run.record.iteration(k + 1).train_dataset = folder.name
-    run.state.save()
-    log_hybrid(run, k, it, folder)
+    ctx.record.iteration(k + 1).train_dataset = folder.name
+    ctx.state.save()
+    log_hybrid(ctx, k, it, folder)
     return hybrid
 
 
-def refine_into(run: LoopRun, checkpoint: Path, number: int, rule: dict) -> tuple[dict | None, Path]:
+def refine_into(ctx: LoopContext, checkpoint: Path, number: int, rule: dict) -> tuple[dict | None, Path]:
     """make_hybrid with the loop's settings: (label quality against truth/, the folder)."""
     from bss.hybrid import RefineRule, make_hybrid
 
-    s = run.settings
+    s = ctx.settings
     result = make_hybrid(
         s.dataset,
         checkpoint,
@@ -417,38 +417,38 @@ def refine_into(run: LoopRun, checkpoint: Path, number: int, rule: dict) -> tupl
         number=number,
         rule=RefineRule.from_dict(rule),
         overwrite=False,
-        batch_size=run.hybrid_batch_size,
+        batch_size=ctx.hybrid_batch_size,
         progress=False,
     )
     return result.label_quality, Path(result.path)
 
 
-def log_hybrid(run: LoopRun, k: int, it: IterationRecord, folder: Path) -> None:
+def log_hybrid(ctx: LoopContext, k: int, it: IterationRecord, folder: Path) -> None:
     """The new H<n> in MLflow (manifest, label quality, the refined-mask sheet) and on the console."""
-    hybrid, tr, run_id = it.hybrid, run.tracker, it.run_id
+    hybrid, tr, run_id = it.hybrid, ctx.tracker, it.run_id
     tr.artifact(run_id, folder / "manifest.json", "hybrid")
     tr.artifact(run_id, folder / "label_quality.json", "hybrid")
     tr.metrics(run_id, {f"hybrid_{key}": v for key, v in (hybrid.label_quality or {}).items()})
     tr.tag(run_id, "bss.hybrid", folder.name)
-    draw_refined_sheet(run, k, folder)
+    draw_refined_sheet(ctx, k, folder)
     lq = hybrid.label_quality
     quality = (
         f"; label IoU vs truth: boxes {lq.get('box_iou_pixels', float('nan')):.3f} -> refined {lq.get('hybrid_iou_pixels', float('nan')):.3f}" if lq else ""
     )
-    run.say(f"iteration {k}: {folder.name}: {hybrid.images} images{quality}")
+    ctx.say(f"iteration {k}: {folder.name}: {hybrid.images} images{quality}")
 
 
-def draw_refined_sheet(run: LoopRun, k: int, folder: Path) -> None:
+def draw_refined_sheet(ctx: LoopContext, k: int, folder: Path) -> None:
     """box | H<n> | truth for a few refined images: an artifact of iteration k, and a step of the
     loop run's ``refined_masks`` image slider."""
     from bss.data.io import read_image
     from bss.hybrid.sheet import refined_sheet
 
     try:
-        sheet = refined_sheet(folder, run.run_dir / f"iter_{k}" / "refined_masks.png")
+        sheet = refined_sheet(folder, ctx.run_dir / f"iter_{k}" / "refined_masks.png")
     except (BSSError, OSError, KeyError, ValueError) as exc:  # a picture is not worth stopping the loop
-        run.say(f"warning: could not draw the refined masks of {folder.name}: {exc}")
+        ctx.say(f"warning: could not draw the refined masks of {folder.name}: {exc}")
         return
     if sheet is not None:
-        run.tracker.artifact(run.record.iterations[k].run_id, sheet)
-        run.tracker.image(run.record.parent_run_id, read_image(sheet), key="refined_masks", step=k)
+        ctx.tracker.artifact(ctx.record.iterations[k].run_id, sheet)
+        ctx.tracker.image(ctx.record.parent_run_id, read_image(sheet), key="refined_masks", step=k)
