@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bss.console import say as _say
 from bss.data.io import file_sha256
 from bss.errors import BSSError, ConfigError
 from bss.search import final_report, stages
@@ -103,10 +104,6 @@ class LoopResult:
     final_iteration: int | None = None
     stopped: str | None = None
     report: dict | None = None
-
-
-def _say(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def load_inputs(settings: LoopSettings, run_dir: Path, resuming: bool):

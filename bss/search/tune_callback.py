@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from bss.console import say as _say
 from bss.search.promotion import PromotionRule
 from bss.search.trial import TrialContext
 from bss.search.trial_store import TrialStore, trial_key, trial_ordinal
@@ -51,10 +52,6 @@ def finish_stopped_run(tracker, record: dict) -> None:
     best = record.get("best") or {}
     tracker.metrics(record.get("run_id"), {f"best_{k}": v for k, v in best.items() if k.startswith("eval_")})
     tracker.end(record.get("run_id"), "FINISHED", {"bss.outcome": "stopped"}, only_running=True)
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
 
 
 class SearchCallback(Callback):
