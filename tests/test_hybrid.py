@@ -21,7 +21,7 @@ from bss.data.splits import make_splits
 from bss.data.via import write_via_csv
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.hybrid import RefineRule, make_hybrid, measure_folder, next_number, refine
-from bss.hybrid.refine import ellipse_in
+from bss.hybrid.refine import REFINE_MODES, Param, Refined, RefineMode, describe, ellipse_in, rule_parameters
 from bss.training.checkpoint import read_checkpoint
 
 
@@ -149,6 +149,77 @@ def test_rule_parameters_are_validated_and_serialise():
     assert RefineRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
     with pytest.raises(ConfigError, match="unknown refine rule key"):
         RefineRule.from_dict({"min_fil": 0.3})
+
+
+def test_rule_dicts_of_earlier_runs_load_and_describe_themselves():
+    stored = {  # a rule as state.json and hybrid manifests hold it (written before the mode registry)
+        "mode": "grabcut",
+        "threshold": 0.3,
+        "min_fill": 0.2,
+        "fallback": "box",
+        "fill_holes": False,
+        "blend_alpha": 0.5,
+        "sure": 0.95,
+        "grabcut_iterations": 4,
+        "soft": False,
+    }
+    rule = RefineRule.from_dict(stored)
+    assert json.dumps(rule.to_dict()) == json.dumps(stored)  # the same keys in the same order
+    assert RefineRule.from_dict({**stored, "description": "GrabCut inside the boxes ..."}) == rule  # a manifest's rule
+    assert RefineRule.from_dict({"mode": "inside_box", "min_fill": 0.1}) == RefineRule(min_fill=0.1)
+    assert describe(stored) == rule.describe() == "grabcut, threshold 0.3, min_fill 0.2, fallback box, sure 0.95, grabcut_iterations 4"
+    assert RefineRule(fill_holes=True, soft=True).describe() == "inside_box, threshold 0.5, min_fill 0.4, fallback box, fill_holes, soft"
+    assert RefineRule(mode="blend", blend_alpha=0.25).describe() == "blend, threshold 0.5, blend_alpha 0.25"
+    assert RefineRule(mode="blend", blend_alpha=0.25).explain() == "mask = 0.25 * box + 0.75 * probability > 0.5"
+    with pytest.raises(ConfigError, match=r"'mode' must be one of inside_box, grabcut, blend, got 'crf'"):
+        RefineRule.from_dict({**stored, "mode": "crf"})
+    with pytest.raises(ConfigError, match=r"'grabcut_iterations' must be a whole number, got 2.5"):
+        RefineRule(mode="grabcut", grabcut_iterations=2.5)
+    assert RefineRule(threshold=0.95).sure == 0.9  # 'sure' is checked against the threshold only where it is read (grabcut)
+    assert rule.replace(sure=0.99).sure == 0.99 and rule.sure == 0.95 and len({rule, RefineRule.from_dict(stored)}) == 1
+    with pytest.raises(AttributeError, match="immutable"):
+        rule.threshold = 0.1
+
+
+class ShrunkBox(RefineMode):
+    """A mode made for the test: every box shrunk by ``margin`` pixels (the prediction is not used)."""
+
+    name = "shrunk_box"
+    help = "every box shrunk by margin pixels"
+    params = {"margin": Param(1, "pixels taken off each side of a box", low=0)}
+    search = {"margin": (1, 2)}
+
+    @classmethod
+    def apply(cls, rule, prob, box, image):
+        import cv2
+
+        size = 2 * rule.margin + 1
+        return Refined(cv2.erode(box.astype(np.uint8), np.ones((size, size), np.uint8), borderValue=0), None, [])
+
+    @classmethod
+    def explain(cls, rule):
+        return f"every box shrunk by {rule.margin} pixels"
+
+
+def test_a_new_mode_is_one_registered_class(monkeypatch):
+    from bss.hybrid.teacher_quality import choose_rule, default_grid
+
+    monkeypatch.setitem(REFINE_MODES, ShrunkBox.name, ShrunkBox)
+    box = _box((20, 20), (2, 2, 12, 12))
+    rule = RefineRule(mode="shrunk_box", margin=2)
+    assert np.array_equal(refine(np.zeros((20, 20), np.float32), box, rule).mask, _box((20, 20), (4, 4, 10, 10)))
+    assert rule.describe() == "shrunk_box, threshold 0.5, margin 2" and rule.explain() == "every box shrunk by 2 pixels"
+    assert RefineRule.from_dict(rule.to_dict()) == rule and list(rule.to_dict())[-1] == "margin"
+    assert RefineRule.from_dict({"mode": "inside_box", "min_fill": 0.3}).margin == 1  # an older dict: the default
+    with pytest.raises(ConfigError, match="'margin' must be at least 0, got -1"):
+        RefineRule(mode="shrunk_box", margin=-1)
+    param, users = rule_parameters()["margin"]
+    assert users == ["shrunk_box"] and param.argparse("margin", users, len(REFINE_MODES))["help"].startswith("shrunk_box: pixels")
+    grid = default_grid()
+    assert len(grid) == 150 and [r.margin for r in grid[-2:]] == [1, 2] and grid[-1].mode == "shrunk_box"
+    truth = _box((20, 20), (3, 3, 11, 11))  # the box less one pixel each side: only shrunk_box margin 1 gets it exactly
+    quality = choose_rule([np.full((20, 20), 0.2, np.float32)], [box], [truth], images=[np.zeros((20, 20, 3), np.uint8)])
+    assert quality.best.rule == RefineRule(mode="shrunk_box", margin=1) and quality.label_iou == 1.0
 
 
 def test_ellipse_in_is_symmetric_and_inscribed():

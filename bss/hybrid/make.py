@@ -177,7 +177,7 @@ def make_hybrid(
         [s.image for s in to_refine],
         predictor.input_size,
         extras={"box": [s.mask for s in to_refine], "truth": [truths.get(s.stem) for s in to_refine]},
-        keep_image=rule.mode == "grabcut",  # the colour refinement needs the image itself
+        keep_image=rule.needs_image,  # e.g. the colour refinement (grabcut) needs the image itself
     )
     quality = LabelQuality()
     entries: list[dict] = []
@@ -263,7 +263,7 @@ def make_hybrid(
                 "evaluation_dataset": predictor.config.evaluation_dataset,
             },
             "inference": predictor.describe(),
-            "rule": {**rule.to_dict(), "description": rule_description(rule)},
+            "rule": {**rule.to_dict(), "description": rule.explain()},
             "counts": {
                 "images": len(entries),
                 "refined": len(entries) - len(baseline),
@@ -286,20 +286,6 @@ def make_hybrid(
         if label_quality is not None:
             (tmp / "label_quality.json").write_text(json.dumps(label_quality, indent=2) + "\n")
     return HybridResult(path=target, number=number, manifest=manifest, label_quality=label_quality)
-
-
-def rule_description(rule: RefineRule) -> str:
-    if rule.mode == "blend":
-        return f"mask = {rule.blend_alpha} * box + {1 - rule.blend_alpha:g} * probability > {rule.threshold}"
-    seeds = (
-        f"GrabCut inside the boxes seeded by the probability (> {rule.sure} sure, > {rule.threshold} probable foreground), {rule.grabcut_iterations} iterations"
-        if rule.mode == "grabcut"
-        else f"probability > {rule.threshold} kept inside the boxes only"
-    )
-    return (
-        f"{seeds}; a box region whose predicted fill is below "
-        f"{rule.min_fill} falls back to the {'box' if rule.fallback == 'box' else 'inscribed ellipse'}" + ("; holes filled" if rule.fill_holes else "")
-    )
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -16,7 +16,6 @@ This is the label-quality estimate for real datasets, which have no ``truth/``. 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,27 +25,21 @@ from bss.data.io import read_mask
 from bss.data.layout import list_samples, resolve_dataset
 from bss.errors import DatasetError
 from bss.hybrid.label_quality import counts, iou
-from bss.hybrid.refine import RefineRule, refine
-
-# The grid the loop searches. inside_box: 5 thresholds x 7 fill floors x 2 fallbacks x 2 = 140
-# rules; grabcut (colour refinement, ~50 ms an image): 2 thresholds x 2 sure levels x 2 fill floors = 8.
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-MIN_FILLS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
-FALLBACKS = ("box", "ellipse")
-FILL_HOLES = (False, True)
-GRABCUT = {"threshold": (0.3, 0.5), "sure": (0.9, 0.95), "min_fill": (0.0, 0.2)}
+from bss.hybrid.refine import REFINE_MODES, RefineRule, refine
 
 
-def default_grid(grabcut: bool = True) -> list[RefineRule]:
-    """The default rule first (it wins ties), then every combination of the grid."""
+def default_grid(images: bool = True) -> list[RefineRule]:
+    """The default rule first (it wins ties), then every mode's grid (:meth:`RefineMode.grid`,
+    in the order of :data:`REFINE_MODES`): 140 ``inside_box`` rules and 8 ``grabcut`` ones.
+    ``images=False`` leaves out the modes that need the image."""
     grid = [RefineRule()]
-    for t, f, fb, holes in itertools.product(THRESHOLDS, MIN_FILLS, FALLBACKS, FILL_HOLES):
-        rule = RefineRule(threshold=t, min_fill=f, fallback=fb, fill_holes=holes)
-        if rule != grid[0]:
-            grid.append(rule)
-    if grabcut:
-        for t, sure, f in itertools.product(*GRABCUT.values()):
-            grid.append(RefineRule(mode="grabcut", threshold=t, sure=sure, min_fill=f))
+    for mode in REFINE_MODES.values():
+        if mode.needs_image and not images:
+            continue
+        for values in mode.grid():
+            rule = RefineRule(mode=mode.name, **values)
+            if rule != grid[0]:
+                grid.append(rule)
     return grid
 
 
@@ -110,7 +103,7 @@ def choose_rule(
     need the image (``grabcut``) are scored only when ``images`` are given."""
     if not probabilities:
         raise ValueError("choose_rule needs at least one image")
-    grid = [r for r in (grid or default_grid()) if images is not None or r.mode != "grabcut"]
+    grid = [r for r in (grid or default_grid()) if images is not None or not r.needs_image]
     images = images if images is not None else [None] * len(probabilities)
     scores = []
     for rule in grid:
