@@ -222,6 +222,31 @@ def test_a_new_mode_is_one_registered_class(monkeypatch):
     assert quality.best.rule == RefineRule(mode="shrunk_box", margin=1) and quality.label_iou == 1.0
 
 
+def test_grabcut_gives_the_same_mask_whatever_opencvs_generator_did_before():
+    """GrabCut draws its first colour models from OpenCV's generator; refine seeds it, so the
+    state left by earlier calls (another image, another rule) does not change a mask."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 48, 3)).astype(np.uint8)  # colours with no clear clusters: the start matters
+    prob = rng.uniform(0, 1, (48, 48)).astype(np.float32)
+    box = _box((48, 48), (4, 4, 44, 44))
+    rule = RefineRule(mode="grabcut", threshold=0.5, min_fill=0.0, grabcut_iterations=2)
+
+    def unseeded(state):  # OpenCV's own call, after the generator was left at ``state``
+        seeds = np.where(box > 0, np.where(prob > 0.9, cv2.GC_FGD, np.where(prob > 0.5, cv2.GC_PR_FGD, cv2.GC_PR_BGD)), cv2.GC_BGD).astype(np.uint8)
+        cv2.setRNGSeed(state)
+        cv2.grabCut(image, seeds, None, np.zeros((1, 65)), np.zeros((1, 65)), 2, cv2.GC_INIT_WITH_MASK)
+        return int(np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD)).sum())
+
+    assert len({unseeded(state) for state in range(6)}) > 1  # without a seed, the result depends on the generator
+    masks = []
+    for state in range(6):
+        cv2.setRNGSeed(state)
+        masks.append(refine(prob, box, rule, image=image).mask)
+    assert all(np.array_equal(masks[0], m) for m in masks[1:])
+
+
 def test_ellipse_in_is_symmetric_and_inscribed():
     e = ellipse_in(9, 15)
     assert e[4].all() and e[:, 7].all() and not e[0, 0] and np.array_equal(e, e[::-1, ::-1])
@@ -582,3 +607,31 @@ def test_make_hybrid_with_the_grabcut_rule(world, tmp_path):
             assert read_mask(result.path / "masks" / f"{stem}.png")[read_mask(root / "toy" / "masks" / f"{stem}.png") == 0].sum() == 0
     finally:
         shutil.rmtree(result.path)
+
+
+def test_grabcut_hybrids_are_byte_identical_run_after_run(world, tmp_path, monkeypatch):
+    """Two builds with the grabcut rule, inline and with writer threads, after OpenCV's generator
+    was left in different states, write the same mask files. The box-only images get strong
+    colour noise, where GrabCut's result depends on how its colour models start."""
+    import cv2
+
+    import bss.hybrid.make as make
+    from bss.data.io import read_image, write_image
+
+    world_root, checkpoint, _ = world
+    root = tmp_path / "datasets"
+    for name in ("toy", "toy_BASELINE", "toy_EVAL", "toy_TEST"):
+        shutil.copytree(world_root / name, root / name)
+    rng = np.random.default_rng(0)
+    for i in range(10, 24):  # the box-only images
+        path = root / "toy" / "images" / f"img_{i:03d}.png"
+        write_image(path, np.clip(read_image(path) + rng.normal(0, 60, (64, 64, 3)), 0, 255).astype(np.uint8))
+    rule = RefineRule(mode="grabcut", threshold=0.3, min_fill=0.0, grabcut_iterations=2)
+    built = []
+    for threads, batch, state in ((0, 8, 1), (3, 3, 2)):
+        monkeypatch.setattr(make, "WRITER_THREADS", threads)
+        cv2.setRNGSeed(state)
+        result = make_hybrid("toy", checkpoint, root, rule=rule, batch_size=batch, overwrite=True, progress=False)
+        built.append({p.name: p.read_bytes() for p in sorted((result.path / "masks").iterdir())})
+        built[-1]["manifest rows"] = json.dumps(result.manifest["images"]).encode()
+    assert len(built[0]) == 21 and built[0] == built[1]
