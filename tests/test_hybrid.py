@@ -247,6 +247,20 @@ def test_grabcut_gives_the_same_mask_whatever_opencvs_generator_did_before():
     assert all(np.array_equal(masks[0], m) for m in masks[1:])
 
 
+def test_one_iou_for_label_quality_overlays_and_metrics():
+    from bss.hybrid.label_quality import iou
+    from bss.metrics import mask_counts, scores_from_counts
+    from bss.visualization import mask_iou
+
+    label, truth = _box((10, 10), (0, 0, 6, 5)), _box((10, 10), (3, 0, 9, 5))  # 30 and 30 pixels, 15 shared
+    row = mask_counts(label, truth)
+    assert row == [15, 15, 15, 55]
+    assert iou(row) == mask_iou(label, truth) == float(scores_from_counts(torch.tensor(row))["iou"]) == pytest.approx(1 / 3)
+    empty = np.zeros((4, 4), np.uint8)
+    assert iou(mask_counts(empty, empty)) == mask_iou(empty, empty) == 1.0  # nothing to find, nothing found
+    assert mask_iou(label, np.zeros_like(label)) == 0.0
+
+
 def test_ellipse_in_is_symmetric_and_inscribed():
     e = ellipse_in(9, 15)
     assert e[4].all() and e[:, 7].all() and not e[0, 0] and np.array_equal(e, e[::-1, ::-1])

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bss.data.io import read_mask
 from bss.data.layout import list_samples, resolve_dataset
 from bss.errors import DatasetError
-from bss.hybrid.label_quality import counts, iou
 from bss.hybrid.refine import REFINE_MODES, RefineRule, refine
+from bss.metrics import iou_from_counts, mask_counts, scores_from_counts
 
 
 def default_grid(images: bool = True) -> list[RefineRule]:
@@ -87,8 +88,9 @@ class TeacherQuality:
 
 
 def _score(rows: list[list[int]]) -> tuple[float, float]:
-    table = np.asarray(rows, dtype=np.int64)
-    return iou(table.sum(0).tolist()), float(np.mean([iou(r) for r in rows]))
+    """IoU over all pixels (counts summed first) and the mean of the per-image IoUs."""
+    table = torch.as_tensor(rows, dtype=torch.long)
+    return float(iou_from_counts(table.sum(0))), float(np.mean(iou_from_counts(table).numpy()))
 
 
 def choose_rule(
@@ -107,11 +109,11 @@ def choose_rule(
     images = images if images is not None else [None] * len(probabilities)
     scores = []
     for rule in grid:
-        rows = [counts(refine(p, b, rule, image=im).mask, t) for p, b, t, im in zip(probabilities, boxes, truths, images)]
+        rows = [mask_counts(refine(p, b, rule, image=im).mask, t) for p, b, t, im in zip(probabilities, boxes, truths, images)]
         scores.append(RuleScore(rule, *_score(rows)))
     best = max(scores, key=lambda s: s.iou_pixels)  # first of equals
-    box = _score([counts(b, t) for b, t in zip(boxes, truths)])
-    raw = _score([counts(p > 0.5, t) for p, t in zip(probabilities, truths)])
+    box = _score([mask_counts(b, t) for b, t in zip(boxes, truths)])
+    raw = _score([mask_counts(p > 0.5, t) for p, t in zip(probabilities, truths)])
     return TeacherQuality(len(probabilities), box[0], box[1], raw[0], best, scores[0], scores)
 
 
@@ -157,9 +159,5 @@ def box_quality(dataset: str, data_root: str | Path) -> dict:
         b, t = read_mask(box), read_mask(truth)
         if b.shape != t.shape:
             raise DatasetError(f"{box}: box mask is {b.shape[1]}x{b.shape[0]} but the exact mask {truth} is {t.shape[1]}x{t.shape[0]}.")
-        total += np.asarray(counts(b, t))
-    import torch
-
-    from bss.metrics import scores_from_counts
-
+        total += np.asarray(mask_counts(b, t))
     return {k: float(v) for k, v in scores_from_counts(torch.from_numpy(total)).items()}
