@@ -15,6 +15,7 @@ figures (``iou_per_image``, ...) average each image's value. A ratio whose denom
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -34,11 +35,28 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1), torch.ones_like(num))
 
 
+def mask_counts(label: np.ndarray, truth: np.ndarray) -> list[int]:
+    """``[TP, FP, FN, TN]`` of one binary mask against the truth (numpy; any non-zero is foreground)."""
+    label, truth = np.asarray(label) > 0, np.asarray(truth) > 0
+    tp = int(np.count_nonzero(label & truth))
+    fp = int(np.count_nonzero(label & ~truth))
+    fn = int(np.count_nonzero(~label & truth))
+    return [tp, fp, fn, label.size - tp - fp - fn]
+
+
+def iou_from_counts(counts) -> torch.Tensor:
+    """IoU = TP / (TP + FP + FN) of each row of ``counts`` (..., 4: a tensor, array or list), 1.0
+    where the union is empty: the one IoU of BSS (metrics, label quality, overlays)."""
+    counts = torch.as_tensor(counts)
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    return _ratio(tp, tp + fp + fn)
+
+
 def scores_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """IoU, Dice, Recall, Precision for each row of ``counts`` (..., 4)."""
     tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
     return {
-        "iou": _ratio(tp, tp + fp + fn),
+        "iou": iou_from_counts(counts),
         "dice": _ratio(2 * tp, 2 * tp + fp + fn),
         "recall": _ratio(tp, tp + fn),
         "precision": _ratio(tp, tp + fp),

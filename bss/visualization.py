@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from bss.data.io import write_image
+from bss.metrics import iou_from_counts, mask_counts
 
 TRUTH_COLOUR = np.array([0, 255, 0], dtype=np.float32)
 PRED_COLOUR = np.array([255, 40, 40], dtype=np.float32)
@@ -62,9 +63,8 @@ def image_grid(
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two boolean masks (1.0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+    """IoU of two binary masks (1.0 when both are empty)."""
+    return float(iou_from_counts(mask_counts(a, b)))
 
 
 def overlay_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path, caption: str = "", gap: int = 4) -> Path:

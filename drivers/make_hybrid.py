@@ -2,12 +2,13 @@
 model, plus NAME_BASELINE's exact masks (EVAL and TEST never enter it).
 
     python drivers/make_hybrid.py --dataset obstacle --model runs/train/best.pt [--number N]
-        [--min-fill 0.4] [--fallback box|ellipse] [--threshold 0.5] [--mode inside_box|grabcut|blend]
-        [--blend-alpha 0.5] [--soft] [--fill-holes] [--tta] [--overwrite]
+        [--mode inside_box|grabcut|blend] [--threshold 0.5] [--min-fill 0.4] [--fallback box|ellipse]
+        [--fill-holes] [--sure 0.9] [--grabcut-iterations 4] [--blend-alpha 0.5] [--soft] [--tta] [--overwrite]
 
 N defaults to the next free number. Rule (default, "Simple Does It"-style): predicted foreground is
 kept only inside the boxes; a box region the model fills less than --min-fill falls back to the box
-(or its inscribed ellipse). Where the dataset keeps truth/ masks, the label IoU of the boxes and of
+(or its inscribed ellipse). The rule's flags are those of the registered modes
+(bss.hybrid.refine.REFINE_MODES): each says which modes read it. Where the dataset keeps truth/ masks, the label IoU of the boxes and of
 the refined masks is printed and saved in the manifest.
 """
 
@@ -18,7 +19,7 @@ import signal
 
 import _common
 from bss.data.io import parse_size
-from bss.hybrid.refine import MODES
+from bss.hybrid.refine import REFINE_MODES, RefineRule, rule_parameters
 
 
 def _interrupt(signum, frame):
@@ -33,19 +34,9 @@ def main() -> int:
     parser.add_argument("--data-root", default="datasets")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing NAME_H<N>")
     rule = parser.add_argument_group("refinement rule")
-    rule.add_argument(
-        "--mode",
-        choices=MODES,
-        default="inside_box",
-        help="inside_box: the thresholded prediction inside the boxes; grabcut: that, refined with the image's colours (GrabCut seeded by the prediction); blend: the seed's rule",
-    )
-    rule.add_argument("--threshold", type=float, default=0.5, help="probability (blend: blended value) above which a pixel is foreground")
-    rule.add_argument("--min-fill", type=float, default=0.4, help="inside_box: a box region predicted less full than this falls back")
-    rule.add_argument("--fallback", choices=("box", "ellipse"), default="box", help="inside_box: the conservative mask of a fallback region")
-    rule.add_argument("--fill-holes", action="store_true", help="inside_box: fill holes of the kept prediction")
-    rule.add_argument("--sure", type=float, default=0.9, help="grabcut: probability above which a pixel inside a box is certain foreground")
-    rule.add_argument("--blend-alpha", type=float, default=0.5, help="blend: weight of the box")
-    rule.add_argument("--soft", action="store_true", help="also write soft labels (8-bit probability) to soft/")
+    rule.add_argument("--mode", choices=list(REFINE_MODES), default=RefineRule().mode, help="; ".join(f"{m.name}: {m.help}" for m in REFINE_MODES.values()))
+    for name, (param, users) in rule_parameters().items():
+        rule.add_argument("--" + name.replace("_", "-"), **param.argparse(name, users, len(REFINE_MODES)))
     infer = parser.add_argument_group("inference")
     infer.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     infer.add_argument("--input-size", help="WIDTHxHEIGHT to predict at, e.g. 256x192 (default: the checkpoint's image_size)")
@@ -56,19 +47,10 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
 
-    from bss.hybrid import RefineRule, format_quality, make_hybrid
+    from bss.hybrid import format_quality, make_hybrid
     from bss.inference import default_workers
 
-    rule_obj = RefineRule(
-        mode=args.mode,
-        threshold=args.threshold,
-        min_fill=args.min_fill,
-        fallback=args.fallback,
-        fill_holes=args.fill_holes,
-        blend_alpha=args.blend_alpha,
-        sure=args.sure,
-        soft=args.soft,
-    )
+    rule_obj = RefineRule(mode=args.mode, **{name: getattr(args, name) for name in rule_parameters()})
     result = make_hybrid(
         args.dataset,
         args.model,

@@ -21,7 +21,7 @@ from bss.data.splits import make_splits
 from bss.data.via import write_via_csv
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.hybrid import RefineRule, make_hybrid, measure_folder, next_number, refine
-from bss.hybrid.refine import ellipse_in
+from bss.hybrid.refine import REFINE_MODES, Param, Refined, RefineMode, describe, ellipse_in, rule_parameters
 from bss.training.checkpoint import read_checkpoint
 
 
@@ -149,6 +149,116 @@ def test_rule_parameters_are_validated_and_serialise():
     assert RefineRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
     with pytest.raises(ConfigError, match="unknown refine rule key"):
         RefineRule.from_dict({"min_fil": 0.3})
+
+
+def test_rule_dicts_of_earlier_runs_load_and_describe_themselves():
+    stored = {  # a rule as state.json and hybrid manifests hold it (written before the mode registry)
+        "mode": "grabcut",
+        "threshold": 0.3,
+        "min_fill": 0.2,
+        "fallback": "box",
+        "fill_holes": False,
+        "blend_alpha": 0.5,
+        "sure": 0.95,
+        "grabcut_iterations": 4,
+        "soft": False,
+    }
+    rule = RefineRule.from_dict(stored)
+    assert json.dumps(rule.to_dict()) == json.dumps(stored)  # the same keys in the same order
+    assert RefineRule.from_dict({**stored, "description": "GrabCut inside the boxes ..."}) == rule  # a manifest's rule
+    assert RefineRule.from_dict({"mode": "inside_box", "min_fill": 0.1}) == RefineRule(min_fill=0.1)
+    assert describe(stored) == rule.describe() == "grabcut, threshold 0.3, min_fill 0.2, fallback box, sure 0.95, grabcut_iterations 4"
+    assert RefineRule(fill_holes=True, soft=True).describe() == "inside_box, threshold 0.5, min_fill 0.4, fallback box, fill_holes, soft"
+    assert RefineRule(mode="blend", blend_alpha=0.25).describe() == "blend, threshold 0.5, blend_alpha 0.25"
+    assert RefineRule(mode="blend", blend_alpha=0.25).explain() == "mask = 0.25 * box + 0.75 * probability > 0.5"
+    with pytest.raises(ConfigError, match=r"'mode' must be one of inside_box, grabcut, blend, got 'crf'"):
+        RefineRule.from_dict({**stored, "mode": "crf"})
+    with pytest.raises(ConfigError, match=r"'grabcut_iterations' must be a whole number, got 2.5"):
+        RefineRule(mode="grabcut", grabcut_iterations=2.5)
+    assert RefineRule(threshold=0.95).sure == 0.9  # 'sure' is checked against the threshold only where it is read (grabcut)
+    assert rule.replace(sure=0.99).sure == 0.99 and rule.sure == 0.95 and len({rule, RefineRule.from_dict(stored)}) == 1
+    with pytest.raises(AttributeError, match="immutable"):
+        rule.threshold = 0.1
+
+
+class ShrunkBox(RefineMode):
+    """A mode made for the test: every box shrunk by ``margin`` pixels (the prediction is not used)."""
+
+    name = "shrunk_box"
+    help = "every box shrunk by margin pixels"
+    params = {"margin": Param(1, "pixels taken off each side of a box", low=0)}
+    search = {"margin": (1, 2)}
+
+    @classmethod
+    def apply(cls, rule, prob, box, image):
+        import cv2
+
+        size = 2 * rule.margin + 1
+        return Refined(cv2.erode(box.astype(np.uint8), np.ones((size, size), np.uint8), borderValue=0), None, [])
+
+    @classmethod
+    def explain(cls, rule):
+        return f"every box shrunk by {rule.margin} pixels"
+
+
+def test_a_new_mode_is_one_registered_class(monkeypatch):
+    from bss.hybrid.teacher_quality import choose_rule, default_grid
+
+    monkeypatch.setitem(REFINE_MODES, ShrunkBox.name, ShrunkBox)
+    box = _box((20, 20), (2, 2, 12, 12))
+    rule = RefineRule(mode="shrunk_box", margin=2)
+    assert np.array_equal(refine(np.zeros((20, 20), np.float32), box, rule).mask, _box((20, 20), (4, 4, 10, 10)))
+    assert rule.describe() == "shrunk_box, threshold 0.5, margin 2" and rule.explain() == "every box shrunk by 2 pixels"
+    assert RefineRule.from_dict(rule.to_dict()) == rule and list(rule.to_dict())[-1] == "margin"
+    assert RefineRule.from_dict({"mode": "inside_box", "min_fill": 0.3}).margin == 1  # an older dict: the default
+    with pytest.raises(ConfigError, match="'margin' must be at least 0, got -1"):
+        RefineRule(mode="shrunk_box", margin=-1)
+    param, users = rule_parameters()["margin"]
+    assert users == ["shrunk_box"] and param.argparse("margin", users, len(REFINE_MODES))["help"].startswith("shrunk_box: pixels")
+    grid = default_grid()
+    assert len(grid) == 150 and [r.margin for r in grid[-2:]] == [1, 2] and grid[-1].mode == "shrunk_box"
+    truth = _box((20, 20), (3, 3, 11, 11))  # the box less one pixel each side: only shrunk_box margin 1 gets it exactly
+    quality = choose_rule([np.full((20, 20), 0.2, np.float32)], [box], [truth], images=[np.zeros((20, 20, 3), np.uint8)])
+    assert quality.best.rule == RefineRule(mode="shrunk_box", margin=1) and quality.label_iou == 1.0
+
+
+def test_grabcut_gives_the_same_mask_whatever_opencvs_generator_did_before():
+    """GrabCut draws its first colour models from OpenCV's generator; refine seeds it, so the
+    state left by earlier calls (another image, another rule) does not change a mask."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 48, 3)).astype(np.uint8)  # colours with no clear clusters: the start matters
+    prob = rng.uniform(0, 1, (48, 48)).astype(np.float32)
+    box = _box((48, 48), (4, 4, 44, 44))
+    rule = RefineRule(mode="grabcut", threshold=0.5, min_fill=0.0, grabcut_iterations=2)
+
+    def unseeded(state):  # OpenCV's own call, after the generator was left at ``state``
+        seeds = np.where(box > 0, np.where(prob > 0.9, cv2.GC_FGD, np.where(prob > 0.5, cv2.GC_PR_FGD, cv2.GC_PR_BGD)), cv2.GC_BGD).astype(np.uint8)
+        cv2.setRNGSeed(state)
+        cv2.grabCut(image, seeds, None, np.zeros((1, 65)), np.zeros((1, 65)), 2, cv2.GC_INIT_WITH_MASK)
+        return int(np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD)).sum())
+
+    assert len({unseeded(state) for state in range(6)}) > 1  # without a seed, the result depends on the generator
+    masks = []
+    for state in range(6):
+        cv2.setRNGSeed(state)
+        masks.append(refine(prob, box, rule, image=image).mask)
+    assert all(np.array_equal(masks[0], m) for m in masks[1:])
+
+
+def test_one_iou_for_label_quality_overlays_and_metrics():
+    from bss.hybrid.label_quality import iou
+    from bss.metrics import mask_counts, scores_from_counts
+    from bss.visualization import mask_iou
+
+    label, truth = _box((10, 10), (0, 0, 6, 5)), _box((10, 10), (3, 0, 9, 5))  # 30 and 30 pixels, 15 shared
+    row = mask_counts(label, truth)
+    assert row == [15, 15, 15, 55]
+    assert iou(row) == mask_iou(label, truth) == float(scores_from_counts(torch.tensor(row))["iou"]) == pytest.approx(1 / 3)
+    empty = np.zeros((4, 4), np.uint8)
+    assert iou(mask_counts(empty, empty)) == mask_iou(empty, empty) == 1.0  # nothing to find, nothing found
+    assert mask_iou(label, np.zeros_like(label)) == 0.0
 
 
 def test_ellipse_in_is_symmetric_and_inscribed():
@@ -511,3 +621,31 @@ def test_make_hybrid_with_the_grabcut_rule(world, tmp_path):
             assert read_mask(result.path / "masks" / f"{stem}.png")[read_mask(root / "toy" / "masks" / f"{stem}.png") == 0].sum() == 0
     finally:
         shutil.rmtree(result.path)
+
+
+def test_grabcut_hybrids_are_byte_identical_run_after_run(world, tmp_path, monkeypatch):
+    """Two builds with the grabcut rule, inline and with writer threads, after OpenCV's generator
+    was left in different states, write the same mask files. The box-only images get strong
+    colour noise, where GrabCut's result depends on how its colour models start."""
+    import cv2
+
+    import bss.hybrid.make as make
+    from bss.data.io import read_image, write_image
+
+    world_root, checkpoint, _ = world
+    root = tmp_path / "datasets"
+    for name in ("toy", "toy_BASELINE", "toy_EVAL", "toy_TEST"):
+        shutil.copytree(world_root / name, root / name)
+    rng = np.random.default_rng(0)
+    for i in range(10, 24):  # the box-only images
+        path = root / "toy" / "images" / f"img_{i:03d}.png"
+        write_image(path, np.clip(read_image(path) + rng.normal(0, 60, (64, 64, 3)), 0, 255).astype(np.uint8))
+    rule = RefineRule(mode="grabcut", threshold=0.3, min_fill=0.0, grabcut_iterations=2)
+    built = []
+    for threads, batch, state in ((0, 8, 1), (3, 3, 2)):
+        monkeypatch.setattr(make, "WRITER_THREADS", threads)
+        cv2.setRNGSeed(state)
+        result = make_hybrid("toy", checkpoint, root, rule=rule, batch_size=batch, overwrite=True, progress=False)
+        built.append({p.name: p.read_bytes() for p in sorted((result.path / "masks").iterdir())})
+        built[-1]["manifest rows"] = json.dumps(result.manifest["images"]).encode()
+    assert len(built[0]) == 21 and built[0] == built[1]

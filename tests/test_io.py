@@ -1,5 +1,6 @@
-"""Atomic folders and links: a writer killed mid-way leaves nothing for good, a folder that
-appears meanwhile is never replaced, a symbolic link is followed (never copied as a link)."""
+"""Atomic folders, files and links: a writer killed mid-way leaves nothing for good, a folder that
+appears meanwhile is never replaced, a file is the old one or the new one (never half), a
+symbolic link is followed (never copied as a link)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from bss.data.io import OWNER, atomic_folder, link_or_copy, publish_copy, remove_stale_temporaries
+from bss.data.io import OWNER, atomic_folder, atomic_path, atomic_write_json, atomic_write_text, link_or_copy, publish_copy, read_json, remove_stale_temporaries
 from bss.errors import BSSError, DatasetError
 
 
@@ -134,3 +135,31 @@ def test_publish_copy_links_atomically_and_a_later_rewrite_of_the_source_leaves_
     (tmp_path / "new.tmp").write_bytes(b"weights v2")  # how every BSS writer replaces a file
     os.replace(tmp_path / "new.tmp", src)
     assert dst.read_bytes() == b"weights v1"
+
+
+def test_atomic_writes_replace_the_file_whole_and_leave_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "state.json"
+    atomic_write_json(path, {"b": 1, "a": [1.5, None], "where": tmp_path})  # a Path is written as its text
+    assert path.read_text() == '{\n  "b": 1,\n  "a": [\n    1.5,\n    null\n  ],\n  "where": "' + str(tmp_path) + '"\n}\n'
+    assert read_json(path) == {"b": 1, "a": [1.5, None], "where": str(tmp_path)}
+    atomic_write_text(path, "{}\n")
+    assert read_json(path) == {} and os.listdir(path.parent) == ["state.json"]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="half way"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("new, half")
+            raise RuntimeError("half way")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["labels.csv"]
+    with pytest.raises(TypeError):  # a key JSON cannot hold: nothing replaced either
+        atomic_write_json(path, {("tuple", "key"): 1})
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["labels.csv"]
+
+
+def test_read_json_names_a_file_that_is_not_json(tmp_path):
+    (tmp_path / "state.json").write_text('{"iterations": [')
+    with pytest.raises(BSSError, match=r"state\.json is not valid JSON"):
+        read_json(tmp_path / "state.json")

@@ -1,5 +1,5 @@
 """The code's shape, checked so CI keeps it: ruff lint and format, MLflow only behind
-bss/tracking.py, Ray started only by bss/search/ray_cluster.py, short functions in bss/search."""
+bss/tracking.py, Ray started only by bss/search/ray_cluster.py, short functions in bss/."""
 
 from __future__ import annotations
 
@@ -40,10 +40,17 @@ def test_ray_is_started_only_by_the_ray_module():
     assert starters == ["bss/search/ray_cluster.py"]
 
 
-def test_functions_in_bss_search_fit_on_a_screen():
-    long = []
-    for path in sorted((REPO / "bss" / "search").glob("*.py")):
+# functions over the limit that their owners are shortening (bss/search is being rewritten; the
+# trainer's fit belongs to another change): to be emptied, never extended
+LONG_FUNCTIONS_TO_FIX = {"training/trainer.py:fit"}
+
+
+def test_functions_in_bss_fit_on_a_screen():
+    long = {}
+    for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
-                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
-    assert not long, long
+                long[f"{path.relative_to(REPO / 'bss').as_posix()}:{node.name}"] = f"line {node.lineno}, {node.end_lineno - node.lineno + 1} lines"
+    new = {name: where for name, where in long.items() if name not in LONG_FUNCTIONS_TO_FIX}
+    assert not new, f"split these into named functions of at most 60 lines: {new}"
+    assert LONG_FUNCTIONS_TO_FIX <= set(long), f"now short enough, remove from LONG_FUNCTIONS_TO_FIX: {sorted(LONG_FUNCTIONS_TO_FIX - set(long))}"

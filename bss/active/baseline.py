@@ -20,21 +20,9 @@ from pathlib import Path
 
 from bss.data.io import atomic_folder, image_size, link_or_copy, write_mask
 from bss.data.layout import SourceDataset, list_samples
-from bss.data.splits import SPLITS
+from bss.data.splits import SPLITS, split_stems
 from bss.data.via import rasterize
 from bss.errors import DatasetError
-
-
-def split_stems(folder: Path) -> set[str]:
-    """Stems of a split's images (its ``images/`` folder and its manifest's list)."""
-    stems = {p.stem for p in (folder / "images").iterdir() if not p.name.startswith(".")} if (folder / "images").is_dir() else set()
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        try:
-            stems |= {Path(n).stem for n in json.loads(manifest.read_text()).get("images", [])}
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise DatasetError(f"{manifest}: unreadable split manifest ({exc}); rerun drivers/preprocess.py --overwrite.") from None
-    return stems
 
 
 def unsplit_labelled(dataset: str, data_root: str | Path = "datasets") -> tuple[SourceDataset, list, dict[str, Path]]:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bss.data.io import image_size
+from bss.data.io import atomic_path, image_size
 from bss.data.layout import SourceDataset
 from bss.data.via import VIA_COLUMNS, check_filename, rasterize, read_text, read_via_csv
 from bss.errors import DatasetError
@@ -186,26 +185,18 @@ def _merged_text(labels_path: Path, rows: dict, merged: list[str]) -> tuple[str,
 def _replace_checked(labels_path: Path, data: bytes, merged: list[str], already: set[str], backup: bool) -> Path | None:
     """Write ``data`` as labels.csv atomically, once it reads back as a VIA export holding every
     merged and every earlier label; keep the old file as labels.csv.bak. The backup's path."""
-    tmp = labels_path.with_name(f".{labels_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    backup_path = None
+    with atomic_path(labels_path) as tmp:  # replaces labels.csv only if the block ends without an error
+        tmp.write_bytes(data)
         check = read_via_csv(tmp)  # the new file must read as a VIA export again
         missing = [n for n in merged if n not in check.labelled]
         lost = [n for n in already if n not in check.labelled]
         if missing or lost:
             raise DatasetError(f"internal error: the merged labels.csv would lose {(missing or lost)[0]!r}; nothing written.")
-        backup_path = None
         if backup:
             backup_path = labels_path.with_name(labels_path.name + BACKUP_SUFFIX)
-            bak_tmp = labels_path.with_name(f".{backup_path.name}.tmp-{os.getpid()}")
-            shutil.copy2(labels_path, bak_tmp)
-            os.replace(bak_tmp, backup_path)
-        os.replace(tmp, labels_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            with atomic_path(backup_path) as bak_tmp:
+                shutil.copy2(labels_path, bak_tmp)
     return backup_path
 
 

@@ -192,11 +192,7 @@ def suggest(
         raise BSSError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     pool = score_pool(dataset, checkpoint, data_root, rule, batch_size, device, progress)
     result = rank(pool, count, score, near, seed)
-    entries = []
-    for i in result.chosen:
-        shapes = mask_to_polygons(pool.refined_mask(i), epsilon, max_points)
-        result.polygons[pool.names[i]] = shapes
-        entries.append((pool.names[i], pool.sizes[i], shapes))
+    entries = _chosen_polygons(pool, result, epsilon, max_points)
     images_dir = str((source.root / "images").resolve()) + "/"
     project = build_project(entries, f"bss_{source.name}_suggestions", images_dir)
     manifest = {
@@ -217,6 +213,23 @@ def suggest(
         },
         "ranking": result.rows,
     }
+    _write_folder(out, overwrite, project, manifest, result, start)
+    return result
+
+
+def _chosen_polygons(pool: Pool, result: Suggestion, epsilon: float, max_points: int) -> list[tuple[str, int, list]]:
+    """(name, file size, polygons) of each chosen image: its refined mask drawn as VIA polygons
+    (also kept in ``result.polygons``)."""
+    entries = []
+    for i in result.chosen:
+        shapes = mask_to_polygons(pool.refined_mask(i), epsilon, max_points)
+        result.polygons[pool.names[i]] = shapes
+        entries.append((pool.names[i], pool.sizes[i], shapes))
+    return entries
+
+
+def _write_folder(out: Path, overwrite: bool, project: dict, manifest: dict, result: Suggestion, start: float) -> None:
+    """The VIA project, the ranking CSV and the manifest, written to ``out`` atomically."""
     with atomic_folder(out, overwrite=overwrite) as tmp:
         write_project(tmp / "via_project.json", project)
         with (tmp / "ranking.csv").open("w", newline="", encoding="utf-8") as fh:
@@ -227,4 +240,3 @@ def suggest(
         manifest["seconds"] = result.seconds
         (tmp / "suggestions.json").write_text(json.dumps(manifest, indent=1) + "\n")
     result.out = out
-    return result

@@ -22,9 +22,9 @@ Add local files*) to these entries, or finds them under ``default_filepath``. Th
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from bss.data.io import atomic_write_text
 from bss.data.via import parse_region
 from bss.errors import DatasetError
 
@@ -88,14 +88,7 @@ def build_project(entries: list[tuple[str, int, list[dict]]], project_name: str,
 
 def write_project(path: str | Path, project: dict) -> Path:
     """Write the project as JSON atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(project, separators=(",", ":")) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, json.dumps(project, separators=(",", ":")) + "\n")
 
 
 def read_project(path: str | Path) -> dict[str, tuple[int, list]]:

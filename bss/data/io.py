@@ -1,4 +1,4 @@
-"""Reading images and masks safely, and writing folders atomically.
+"""Reading images and masks safely, and writing files and folders atomically.
 
 Every reader raises :class:`~bss.errors.DatasetError` naming the file instead of returning
 garbage (OpenCV returns ``None`` for a corrupt file and silently half-decodes a truncated JPEG,
@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -170,17 +172,60 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path, fsync: bool = True):
+    """Yield a temporary path beside ``path`` (``.<name>.<random>.tmp``, not created) for the
+    caller to write; on success it replaces ``path`` in one rename (after ``fsync``), on any error
+    it is deleted. A kill at any moment leaves the old file or the new one, never half of one.
+    Every file BSS rewrites goes through here (or the helpers below), never written in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON (and a final newline) to ``path`` atomically; values JSON
+    does not know (paths, dates) are written as their ``str``."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``; a file that is not JSON is one :class:`~bss.errors.BSSError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BSSError(f"{path} is not valid JSON ({exc}); it was not written by this version of BSS, or was edited.") from None
+
+
 def publish_copy(src: str | Path, dst: str | Path) -> Path:
     """Put ``src``'s content at ``dst`` atomically, as a hard link where possible (a checkpoint
     promoted, then kept as the final model, costs its disk once). Safe because BSS never writes a
-    file in place: every writer replaces it (temp file + rename), which leaves the other link as
+    file in place: every writer replaces it (:func:`atomic_path`), which leaves the other link as
     it was."""
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    link_or_copy(Path(src), tmp)
-    tmp.replace(dst)
-    return dst
+    with atomic_path(dst, fsync=False) as tmp:  # a link adds no data to flush
+        link_or_copy(Path(src), tmp)
+    return Path(dst)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -23,6 +23,18 @@ from bss.errors import BSSError, DatasetError
 SPLITS = ("BASELINE", "EVAL", "TEST")
 
 
+def split_stems(folder: Path) -> set[str]:
+    """Stems of a split's images: its ``images/`` folder and its manifest's list, together."""
+    stems = {p.stem for p in (folder / "images").iterdir() if not p.name.startswith(".")} if (folder / "images").is_dir() else set()
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            stems |= {Path(n).stem for n in json.loads(manifest.read_text()).get("images", [])}
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise DatasetError(f"{manifest}: unreadable split manifest ({exc}); rerun drivers/preprocess.py --overwrite.") from None
+    return stems
+
+
 def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
     """How many images go to BASELINE, EVAL and TEST; EVAL and TEST get at least one each."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not abs(sum(fractions) - 1.0) < 1e-6:

@@ -19,22 +19,12 @@ import torch
 
 from bss.data.io import is_image, read_mask
 from bss.data.layout import list_samples
-from bss.metrics import scores_from_counts
-
-
-def counts(label: np.ndarray, truth: np.ndarray) -> list[int]:
-    """[TP, FP, FN, TN] of a binary label against the truth."""
-    label, truth = np.asarray(label) > 0, np.asarray(truth) > 0
-    tp = int(np.count_nonzero(label & truth))
-    fp = int(np.count_nonzero(label & ~truth))
-    fn = int(np.count_nonzero(~label & truth))
-    return [tp, fp, fn, label.size - tp - fp - fn]
+from bss.metrics import iou_from_counts, mask_counts, scores_from_counts
 
 
 def iou(row: list[int]) -> float:
-    """TP / (TP + FP + FN), 1.0 when both are empty (as :func:`bss.metrics.scores_from_counts`)."""
-    union = row[0] + row[1] + row[2]
-    return row[0] / union if union else 1.0
+    """IoU of one ``[TP, FP, FN, TN]`` row, 1.0 when both are empty (:func:`bss.metrics.iou_from_counts`)."""
+    return float(iou_from_counts(row))
 
 
 class LabelQuality:
@@ -51,7 +41,7 @@ class LabelQuality:
         """Add one image; return its two IoUs."""
         if not (truth.shape == box.shape == hybrid.shape):
             raise ValueError(f"truth {truth.shape}, box {box.shape} and hybrid {hybrid.shape} differ in size")
-        return self.add_counts(counts(box, truth), counts(hybrid, truth))
+        return self.add_counts(mask_counts(box, truth), mask_counts(hybrid, truth))
 
     def add_counts(self, box_counts: list[int], hybrid_counts: list[int]) -> dict:
         self.box.append(list(box_counts))

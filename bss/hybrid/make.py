@@ -32,10 +32,12 @@ from PIL import Image
 
 from bss.data.io import atomic_folder, file_sha256, link_or_copy, read_mask, write_mask
 from bss.data.layout import Sample, SourceDataset, list_samples, resolve_dataset
+from bss.data.splits import split_stems
 from bss.errors import BSSError, DatasetError
-from bss.hybrid.label_quality import LabelQuality, counts, truth_files
+from bss.hybrid.label_quality import LabelQuality, truth_files
 from bss.hybrid.refine import RefineRule, changed_fraction, refine
 from bss.inference import ImageFolderDataset, Predictor
+from bss.metrics import mask_counts
 
 MANIFEST_VERSION = 1
 WRITER_THREADS: int | None = None  # None: writer_threads() decides
@@ -48,16 +50,6 @@ def writer_threads() -> int:
     if WRITER_THREADS is not None:
         return int(WRITER_THREADS)
     return 0 if (os.cpu_count() or 1) <= 2 else 2
-
-
-class _Done:
-    """A finished result with a future's ``result()``, for work done inline."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
 
 
 @dataclass
@@ -84,20 +76,6 @@ def hybrid_name(dataset: str, number: int) -> str:
     return f"{dataset}_H{number}"
 
 
-def _split_stems(folder: Path) -> set[str]:
-    """Stems of a split's images: its manifest's list and its images/ folder, together."""
-    stems: set[str] = set()
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        try:
-            stems |= {Path(name).stem for name in json.loads(manifest.read_text()).get("images", [])}
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise DatasetError(f"{manifest}: unreadable split manifest ({exc}); rerun drivers/preprocess.py --overwrite.") from None
-    if (folder / "images").is_dir():
-        stems |= {p.stem for p in (folder / "images").iterdir() if not p.name.startswith(".")}
-    return stems
-
-
 def _splits(source: SourceDataset) -> tuple[list[Sample], dict[str, set[str]]]:
     """BASELINE samples (exact masks) and the stems of EVAL and TEST; a missing split is an error."""
     folders = {split: source.root.parent / f"{source.name}_{split}" for split in ("BASELINE", "EVAL", "TEST")}
@@ -107,7 +85,7 @@ def _splits(source: SourceDataset) -> tuple[list[Sample], dict[str, set[str]]]:
             f"{', '.join(missing)} not found: the hand-labelled split is needed to build a hybrid dataset; run drivers/preprocess.py --dataset {source.name} first."
         )
     baseline = list_samples(folders["BASELINE"])
-    held_out = {split: _split_stems(folders[split]) for split in ("EVAL", "TEST")}
+    held_out = {split: split_stems(folders[split]) for split in ("EVAL", "TEST")}
     overlap = sorted({s.stem for s in baseline} & (held_out["EVAL"] | held_out["TEST"]))
     if overlap:
         raise DatasetError(
@@ -130,6 +108,160 @@ def _first_box(samples: list[Sample]) -> bool:
     return any(read_mask(sample.mask).any() for sample in samples)
 
 
+@dataclass
+class _Plan:
+    """What one ``H<n>`` is made of and where it goes (checked before any model is loaded)."""
+
+    source: SourceDataset
+    baseline: list[Sample]
+    held_out: dict[str, set[str]]
+    to_refine: list[Sample]
+    number: int
+    target: Path
+
+
+def _plan(dataset: str, data_root: str | Path, number: int | None, overwrite: bool) -> _Plan:
+    source = SourceDataset.open(dataset, data_root)  # no masks/ folder -> DatasetError
+    baseline, held_out = _splits(source)
+    excluded = held_out["EVAL"] | held_out["TEST"] | {s.stem for s in baseline}
+    to_refine = [s for s in source.box_only() if s.stem not in excluded]
+    if not to_refine:
+        raise DatasetError(f"{source.root}: no box-only image to refine (every image has a hand label or is in a split); nothing to build.")
+    if not _first_box(to_refine):
+        raise DatasetError(f"{source.root / 'masks'}: no box-only image has a box (every mask is empty); a hybrid dataset refines box masks.")
+    if number is None:
+        number = next_number(source.root, data_root)
+    if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
+        raise BSSError(f"hybrid number must be a positive integer, got {number!r}.")
+    target = source.root.parent / hybrid_name(source.name, int(number))
+    if target.exists() and not overwrite:
+        raise BSSError(
+            f"{target} already exists; pass --overwrite to replace it, or leave out --number to use the next free one ({next_number(source.root, data_root)})."
+        )
+    return _Plan(source, baseline, held_out, to_refine, int(number), target)
+
+
+class _Writer:
+    """Writes one ``H<n>`` into its temporary folder: BASELINE's files as they are, each box-only
+    image's refined mask (:meth:`refine_one`, in a writer thread or inline), and the manifest's
+    rows and label quality in the order of the images (:meth:`collect`, in the main thread)."""
+
+    def __init__(self, folder: Path, rule: RefineRule, truths: dict[str, Path]):
+        self.folder, self.rule, self.truths = folder, rule, truths
+        self.quality = LabelQuality()
+        self.entries: list[dict] = []
+        self.boxes = self.fallbacks = 0
+        for sub in ("images", "masks") + (("soft",) if rule.soft else ()):
+            (folder / sub).mkdir()
+
+    def copy_baseline(self, baseline: list[Sample]) -> None:
+        for sample in baseline:
+            link_or_copy(sample.image, self.folder / "images" / sample.image.name)
+            link_or_copy(sample.mask, self.folder / "masks" / sample.mask.name)
+            self.entries.append({"image": sample.image.name, "origin": "baseline"})
+
+    def _check_sizes(self, sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray) -> None:
+        if box.shape != prob.shape:
+            raise DatasetError(f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}.")
+        if truth is not None and truth.shape != box.shape:
+            raise DatasetError(
+                f"{self.truths[sample.stem]}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}."
+            )
+
+    def refine_one(self, sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray, rgb: np.ndarray | None) -> tuple[dict, tuple | None]:
+        """Refine one image and write it; its manifest row and its label-quality counts (None without a truth)."""
+        self._check_sizes(sample, box, truth, prob)
+        refined = refine(prob, box, self.rule, image=rgb)
+        write_mask(self.folder / "masks" / f"{sample.stem}.png", refined.mask)
+        if refined.soft is not None:
+            Image.fromarray(np.clip(refined.soft * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(self.folder / "soft" / f"{sample.stem}.png")
+        link_or_copy(sample.image, self.folder / "images" / sample.image.name)
+        entry = {
+            "image": sample.image.name,
+            "origin": "refined",
+            "changed_fraction": round(changed_fraction(box, refined.mask), 5),
+            "boxes": [b.to_dict() for b in refined.boxes],
+        }
+        return entry, ((mask_counts(box, truth), mask_counts(refined.mask, truth)) if truth is not None else None)
+
+    def collect(self, done: tuple[dict, tuple | None]) -> None:
+        entry, quality_counts = done
+        if quality_counts is not None:
+            entry.update({k: round(v, 4) for k, v in self.quality.add_counts(*quality_counts).items()})
+        self.boxes += len(entry["boxes"])
+        self.fallbacks += sum(b["fallback"] for b in entry["boxes"])
+        self.entries.append(entry)
+
+
+def _refine_all(predictor: Predictor, plan: _Plan, writer: _Writer, batch_size: int, num_workers: int, progress: bool) -> None:
+    """Predict every box-only image and refine it. Writer threads refine and write while the model
+    runs (where there are cores to spare); the queue is bounded so memory stays flat (at most ~2
+    batches of probability maps wait), and results are collected in the images' order."""
+    samples = plan.to_refine
+    images = ImageFolderDataset(
+        [s.image for s in samples],
+        predictor.input_size,
+        extras={"box": [s.mask for s in samples], "truth": [writer.truths.get(s.stem) for s in samples]},
+        keep_image=writer.rule.needs_image,  # e.g. the colour refinement (grabcut) needs the image itself
+    )
+    pending: deque = deque()
+    threads = writer_threads()
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="hybrid-writer") as pool:
+        try:
+            for item, prob in predictor.predict(images, batch_size, num_workers, progress, desc=f"refining {plan.source.name}"):
+                args = (samples[item["index"]], item["box"], item["truth"], prob, item.get("rgb"))
+                if threads == 0:
+                    writer.collect(writer.refine_one(*args))
+                    continue
+                pending.append(pool.submit(writer.refine_one, *args))
+                while len(pending) > 2 * max(1, batch_size):
+                    writer.collect(pending.popleft().result())
+            while pending:
+                writer.collect(pending.popleft().result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def _manifest(plan: _Plan, predictor: Predictor, checkpoint: Path, rule: RefineRule, writer: _Writer, start: float) -> dict:
+    held_out = plan.held_out["EVAL"] | plan.held_out["TEST"]
+    config = predictor.config
+    return {
+        "format_version": MANIFEST_VERSION,
+        "name": plan.target.name,
+        "number": plan.number,
+        "source": str(plan.source.root.resolve()),
+        "checkpoint": {
+            "path": str(checkpoint.resolve()),
+            "sha256": file_sha256(checkpoint),
+            "model": {"name": config.model.name, "args": config.model.args},
+            "image_size": [config.height, config.width],
+            "train_dataset": config.train_dataset,
+            "evaluation_dataset": config.evaluation_dataset,
+        },
+        "inference": predictor.describe(),
+        "rule": {**rule.to_dict(), "description": rule.explain()},
+        "counts": {
+            "images": len(writer.entries),
+            "refined": len(writer.entries) - len(plan.baseline),
+            "baseline": len(plan.baseline),
+            "boxes": writer.boxes,
+            "fallback_boxes": writer.fallbacks,
+            "excluded_eval": len(plan.held_out["EVAL"]),
+            "excluded_test": len(plan.held_out["TEST"]),
+        },
+        "leakage": {
+            "excluded_splits": [f"{plan.source.name}_EVAL", f"{plan.source.name}_TEST"],
+            "excluded_images": sorted(held_out),
+            "eval_or_test_images_included": 0,
+        },
+        "label_quality": writer.quality.result(),
+        "seconds": round(time.perf_counter() - start, 2),
+        "images": writer.entries,
+    }
+
+
 def make_hybrid(
     dataset: str,
     checkpoint: str | Path,
@@ -149,157 +281,21 @@ def make_hybrid(
     start = time.perf_counter()
     rule = rule or RefineRule()
     checkpoint = Path(checkpoint)
-    source = SourceDataset.open(dataset, data_root)  # no masks/ folder -> DatasetError
-    baseline, held_out = _splits(source)
-    excluded = held_out["EVAL"] | held_out["TEST"] | {s.stem for s in baseline}
-    to_refine = [s for s in source.box_only() if s.stem not in excluded]
-    if not to_refine:
-        raise DatasetError(f"{source.root}: no box-only image to refine (every image has a hand label or is in a split); nothing to build.")
-    if not _first_box(to_refine):
-        raise DatasetError(f"{source.root / 'masks'}: no box-only image has a box (every mask is empty); a hybrid dataset refines box masks.")
-
-    if number is None:
-        number = next_number(source.root, data_root)
-    if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
-        raise BSSError(f"hybrid number must be a positive integer, got {number!r}.")
-    number = int(number)
-    target = source.root.parent / hybrid_name(source.name, number)
-    if target.exists() and not overwrite:
-        raise BSSError(
-            f"{target} already exists; pass --overwrite to replace it, or leave out --number to use the next free one ({next_number(source.root, data_root)})."
-        )
-
+    plan = _plan(dataset, data_root, number, overwrite)
     predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, tta=tta)  # bad weights / input size -> BSSError
-    _check_teacher(predictor, source, checkpoint)
-
-    truths = truth_files(source.truth_dir)
-    images = ImageFolderDataset(
-        [s.image for s in to_refine],
-        predictor.input_size,
-        extras={"box": [s.mask for s in to_refine], "truth": [truths.get(s.stem) for s in to_refine]},
-        keep_image=rule.mode == "grabcut",  # the colour refinement needs the image itself
-    )
-    quality = LabelQuality()
-    entries: list[dict] = []
-    boxes = fallbacks = 0
-    with atomic_folder(target, overwrite=overwrite) as tmp:
-        for sub in ("images", "masks") + (("soft",) if rule.soft else ()):
-            (tmp / sub).mkdir()
-        for sample in baseline:
-            link_or_copy(sample.image, tmp / "images" / sample.image.name)
-            link_or_copy(sample.mask, tmp / "masks" / sample.mask.name)
-            entries.append({"image": sample.image.name, "origin": "baseline"})
-
-        def finish(sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray, rgb: np.ndarray | None) -> tuple[dict, object]:
-            """Refine one image and write it (runs in a writer thread, overlapping the next forward pass)."""
-            if box.shape != prob.shape:
-                raise DatasetError(
-                    f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}."
-                )
-            if truth is not None and truth.shape != box.shape:
-                raise DatasetError(
-                    f"{truths[sample.stem]}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}."
-                )
-            refined = refine(prob, box, rule, image=rgb)
-            write_mask(tmp / "masks" / f"{sample.stem}.png", refined.mask)
-            if refined.soft is not None:
-                Image.fromarray(np.clip(refined.soft * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(tmp / "soft" / f"{sample.stem}.png")
-            link_or_copy(sample.image, tmp / "images" / sample.image.name)
-            entry = {
-                "image": sample.image.name,
-                "origin": "refined",
-                "changed_fraction": round(changed_fraction(box, refined.mask), 5),
-                "boxes": [b.to_dict() for b in refined.boxes],
-            }
-            quality_counts = (counts(box, truth), counts(refined.mask, truth)) if truth is not None else None
-            return entry, quality_counts
-
-        def collect(future) -> None:
-            nonlocal boxes, fallbacks
-            entry, quality_counts = future.result()
-            if quality_counts is not None:
-                entry.update({k: round(v, 4) for k, v in quality.add_counts(*quality_counts).items()})
-            boxes += len(entry["boxes"])
-            fallbacks += sum(b["fallback"] for b in entry["boxes"])
-            entries.append(entry)
-
-        # writer threads refine and write while the model runs (where there are cores to spare);
-        # the queue is bounded so memory stays flat (at most ~2 batches of probability maps wait)
-        pending: deque = deque()
-        threads = writer_threads()
-        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="hybrid-writer") as pool:
-            try:
-                for item, prob in predictor.predict(images, batch_size, num_workers, progress, desc=f"refining {source.name}"):
-                    args = (to_refine[item["index"]], item["box"], item["truth"], prob, item.get("rgb"))
-                    if threads == 0:
-                        collect(_Done(finish(*args)))
-                        continue
-                    pending.append(pool.submit(finish, *args))
-                    while len(pending) > 2 * max(1, batch_size):
-                        collect(pending.popleft())
-                while pending:
-                    collect(pending.popleft())
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
-
-        written = {p.stem for p in (tmp / "images").iterdir()}
-        leaked = sorted(written & (held_out["EVAL"] | held_out["TEST"]))
+    _check_teacher(predictor, plan.source, checkpoint)
+    with atomic_folder(plan.target, overwrite=overwrite) as tmp:
+        writer = _Writer(tmp, rule, truth_files(plan.source.truth_dir))
+        writer.copy_baseline(plan.baseline)
+        _refine_all(predictor, plan, writer, batch_size, num_workers, progress)
+        leaked = sorted({p.stem for p in (tmp / "images").iterdir()} & (plan.held_out["EVAL"] | plan.held_out["TEST"]))
         if leaked:  # cannot happen by construction; checked anyway before the folder becomes visible
-            raise BSSError(f"internal error: EVAL/TEST image {leaked[0]!r} would enter {target.name}; nothing written.")
-        label_quality = quality.result()
-        manifest = {
-            "format_version": MANIFEST_VERSION,
-            "name": target.name,
-            "number": number,
-            "source": str(source.root.resolve()),
-            "checkpoint": {
-                "path": str(checkpoint.resolve()),
-                "sha256": file_sha256(checkpoint),
-                "model": {"name": predictor.config.model.name, "args": predictor.config.model.args},
-                "image_size": [predictor.config.height, predictor.config.width],
-                "train_dataset": predictor.config.train_dataset,
-                "evaluation_dataset": predictor.config.evaluation_dataset,
-            },
-            "inference": predictor.describe(),
-            "rule": {**rule.to_dict(), "description": rule_description(rule)},
-            "counts": {
-                "images": len(entries),
-                "refined": len(entries) - len(baseline),
-                "baseline": len(baseline),
-                "boxes": boxes,
-                "fallback_boxes": fallbacks,
-                "excluded_eval": len(held_out["EVAL"]),
-                "excluded_test": len(held_out["TEST"]),
-            },
-            "leakage": {
-                "excluded_splits": [f"{source.name}_EVAL", f"{source.name}_TEST"],
-                "excluded_images": sorted(held_out["EVAL"] | held_out["TEST"]),
-                "eval_or_test_images_included": 0,
-            },
-            "label_quality": label_quality,
-            "seconds": round(time.perf_counter() - start, 2),
-            "images": entries,
-        }
+            raise BSSError(f"internal error: EVAL/TEST image {leaked[0]!r} would enter {plan.target.name}; nothing written.")
+        manifest = _manifest(plan, predictor, checkpoint, rule, writer, start)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if label_quality is not None:
-            (tmp / "label_quality.json").write_text(json.dumps(label_quality, indent=2) + "\n")
-    return HybridResult(path=target, number=number, manifest=manifest, label_quality=label_quality)
-
-
-def rule_description(rule: RefineRule) -> str:
-    if rule.mode == "blend":
-        return f"mask = {rule.blend_alpha} * box + {1 - rule.blend_alpha:g} * probability > {rule.threshold}"
-    seeds = (
-        f"GrabCut inside the boxes seeded by the probability (> {rule.sure} sure, > {rule.threshold} probable foreground), {rule.grabcut_iterations} iterations"
-        if rule.mode == "grabcut"
-        else f"probability > {rule.threshold} kept inside the boxes only"
-    )
-    return (
-        f"{seeds}; a box region whose predicted fill is below "
-        f"{rule.min_fill} falls back to the {'box' if rule.fallback == 'box' else 'inscribed ellipse'}" + ("; holes filled" if rule.fill_holes else "")
-    )
+        if manifest["label_quality"] is not None:
+            (tmp / "label_quality.json").write_text(json.dumps(manifest["label_quality"], indent=2) + "\n")
+    return HybridResult(path=plan.target, number=plan.number, manifest=manifest, label_quality=manifest["label_quality"])
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -16,37 +16,31 @@ This is the label-quality estimate for real datasets, which have no ``truth/``. 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bss.data.io import read_mask
 from bss.data.layout import list_samples, resolve_dataset
 from bss.errors import DatasetError
-from bss.hybrid.label_quality import counts, iou
-from bss.hybrid.refine import RefineRule, refine
-
-# The grid the loop searches. inside_box: 5 thresholds x 7 fill floors x 2 fallbacks x 2 = 140
-# rules; grabcut (colour refinement, ~50 ms an image): 2 thresholds x 2 sure levels x 2 fill floors = 8.
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-MIN_FILLS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
-FALLBACKS = ("box", "ellipse")
-FILL_HOLES = (False, True)
-GRABCUT = {"threshold": (0.3, 0.5), "sure": (0.9, 0.95), "min_fill": (0.0, 0.2)}
+from bss.hybrid.refine import REFINE_MODES, RefineRule, refine
+from bss.metrics import iou_from_counts, mask_counts, scores_from_counts
 
 
-def default_grid(grabcut: bool = True) -> list[RefineRule]:
-    """The default rule first (it wins ties), then every combination of the grid."""
+def default_grid(images: bool = True) -> list[RefineRule]:
+    """The default rule first (it wins ties), then every mode's grid (:meth:`RefineMode.grid`,
+    in the order of :data:`REFINE_MODES`): 140 ``inside_box`` rules and 8 ``grabcut`` ones.
+    ``images=False`` leaves out the modes that need the image."""
     grid = [RefineRule()]
-    for t, f, fb, holes in itertools.product(THRESHOLDS, MIN_FILLS, FALLBACKS, FILL_HOLES):
-        rule = RefineRule(threshold=t, min_fill=f, fallback=fb, fill_holes=holes)
-        if rule != grid[0]:
-            grid.append(rule)
-    if grabcut:
-        for t, sure, f in itertools.product(*GRABCUT.values()):
-            grid.append(RefineRule(mode="grabcut", threshold=t, sure=sure, min_fill=f))
+    for mode in REFINE_MODES.values():
+        if mode.needs_image and not images:
+            continue
+        for values in mode.grid():
+            rule = RefineRule(mode=mode.name, **values)
+            if rule != grid[0]:
+                grid.append(rule)
     return grid
 
 
@@ -94,8 +88,9 @@ class TeacherQuality:
 
 
 def _score(rows: list[list[int]]) -> tuple[float, float]:
-    table = np.asarray(rows, dtype=np.int64)
-    return iou(table.sum(0).tolist()), float(np.mean([iou(r) for r in rows]))
+    """IoU over all pixels (counts summed first) and the mean of the per-image IoUs."""
+    table = torch.as_tensor(rows, dtype=torch.long)
+    return float(iou_from_counts(table.sum(0))), float(np.mean(iou_from_counts(table).numpy()))
 
 
 def choose_rule(
@@ -110,15 +105,15 @@ def choose_rule(
     need the image (``grabcut``) are scored only when ``images`` are given."""
     if not probabilities:
         raise ValueError("choose_rule needs at least one image")
-    grid = [r for r in (grid or default_grid()) if images is not None or r.mode != "grabcut"]
+    grid = [r for r in (grid or default_grid()) if images is not None or not r.needs_image]
     images = images if images is not None else [None] * len(probabilities)
     scores = []
     for rule in grid:
-        rows = [counts(refine(p, b, rule, image=im).mask, t) for p, b, t, im in zip(probabilities, boxes, truths, images)]
+        rows = [mask_counts(refine(p, b, rule, image=im).mask, t) for p, b, t, im in zip(probabilities, boxes, truths, images)]
         scores.append(RuleScore(rule, *_score(rows)))
     best = max(scores, key=lambda s: s.iou_pixels)  # first of equals
-    box = _score([counts(b, t) for b, t in zip(boxes, truths)])
-    raw = _score([counts(p > 0.5, t) for p, t in zip(probabilities, truths)])
+    box = _score([mask_counts(b, t) for b, t in zip(boxes, truths)])
+    raw = _score([mask_counts(p > 0.5, t) for p, t in zip(probabilities, truths)])
     return TeacherQuality(len(probabilities), box[0], box[1], raw[0], best, scores[0], scores)
 
 
@@ -164,9 +159,5 @@ def box_quality(dataset: str, data_root: str | Path) -> dict:
         b, t = read_mask(box), read_mask(truth)
         if b.shape != t.shape:
             raise DatasetError(f"{box}: box mask is {b.shape[1]}x{b.shape[0]} but the exact mask {truth} is {t.shape[1]}x{t.shape[0]}.")
-        total += np.asarray(counts(b, t))
-    import torch
-
-    from bss.metrics import scores_from_counts
-
+        total += np.asarray(mask_counts(b, t))
     return {k: float(v) for k, v in scores_from_counts(torch.from_numpy(total)).items()}

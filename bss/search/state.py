@@ -8,42 +8,15 @@ new file, never half of one. :class:`RunLock` keeps a second driver out of a run
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from bss.data.io import atomic_write_json, read_json  # also imported from here by other modules of bss/search, for now
 from bss.errors import BSSError
 from bss.search.record import LoopRecord, load_record
 
 FILE = "state.json"
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BSSError(f"{path} is not valid JSON ({exc}); it was not written by this version of BSS, or was edited.") from None
 
 
 class RunLock:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from bss.config import Config, NamedArgs, from_dict
+from bss.data.io import atomic_path
 from bss.errors import BSSError
 
 FORMAT_VERSION = 1
@@ -20,7 +20,8 @@ def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: Config, metrics: dict, epoch: float) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a half checkpoint."""
+    """Write atomically (temp file + rename, :func:`~bss.data.io.atomic_path`) so a crash never
+    leaves a half checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -30,9 +31,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: Config, me
         "metrics": {k: float(v) for k, v in metrics.items()},
         "epoch": float(epoch),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:  # no fsync, as before: a checkpoint is rewritten often, and a lost one is retrained
+        torch.save(payload, tmp)
     return path
 
 
