@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bss.data.io import file_sha256
+from bss.environment import set_threads
 from bss.errors import BSSError, ConfigError, DatasetError
 from bss.search import final_report, stages
 from bss.search.promotion import build_promotion_rule
@@ -357,6 +358,7 @@ class Loop:
 
     # ---- sequencing -----------------------------------------------------------------------
     def _run(self) -> LoopResult:
+        set_threads()  # the driver's torch threads: its own decision, never its caller's (bss.environment)
         self.started = _now()
         settings, stored, cpus, gpus = self.setup()
         self.run, inputs = self.build_run(settings, stored, cpus, gpus)
