@@ -20,6 +20,9 @@ bss Trainer against a bare loop (``--trainer-images``): the real ``Trainer.fit()
 DataLoader with 0 and 4 workers, device normalisation, evaluation, checkpoint) on synthetic
 JPEGs written to a temp folder, against the bare loop of ``bench/train_throughput.py``.
 
+A part that raises is recorded with its error and the others still run, but the check then
+exits with status 1 naming every failed part (skipped for the time budget is not a failure).
+
 Concurrent trials (Ray's ``gpu: 0.25`` puts 4 trials on one GPU): ``--concurrent 1,4`` starts
 that many training processes (amp+channels_last) on the same GPU, releases them together and
 sums their images/s.
@@ -396,7 +399,7 @@ def main(argv=None) -> None:
             continue
         try:
             row = run_variant(args, device, name, **kw)
-        except Exception as exc:  # noqa: BLE001 - report and go on: one broken variant must not cost the run
+        except Exception as exc:  # noqa: BLE001 - record and go on (one broken variant must not cost the others); the exit status says it
             row = {"name": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         report["single"].append(row)
         log(json.dumps(row))
@@ -452,6 +455,19 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
         print(f"wrote {out / 'gpu_check.json'}")
+    failed = failures(report)
+    if failed:  # every part was tried and recorded; the run still fails, so no broken part passes unseen
+        raise SystemExit(f"gpu_check: {len(failed)} part(s) failed: " + "; ".join(failed))
+
+
+def failures(report: dict) -> list[str]:
+    """The parts of a report that raised (a variant, a concurrent count, the Trainer section):
+    ``name: error``. Parts skipped for the time budget are not failures."""
+    out = [f"{r['name']}: {r['error'][:200]}" for r in report["single"] if "error" in r]
+    out += [f"concurrent {n}: {r['error'][-200:]}" for n, r in report["concurrent"].items() if "error" in r]
+    if "error" in report.get("trainer", {}):
+        out.append(f"trainer: {report['trainer']['error'][:200]}")
+    return out
 
 
 def print_table(report: dict) -> None:

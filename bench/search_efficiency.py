@@ -4,8 +4,12 @@ against random search (no early stopping) with the same number of trials, on the
     python bench/search_efficiency.py                          # cpu.yaml, 8 trials, seeds 0 1 2
     python bench/search_efficiency.py --trials 12 --seeds 0 1 2 3 --out runs/bench/efficiency.json
 
+The raw JSON (every run, and the summary) goes to ``--out``, by default bench/results/search_efficiency.json.
+
 Each (method, seed) is one search of iteration 0 (train on obstacle_BASELINE, judge on
-obstacle_EVAL) with the promotion rule of the loop (recall, precision >= --floor, ties by IoU).
+obstacle_EVAL) promoted by the seed's floor rule (``FloorRule``, the loop's ``--promotion floor``:
+best recall with precision >= --floor, ties by IoU), not the loop's default ``guarded_recall``,
+which needs the EVAL boxes' own IoU measured first.
 Both methods draw their first trials from the same seeded random sampler (TPE's start-up trials),
 so the comparison starts from the same points. Reported per method: the promoted recall (and its
 precision and IoU) per seed, their mean, the search wall time and how many trials ASHA stopped.
@@ -40,7 +44,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--floor", type=float, default=0.3)
     p.add_argument("--methods", default="tpe+asha,random")
-    p.add_argument("--out", default="runs/bench/search_efficiency.json")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "search_efficiency.json"), help="the raw JSON")
     args = p.parse_args()
 
     for name in ("mlflow", "alembic"):

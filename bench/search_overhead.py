@@ -15,7 +15,8 @@ the same search (same seed: the same trials) and reports
 * per-trial start-up: trainable entry -> first training step ready (imports, datasets, model),
   split into cold trials (first on a worker: imports torch, smp, MLflow) and warm ones.
 
-Uses FIFO (no early stopping) so both modes train exactly the same trials.
+Uses FIFO (no early stopping) so both modes train exactly the same trials. The raw JSON goes to
+``--out``, by default bench/results/search_overhead.json.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="max_steps_per_epoch")
     p.add_argument("--modes", default="reuse,fresh", help="comma list of reuse (warm workers) and fresh")
     p.add_argument("--no-mlflow", action="store_true", help="trials without MLflow runs")
-    p.add_argument("--out", default="runs/bench/search_overhead.json")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "search_overhead.json"), help="the raw JSON")
     args = p.parse_args()
 
     import logging

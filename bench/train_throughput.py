@@ -348,7 +348,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     p.add_argument("--memory", default="", help="comma list of dataset sizes: peak RSS mode")
-    p.add_argument("--json", default="", help="also write the summary here")
+    p.add_argument(
+        "--json", default="", help="the raw JSON summary (default bench/results/train_throughput.json, or train_throughput_memory.json with --memory)"
+    )
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -357,8 +359,10 @@ def main(argv=None) -> None:
     if args.memory_child:
         return memory_child(args)
     summary = memory(args) if args.memory else throughput(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    out = Path(args.json or Path(__file__).resolve().parent / "results" / f"train_throughput{'_memory' if args.memory else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"raw JSON in {out}")
 
 
 if __name__ == "__main__":

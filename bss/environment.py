@@ -1,6 +1,9 @@
 """The environment every entry point sets before importing Ray, MLflow or albumentations: no
 usage statistics, no telemetry, no update checks (``os.environ.setdefault``: a user's own value
-wins). Drivers and benchmarks call :func:`quiet` first; the Ray module adds Tune's own keys."""
+wins). Drivers and benchmarks call :func:`quiet` first; the Ray module adds Tune's own keys.
+
+:func:`set_threads`: how many threads torch computes with, decided by the process that computes
+(torch is imported only when it is called, so importing this module stays cheap)."""
 
 from __future__ import annotations
 
@@ -20,3 +23,28 @@ def quiet(offline: bool = False, bars: bool = True, extra: dict | None = None) -
     for group in (QUIET, OFFLINE if offline else {}, {} if bars else NO_BARS, extra or {}):
         for key, value in group.items():
             os.environ.setdefault(key, value)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use (its affinity mask: ``taskset``, a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(cpus: float | None = None) -> int:
+    """Fix torch's intra-op thread count for this process and return it: ``cpus`` rounded (at
+    least 1), or by default every CPU the process may use.
+
+    Each process whose figures are recorded or compared decides it at its start: the loop's
+    driver (teacher measurement, ``H<n>``, TEST) and each trial (its CPU share). Torch's own
+    default depends on the machine and on whatever ran in the process before (a test module, a
+    benchmark), and a float sum split over another number of threads rounds differently: two runs
+    of one seed would then refine a pixel differently and disagree in the sixth decimal.
+    """
+    import torch
+
+    threads = max(1, int(round(cpus))) if cpus is not None else available_cpus()
+    torch.set_num_threads(threads)
+    return threads

@@ -232,7 +232,6 @@ def _corrupt(tmp_path, root, kind):
     export = _truth_export(root, ["img_014.png", "img_016.png"], tmp_path / f"{kind}.csv")
     lines = export.read_text().splitlines(keepends=True)
     if kind == "size":
-        lines[2] = lines[2].replace("img_016.png,", "img_016.png,", 1)
         row = next(csv.reader([lines[2]]))
         row[1] = str(int(row[1]) + 7)
         lines[2] = _csv_line(row)
@@ -253,7 +252,7 @@ def _corrupt(tmp_path, root, kind):
         lines[2] = _csv_line(row)
         return export, lines, "line 3: duplicate: 'img_003.png' already has hand-drawn regions"
     if kind == "twice":
-        return export, lines + [lines[1].replace(",1,0,", ",1,0,")], "line 4: duplicate"
+        return export, lines + [lines[1]], "line 4: duplicate"  # the first region's line again
     if kind == "outside":
         row = next(csv.reader([lines[1]]))
         row[5] = json.dumps({"name": "polygon", "all_points_x": [1, 90, 5], "all_points_y": [1, 5, 9]})

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +113,7 @@ def local_run(tmp_path_factory) -> list:
             floor=0.0,
             seed=5,
             concurrency=1,
+            cpus_per_trial=1.0,  # as on the 1-CPU worker nodes: each trial trains with one torch thread there and here
             data_root=local["data_root"],
             config=local["config"],
             space=local["space"],
@@ -176,33 +176,28 @@ def test_a_driver_without_the_cluster_token_gets_one_clear_line(nodes, tmp_path)
     assert not (tmp_path / "home" / ".ray").exists()
 
 
-def _running_on(run_dir: str, node: str) -> dict | None:
-    for record in records(run_dir):
-        if record.get("state") == "running" and record.get("node_name") == node and record.get("evaluations", 0) >= 1:
-            return record
-    return None
+def hooked_driver(inputs: dict, kill: dict, *extra: str) -> list[str]:
+    """:func:`driver` through tests/driver_hook.py: the driver kills at an exact point of its
+    Tune callback (``kill``, passed as ``BSS_TEST_KILL``), not when a polling test gets round to it."""
+    cmd = driver(inputs, *extra)
+    return [cmd[0], str(REPO / "tests" / "driver_hook.py"), *cmd[2:]]
 
 
 def test_a_worker_node_lost_mid_search_is_survived(nodes, tmp_path):
     space = dict(SPACE, fixed=dict(SPACE["fixed"], train_steps=24, evaluations=4))
     inputs = make_inputs(tmp_path, space)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # one machine: the driver's SQLite is every node's
-    cmd = driver(inputs, "--address", nodes.address, "--concurrency", "2", "--tracking-uri", uri, "--max-failures", "2")
-    log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(cmd, env=dict(nodes.env, PYTHONUNBUFFERED="1", TQDM_DISABLE="1"), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline, victim = time.time() + 240, None
-        while time.time() < deadline and proc.poll() is None and victim is None:
-            victim = _running_on(inputs["run_dir"], "w1")
-            time.sleep(0.1)
-        assert victim is not None, (tmp_path / "driver.log").read_text()[-4000:]
-        nodes.kill("w1")  # mid-trial: its raylet and its worker die
-        assert proc.wait(300) == 0, (tmp_path / "driver.log").read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+    # w1 dies at the first evaluation of its trial: that trial waits in tune.report for the driver,
+    # which kills the node first, so the trial is cut off mid-training on every run
+    kill = {"on": "result", "iteration": 0, "node": "w1", "kill": nodes.nodes["w1"].pid, "record": str(tmp_path / "victim.json")}
+    cmd = hooked_driver(inputs, kill, "--address", nodes.address, "--concurrency", "2", "--tracking-uri", uri, "--max-failures", "2")
+    env = dict(nodes.env, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", BSS_TEST_KILL=json.dumps(kill))
+    with open(tmp_path / "driver.log", "w") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
+    nodes.kill("w1")  # reaps the killed node's process
+    assert code == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    victim = json.loads((tmp_path / "victim.json").read_text())
+    assert victim["state"] == "running" and victim["node_name"] == "w1"
     state = json.loads((Path(inputs["run_dir"]) / "state.json").read_text())
     assert state["finished"]
     trials = state["iterations"][0]["search"]["trials"]
@@ -227,27 +222,20 @@ def test_a_lost_head_stops_the_driver_with_one_line_and_resume_continues_on_a_ne
     try:
         first.head(cpus=0)
         first.worker("w1")
-        cmd = driver(inputs, "--address", first.address, "--concurrency", "1", "--tracking-uri", uri)
-        proc = subprocess.Popen(cmd, env=dict(first.env, PYTHONUNBUFFERED="1", TQDM_DISABLE="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.time() + 240
-            while time.time() < deadline and proc.poll() is None and not any(r.get("state") == "complete" for r in records(inputs["run_dir"])):
-                time.sleep(0.1)
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            killed = time.time()
-            first.kill("head")  # trial 1 is complete, trial 2 is starting or training
-            out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        stopped_after = time.time() - killed
+        # the head dies right after trial 1 completed (inside the driver's callback: trial 2 has not started)
+        kill = {"on": "complete", "iteration": 0, "ordinal": 1, "kill": first.nodes["head"].pid}
+        cmd = hooked_driver(inputs, kill, "--address", first.address, "--concurrency", "1", "--tracking-uri", uri)
+        env = dict(first.env, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", BSS_TEST_KILL=json.dumps(kill))
+        # no timing bound: the one "error: ... lost the Ray cluster" line and exit status 2 come from the
+        # driver's own watch of the head (HeadWatch); Ray's 60 s GCS timeout would end it otherwise
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        err = proc.stderr
     finally:
         first.shutdown()
+    assert "driver_hook: kill" in proc.stdout, proc.stdout[-3000:]
     assert proc.returncode == 2, err[-3000:]
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert "lost the Ray cluster" in line and "--resume" in line and "Traceback" not in err
-    assert stopped_after < 30  # not Ray's own 60 s GCS timeout
     state = json.loads((Path(inputs["run_dir"]) / "state.json").read_text())
     assert not state.get("finished") and not state["iterations"][0].get("search", {}).get("done")
 
@@ -269,7 +257,7 @@ def test_a_lost_head_stops_the_driver_with_one_line_and_resume_continues_on_a_ne
 
 
 _PLAN_AND_RUN = """
-import json, sys, time
+import json, pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
 from bss.search.ray_cluster import node_resources, plan_resources, start_ray
 cpus, gpus, _ = start_ray(sys.argv[2])
@@ -277,12 +265,29 @@ nodes = node_resources()
 plan = plan_resources(cpus, gpus, trials=8, nodes=nodes)
 from ray import tune
 
+STARTED, RUNNING = pathlib.Path(sys.argv[4]) / "started", pathlib.Path(sys.argv[4]) / "running"
+
 def trainable(config):
+    # a barrier, not a clock: trials come in waves of the planned 4; each waits (2 min at most)
+    # until its whole wave has started. Only 4 trials running at once can fill a wave: the first
+    # 4 wait for each other, and the next 4 start as those end. It also counts the trials
+    # running when it starts (itself included; a trial leaves before Ray can start another).
     import ray
-    start = time.time()
-    time.sleep(3)
+    x = str(config["x"])
+    (RUNNING / x).touch()
+    running = len(list(RUNNING.iterdir()))
+    (STARTED / x).touch()
+    wave = 4 * ((len(list(STARTED.iterdir())) - 1) // 4 + 1)
+    deadline = time.monotonic() + 120
+    while len(list(STARTED.iterdir())) < wave:
+        if time.monotonic() > deadline:
+            wave = None  # the wave never filled
+            break
+        time.sleep(0.05)
+    (RUNNING / x).unlink()
     node = ray.get_runtime_context().get_node_id()
-    tune.report({"score": 0.0, "start": start, "end": time.time(), "node": node, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]})
+    tune.report({"score": 0.0, "running": running, "wave": wave, "node": node, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]})
+
 
 tuner = tune.Tuner(
     tune.with_resources(trainable, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}),
@@ -291,7 +296,7 @@ tuner = tune.Tuner(
     run_config=tune.RunConfig(storage_path=sys.argv[3], verbose=0, log_to_file=False),
 )
 rows = [r.metrics for r in tuner.fit()]
-print("RESULT " + json.dumps({"nodes": sorted(nodes), "plan": plan.__dict__, "rows": [{k: r[k] for k in ("start", "end", "node", "gpu_ids")} for r in rows]}))
+print("RESULT " + json.dumps({"nodes": sorted(nodes), "plan": plan.__dict__, "rows": [{k: r[k] for k in ("running", "wave", "node", "gpu_ids")} for r in rows]}))
 """
 
 
@@ -299,13 +304,16 @@ def test_fractional_gpus_are_planned_node_by_node_on_nodes_with_different_gpu_co
     """Logical GPUs (``ray start --num-gpus``) on this CPU machine: nodes of 2 CPU + 1 GPU and
     2 CPU + 2 GPU. Half a GPU per trial would be 6 trials by the cluster's totals, but the
     2-GPU node has CPUs for only 2: the plan is 4 at a time, 1 CPU each, and Ray runs exactly that."""
+    running = tmp_path / "barrier"
+    (running / "started").mkdir(parents=True)
+    (running / "running").mkdir()
     cluster = RayNodes()
     try:
         cluster.head(cpus=0)
         cluster.worker("g1", cpus=2, gpus=1)
         cluster.worker("g2", cpus=2, gpus=2)
         result = subprocess.run(
-            [sys.executable, "-c", _PLAN_AND_RUN, str(REPO), cluster.address, str(tmp_path / "tune")],
+            [sys.executable, "-c", _PLAN_AND_RUN, str(REPO), cluster.address, str(tmp_path / "tune"), str(running)],
             env=cluster.env,
             capture_output=True,
             text=True,
@@ -320,8 +328,9 @@ def test_fractional_gpus_are_planned_node_by_node_on_nodes_with_different_gpu_co
     assert out["plan"] == {"cpus_per_trial": 1.0, "gpus_per_trial": 0.5, "concurrency": 4}
     rows = out["rows"]
     assert len(rows) == 8 and all(len(r["gpu_ids"]) == 1 for r in rows)  # each trial holds a share of one GPU
-    overlap = max(sum(1 for o in rows if o["start"] < r["start"] + 0.5 < o["end"]) for r in rows)
-    assert overlap == 4  # the planned concurrency ran at once: 2 trials on each node
+    # the planned concurrency ran at once (both waves of 4 filled: 2 trials on each node), and no
+    # trial ever started beside 4 others
+    assert sorted(r["wave"] or 0 for r in rows) == [4] * 4 + [8] * 4 and max(r["running"] for r in rows) <= 4, rows
     by_node = {}
     for r in rows:
         by_node.setdefault(r["node"], set()).update(r["gpu_ids"])

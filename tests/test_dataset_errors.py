@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import REPO, make_source_dataset
 
-from bss.data.io import write_mask
+from bss.data.io import read_mask, write_mask
 from bss.data.layout import SourceDataset
 from bss.data.splits import make_splits
 from bss.errors import BSSError, DatasetError
@@ -86,7 +86,9 @@ def test_non_binary_box_mask_is_refused(data_root, values, fragment):
         mask[:, band] = v
     Image.fromarray(mask).save(data_root / "toy" / "masks" / "img_010.png")
     if fragment is None:
-        make_splits("toy", data_root, progress=False)
+        # accepted: the splits are made, and the mask reads as 0/1 with its foreground where the 7s are
+        assert make_splits("toy", data_root, progress=False) == {"BASELINE": 5, "EVAL": 2, "TEST": 2}
+        assert np.array_equal(read_mask(data_root / "toy" / "masks" / "img_010.png"), (mask == 7).astype(np.uint8))
         return
     msg = expect_error(data_root, fragment)
     assert "img_010.png" in msg

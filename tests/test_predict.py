@@ -83,8 +83,15 @@ def test_non_empty_out_needs_overwrite(checkpoint, new_images, tmp_path):
     first = (out / "masks" / "b.png").read_bytes()
     with pytest.raises(BSSError, match="not empty"):
         predict_folder(checkpoint, new_images, out, progress=False)
+    # every mask is rewritten: one replaced by a checkerboard (no prediction looks like that) comes
+    # back as the very mask a run into an empty folder writes
+    Image.fromarray((np.indices((75, 120)).sum(0) % 2 * 255).astype(np.uint8)).save(out / "masks" / "b.png")
+    assert (out / "masks" / "b.png").read_bytes() != first
     predict_folder(checkpoint, new_images, out, overwrite=True, threshold=0.999, progress=False)
-    assert (out / "masks" / "b.png").read_bytes() != first or np.asarray(Image.open(out / "masks" / "b.png")).max() == 0
+    fresh = predict_folder(checkpoint, new_images, tmp_path / "fresh", threshold=0.999, progress=False).out
+    for name in ("a.png", "b.png", "c.png"):
+        assert (out / "masks" / name).read_bytes() == (fresh / "masks" / name).read_bytes(), name
+    assert json.loads((out / "predictions.json").read_text())["threshold"] == 0.999
     # a folder holding something predict did not write is never replaced
     (out / "thesis.docx").write_text("precious")
     with pytest.raises(BSSError, match="did not write"):

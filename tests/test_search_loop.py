@@ -528,7 +528,27 @@ def test_plan_resources():
         plan_resources(4, 0, trials=8, cpus_per_trial=3, nodes=[(2.0, 0.0), (2.0, 0.0)])
 
 
-torch.set_num_threads(1)  # the in-process inference (hybrid, TEST, overlays) of tiny models: no thread contention
+def test_the_driver_decides_its_own_torch_threads(setup_loop, monkeypatch):
+    """Whatever its caller set before (a test module, a benchmark), the loop measures its teacher
+    (and makes H<n>, evaluates TEST) with every CPU it may use: the same inside pytest as in a
+    drivers/search.py process, so the figures of the two can be compared exactly."""
+    from bss.environment import available_cpus
+
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    TEACHER.clear()
+    PLAN.update({0: [(0.9, 0.9, 0.85)]})
+    seen = []
+    fake_teacher = teacher_quality.measure_teacher
+
+    def counting_teacher(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fake_teacher(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_quality, "measure_teacher", counting_teacher)
+    torch.set_num_threads(available_cpus() + 1)  # what no machine gives by default
+    run_loop(options(iterations=1))
+    assert seen == [available_cpus()]
 
 
 def test_a_second_driver_on_the_same_run_dir_is_refused(tmp_path):

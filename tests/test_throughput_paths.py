@@ -3,6 +3,7 @@ view normalised on the device, per-item augmentation seeds; the cache stays with
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -278,11 +279,39 @@ def test_gpu_check_cpu_path_runs(tmp_path):
         cwd=str(REPO),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    import json
-
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {"fp32", "amp", "amp+channels_last"} <= {row["name"] for row in report["single"]}
-    assert report["concurrent"]["1"]["images_per_s"] > 0
+    # exit 0 means no part raised (see the next test); the figures are there
+    assert all(row["images_per_s"] > 0 for row in report["single"]) and report["concurrent"]["1"]["images_per_s"] > 0
+    assert set(report["trainer"]["sides"]) == {"bss w=0", "bare"}
+
+
+def test_gpu_check_fails_when_a_variant_raises(tmp_path, monkeypatch, capsys):
+    """A deliberately broken variant: the check records it, still runs the others, writes the
+    report, and exits with status 1 naming it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    real = gpu_check.run_variant
+
+    def broken_amp(args, device, name, **kw):
+        if name == "amp":
+            raise RuntimeError("deliberately broken variant")
+        return real(args, device, name, **kw)
+
+    monkeypatch.setattr(gpu_check, "run_variant", broken_amp)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    argv = ["--device", "cpu", "--size", "64x64", "--steps", "1", "--warmup", "1", "--batch", "2", "--encoder", "resnet18"]
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(argv + ["--concurrent", "", "--trainer-images", "0", "--budget", "500"])
+    assert stop.value.code == "gpu_check: 1 part(s) failed: amp: RuntimeError: deliberately broken variant"
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = {row["name"]: row for row in report["single"]}
+    assert rows["amp"] == {"name": "amp", "error": "RuntimeError: deliberately broken variant"}
+    assert all(rows[n]["images_per_s"] > 0 for n in ("fp32", "amp+channels_last", "bss path"))  # the others ran
+    assert "amp" in capsys.readouterr().out
 
 
 def test_cache_module_defaults(monkeypatch, tmp_path):

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bss.console import say as _say
 from bss.data.io import file_sha256
+from bss.environment import set_threads
 from bss.errors import BSSError, ConfigError
 from bss.search import final_report, stages
 from bss.search.data_stage import measure_boxes, prepare_data
@@ -270,6 +271,7 @@ class Loop:
 
     # ---- sequencing -----------------------------------------------------------------------
     def _run(self) -> LoopResult:
+        set_threads()  # the driver's torch threads: its own decision, never its caller's (bss.environment)
         self.started = _now()
         quiet_environment()
         self.stored = self.stored_state()
