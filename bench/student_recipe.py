@@ -14,14 +14,17 @@ best checkpoint by EVAL IoU):
 * ``H1``: made by that teacher with the rule :func:`bss.hybrid.teacher_quality.measure_teacher`
   chooses on EVAL, with soft labels (``soft/``);
 * ``full``: every training image with its true mask (``truth/``): the ceiling;
-* students on H1, one per recipe variant (``VARIANTS``) and seed; ``plain`` is today's student.
+* students on H1, one per recipe variant (``VARIANTS``) and seed; ``plain`` is today's student;
+  ``finetune`` is ``plain`` plus 60 steps on BASELINE (lr 1e-3) from its best checkpoint.
 
 Every run is a subprocess with one torch thread (``--jobs`` at a time); its result is kept in the
 work folder, so a rerun only trains what is missing. Prints a table (median TEST and EVAL IoU,
 spread = min-max over seeds, the median's difference to ``plain`` and to the teacher) and writes
 the raw rows to ``--out``.
 
-    python bench/student_recipe.py --variants plain ignore hand50 --seeds 0 1 2
+    python bench/student_recipe.py --variants plain ignore init finetune strong --screen hand50 soft --seeds 0 1 2 --full-seeds 0 1 2
+    python bench/student_recipe.py --dataset neu_scratches --variants plain --full-seeds 0 \
+        --out bench/results/student_recipe_neu_scratches.json
 """
 
 from __future__ import annotations
