@@ -13,7 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -35,6 +35,37 @@ class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # any MLflow tracking URI; relative sqlite paths are from the cwd
     experiment: str = "bss"
     enabled: bool = True
+
+
+AUGMENTATIONS = ("default", "strong")  # bss.data.segmentation_dataset.train_augmentation
+
+
+@dataclass
+class StudentConfig:
+    """How a model trains on a hybrid dataset ``NAME_H<n>`` (a *student*). The defaults change
+    nothing; each option acts on the *refined* images (origin ``refined`` in the H<n> manifest,
+    their teacher probability in ``soft/``) and leaves hand-labelled images as they are:
+
+    - ``ignore_band: [low, high]``: pixels of a refined image whose teacher probability is in
+      [low, high] are left out of the loss; the rest keep their hard label (outside every box the
+      probability is 0: known background). Needs ``soft/`` (make the H<n> with soft labels).
+    - ``soft_targets``: the teacher probability is the target instead of the hard mask (``soft/``).
+    - ``hand_fraction``: the share of each epoch's draws that are hand-labelled images (drawn
+      again as often as needed; the epoch keeps its length). 0: as they come.
+    - ``init_from``: a checkpoint whose weights start the model (e.g. the teacher's best.pt).
+    - ``augment``: ``default`` or ``strong`` (larger affine, colour jitter, blur/noise).
+    """
+
+    ignore_band: Optional[list] = None
+    soft_targets: bool = False
+    hand_fraction: float = 0.0
+    init_from: Optional[str] = None
+    augment: str = "default"
+
+    @property
+    def needs_soft(self) -> bool:
+        """Whether refined images need their teacher probability (``soft/``)."""
+        return self.ignore_band is not None or self.soft_targets
 
 
 @dataclass
@@ -66,6 +97,7 @@ class Config:
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps it (tests, smoke runs)
     train_steps: int = 0  # >0: at least this many optimizer steps (and at least `epochs` epochs), whatever the dataset's size; 0: `epochs` decides
     evaluations: int = 0  # >0: this many EVAL evaluations spread evenly over the run (instead of val_per_epoch per epoch)
+    student: StudentConfig = field(default_factory=StudentConfig)  # training on a hybrid dataset H<n>
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
@@ -103,7 +135,7 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 def _build(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix or '<top level>'}' must be a mapping, got {type(data).__name__}.")
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<top level>'}' must be a mapping, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -163,7 +195,30 @@ def validate(cfg: Config) -> Config:
         component = getattr(cfg, key)
         if not isinstance(component.args, dict):
             raise ConfigError(f"config key '{key}.args' must be a mapping, got {component.args!r}.")
+    _validate_student(cfg.student)
     return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_student(student: StudentConfig) -> None:
+    band = student.ignore_band
+    if band is not None and not (isinstance(band, list) and len(band) == 2 and all(_is_number(v) for v in band) and 0.0 < band[0] < band[1] < 1.0):
+        raise ConfigError(
+            f"config key 'student.ignore_band' must be [low, high], teacher probabilities with 0 < low < high < 1 (e.g. [0.3, 0.7]), or null; got {band!r}."
+        )
+    if band is not None:
+        student.ignore_band = [float(v) for v in band]
+    if not (_is_number(student.hand_fraction) and 0.0 <= student.hand_fraction < 1.0):
+        raise ConfigError(
+            f"config key 'student.hand_fraction' must be at least 0 and below 1 (the share of hand-labelled images in each epoch; 0: as they come), got {student.hand_fraction!r}."
+        )
+    if student.init_from is not None and (not isinstance(student.init_from, str) or not student.init_from):
+        raise ConfigError(f"config key 'student.init_from' must be the path of a checkpoint (best.pt) or null, got {student.init_from!r}.")
+    if student.augment not in AUGMENTATIONS:
+        raise ConfigError(f"config key 'student.augment' must be one of {', '.join(AUGMENTATIONS)}, got {student.augment!r}.")
 
 
 def merge(base: dict, override: dict) -> dict:

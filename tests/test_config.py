@@ -42,6 +42,17 @@ def test_base_inheritance_and_overrides(tmp_path):
         ({"device": "tpu"}, "'device' must be auto"),
         ({"learning_rate": float("nan")}, "'learning_rate' must be a finite number"),
         ({"weight_decay": float("inf")}, "'weight_decay' must be a finite number"),
+        ({"student": {"ignore_bands": [0.3, 0.7]}}, "unknown config key 'student.ignore_bands'. Did you mean 'ignore_band'?"),
+        ({"student": {"ignore_band": [0.7, 0.3]}}, "'student.ignore_band' must be [low, high], teacher probabilities with 0 < low < high < 1"),
+        ({"student": {"ignore_band": [0.0, 0.5]}}, "'student.ignore_band' must be [low, high]"),
+        ({"student": {"ignore_band": 0.5}}, "'student.ignore_band' must be [low, high]"),
+        ({"student": {"ignore_band": [0.3, "high"]}}, "'student.ignore_band' must be [low, high]"),
+        ({"student": {"hand_fraction": 1.0}}, "'student.hand_fraction' must be at least 0 and below 1"),
+        ({"student": {"hand_fraction": float("nan")}}, "'student.hand_fraction' must be at least 0 and below 1"),
+        ({"student": {"soft_targets": "yes"}}, "config key 'student.soft_targets' must be bool"),
+        ({"student": {"augment": "heavy"}}, "config key 'student.augment' must be one of default, strong, got 'heavy'"),
+        ({"student": {"init_from": ""}}, "config key 'student.init_from' must be the path of a checkpoint"),
+        ({"student": [0.3, 0.7]}, "config key 'student' must be a mapping"),
     ],
 )
 def test_bad_config_names_the_key(data, fragment):
@@ -65,6 +76,15 @@ def test_bad_override_syntax():
 def test_to_dict_round_trip():
     cfg = from_dict({"epochs": 2, "model": {"name": "FPN", "args": {"encoder_name": "resnet18"}}})
     assert from_dict(cfg.to_dict()) == cfg
+    student = from_dict({"student": {"ignore_band": [0.25, 0.75], "hand_fraction": 0.5, "augment": "strong"}})
+    assert from_dict(student.to_dict()) == student and student.student.needs_soft
+
+
+def test_student_defaults_change_nothing():
+    """Without a `student` section a config trains as before: no band, no soft targets, natural mix, fresh weights, default augmentation."""
+    student = from_dict({}).student
+    assert (student.ignore_band, student.soft_targets, student.hand_fraction, student.init_from, student.augment) == (None, False, 0.0, None, "default")
+    assert not student.needs_soft and load_config(REPO / "config.yaml").student == student
 
 
 def test_base_cycle_is_one_error(tmp_path):

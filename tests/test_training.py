@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -169,3 +171,155 @@ def test_train_driver(split_root, tmp_path):
         [sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--set", "epoch=1"], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {path}: unknown config key 'epoch'. Did you mean 'epochs'?"]
+
+
+# ---- students on a hybrid dataset (config key `student`) -----------------------------------
+
+
+def fake_hybrid(root, n_hand: int = 2, n_refined: int = 4, size: int = 64):
+    """An H<n>-like folder: hand-labelled images (no soft label) and refined ones whose teacher
+    probability (soft/) is 0 outside the box (rows 16-47, cols 8-39), 0.5 on its left third (unsure)
+    and 0.9 on the rest (sure foreground); masks/ is the probability > 0.5 inside the box."""
+    from bss.data.io import write_image, write_mask
+
+    folder = root / "toy_H1"
+    for sub in ("images", "masks", "soft"):
+        (folder / sub).mkdir(parents=True)
+    prob = np.zeros((size, size), np.float32)
+    prob[16:48, 8:40] = 0.9
+    prob[16:48, 8:18] = 0.5
+    entries = []
+    rng = np.random.default_rng(0)
+    for i in range(n_hand + n_refined):
+        stem = f"img_{i:02d}"
+        write_image(folder / "images" / f"{stem}.png", rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        if i < n_hand:
+            hand = np.zeros((size, size), np.uint8)
+            hand[5:20, 30:60] = 1
+            write_mask(folder / "masks" / f"{stem}.png", hand)
+            entries.append({"image": f"{stem}.png", "origin": "baseline"})
+        else:
+            write_mask(folder / "masks" / f"{stem}.png", (prob > 0.5).astype(np.uint8))
+            Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(folder / "soft" / f"{stem}.png")
+            entries.append({"image": f"{stem}.png", "origin": "refined"})
+    (folder / "manifest.json").write_text(json.dumps({"images": entries}))
+    return folder, prob
+
+
+def student_dataset(folder, augmented=False, seed=None, **student):
+    from bss.config import StudentConfig
+    from bss.data.segmentation_dataset import SegmentationDataset
+
+    return SegmentationDataset(folder, (64, 64), augment=augmented, cache=False, seed=seed, student=StudentConfig(**student)).as_raw()
+
+
+def test_student_targets_ignore_the_unsure_band_and_keep_the_rest(tmp_path):
+    from bss.losses.masked import IGNORE
+
+    folder, prob = fake_hybrid(tmp_path)
+    plain = student_dataset(folder)
+    assert plain.refined == [False, False, True, True, True, True]
+    _, mask = plain[2]
+    assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) == {0, 1}  # no option: the masks as before
+
+    ignoring = student_dataset(folder, ignore_band=[0.3, 0.7])
+    _, target = ignoring[2]
+    assert target.dtype == torch.float32
+    expected = np.where((prob >= 0.3) & (prob <= 0.7), IGNORE, (prob > 0.5).astype(np.float32))
+    assert np.array_equal(target.numpy(), expected)  # unsure band ignored, the box's sure part 1, outside the box 0
+    assert (target == IGNORE).sum() == 32 * 10 and (target == 1).sum() == 32 * 22 and (target == 0).sum() == 64 * 64 - 32 * 32
+    _, hand = ignoring[0]
+    assert np.array_equal(hand.numpy(), plain[0][1].numpy().astype(np.float32))  # a hand label is never ignored nor softened
+
+    _, soft = student_dataset(folder, soft_targets=True)[3]
+    assert np.allclose(soft.numpy(), prob, atol=1 / 255)  # the teacher's probability as the target
+    _, both = student_dataset(folder, soft_targets=True, ignore_band=[0.4, 0.6])[3]
+    assert np.allclose(both.numpy(), np.where(prob == 0.5, IGNORE, prob), atol=1 / 255)
+
+
+def test_augmentation_moves_the_ignored_pixels_with_the_mask(tmp_path):
+    """The image paints the target's classes (red: ignored, green: foreground); after any seed's
+    augmentation the target still lies under its paint (flips, shifts, rotations move both alike)."""
+    from bss.data.io import write_image
+    from bss.losses.masked import IGNORE
+
+    folder, prob = fake_hybrid(tmp_path, n_hand=1, n_refined=1)
+    paint = np.zeros((64, 64, 3), np.uint8)
+    paint[..., 0] = np.where((prob >= 0.3) & (prob <= 0.7), 255, 0)
+    paint[..., 1] = np.where(prob > 0.7, 255, 0)
+    write_image(folder / "images" / "img_01.png", paint)
+    for strength in ("default", "strong"):
+        data = student_dataset(folder, augmented=True, seed=0, ignore_band=[0.3, 0.7], augment=strength)
+        moved = 0
+        for seed in range(12):
+            rgb, target = data[(1, seed)]
+            rgb, target = rgb.numpy().astype(int), target.numpy()
+            red, green = rgb[..., 0] > 128, (rgb[..., 1] > 128) & (rgb[..., 0] < 128)
+            ignored, foreground = target == IGNORE, target == 1
+            assert (red == ignored).mean() > 0.97 and (green == foreground).mean() > 0.97, (strength, seed)
+            moved += not np.array_equal(ignored, (prob >= 0.3) & (prob <= 0.7))
+        assert moved >= 6, strength  # most seeds did move the pixels
+
+
+def test_student_options_need_the_soft_labels(tmp_path):
+    from bss.errors import DatasetError
+
+    folder, _ = fake_hybrid(tmp_path)
+    (folder / "soft" / "img_03.png").unlink()
+    with pytest.raises(DatasetError, match=r"soft/img_03.png not found: config key student.ignore_band needs the teacher's probability .* --soft"):
+        student_dataset(folder, ignore_band=[0.3, 0.7])
+    assert student_dataset(folder, hand_fraction=0.5, augment="strong").refined.count(True) == 4  # these need no soft label
+
+
+def test_hand_fraction_sampler_mixes_each_epoch():
+    from bss.training.trainer import _MixedSampler
+
+    refined = [False, False] + [True] * 8  # 2 hand-labelled, 8 refined images
+    sampler = _MixedSampler(refined, 0.5, seed=0)
+    epochs = [list(sampler) for _ in range(2)]
+    for draws in epochs:
+        indices = [i for i, _ in draws]
+        assert len(draws) == 10 and sum(not refined[i] for i in indices) == 5  # half hand-labelled, epoch length kept
+        assert len({s for _, s in draws}) == 10  # every draw its own augmentation seed
+    seen = Counter(i for draws in epochs for i, _ in draws if refined[i])
+    assert sorted(seen) == list(range(2, 10)) and set(seen.values()) == {1, 2}  # 10 refined draws: one full pass over the 8, then 2 more
+    assert [list(_MixedSampler(refined, 0.5, seed=0)) for _ in range(1)][0] == epochs[0]  # reproducible by seed
+
+
+def test_student_init_from_a_checkpoint(split_root, tmp_path):
+    from bss.errors import ConfigError
+
+    teacher = Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "t", epochs=1)), progress=False).fit().checkpoint
+    student = Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "s", student={"init_from": str(teacher)})), progress=False)
+    state = torch.load(teacher, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, state[k]) for k, v in student.model.state_dict().items())
+    with pytest.raises(ConfigError, match=r"config key 'student.init_from': checkpoint .*nope.pt not found"):
+        Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "x", student={"init_from": str(tmp_path / "nope.pt")})), progress=False)
+    other = tiny_config_dict(split_root, tmp_path / "y", student={"init_from": str(teacher)})
+    other["model"]["args"]["decoder_channels"] = [16, 8, 8]
+    with pytest.raises(ConfigError, match=r"config key 'student.init_from': the weights of .* do not fit the model"):
+        Trainer(from_dict(other), progress=False)
+
+
+def test_a_student_trains_on_a_hybrid_made_with_soft_labels(split_root, tmp_path):
+    """make_hybrid's soft/ and manifest feed the student options end to end."""
+    from bss.config import StudentConfig
+    from bss.data.io import read_mask
+    from bss.data.segmentation_dataset import SegmentationDataset
+    from bss.hybrid import RefineRule, make_hybrid
+    from bss.losses.masked import IGNORE
+
+    teacher = Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "t", epochs=2)), progress=False).fit().checkpoint
+    hybrid = make_hybrid("toy", teacher, data_root=split_root, rule=RefineRule(min_fill=0.0, soft=True), progress=False, device="cpu")
+    data = SegmentationDataset(hybrid.path, (64, 64), cache=False, student=StudentConfig(ignore_band=[0.3, 0.7])).as_raw()
+    assert sum(data.refined) == hybrid.manifest["counts"]["refined"] > 0 and not all(data.refined)
+    for i, sample in enumerate(data.samples):  # the toy images are 64x64: no resizing
+        mask = read_mask(sample.mask).astype(np.float32)
+        if data.refined[i]:
+            prob = np.asarray(Image.open(hybrid.path / "soft" / f"{sample.stem}.png")) / 255.0
+            mask = np.where((prob >= 0.3) & (prob <= 0.7), IGNORE, mask)
+        assert np.array_equal(data[i][1].numpy(), mask), sample.stem
+    student = {"ignore_band": [0.3, 0.7], "hand_fraction": 0.5, "augment": "strong"}
+    trainer = Trainer(from_dict(tiny_config_dict(split_root, tmp_path / "s", train_dataset=hybrid.path.name, student=student)), progress=False)
+    result = trainer.fit()
+    assert np.isfinite([r["train_loss"] for r in result.history]).all() and result.checkpoint.is_file()

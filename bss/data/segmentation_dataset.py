@@ -11,6 +11,14 @@ arrays; normalisation (ImageNet mean/std, as smp's encoders expect) comes last.
 of the bytes to collate, pin and copy, normalised on the device by
 :meth:`bss.training.runtime.Runtime.prepare_batch` to exactly the same values.
 
+**Students** (``student``, the config's :class:`~bss.config.StudentConfig`): on a hybrid dataset
+``NAME_H<n>`` each image is hand-labelled or *refined* (its manifest's ``origin``). With
+``ignore_band`` or ``soft_targets`` the target of a refined image is built from its teacher
+probability ``soft/<stem>.png`` at load time: float32, the hard mask (or the probability), with
+:data:`~bss.losses.masked.IGNORE` where the probability lies in the band. It is augmented as the
+mask (the same geometric transforms, nearest-neighbour), so mask and ignore move together.
+Without those options the masks are the uint8 0/1 masks, exactly as before.
+
 Augmentation is reproducible by seed. ``dataset[(i, s)]`` augments sample ``i`` with its own
 seed ``s`` (the trainer's sampler draws them from the config's seed), so the result does not
 depend on the number of DataLoader workers or on whether they persist between epochs.
@@ -19,6 +27,7 @@ depend on the number of DataLoader workers or on whether they persist between ep
 from __future__ import annotations
 
 import copy
+import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,12 +35,15 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
+from bss.config import StudentConfig
 from bss.data.cache import MemoryCache, ResizedCache, default_memory_bytes, warn_no_disk_cache
-from bss.data.io import read_image, read_mask
+from bss.data.io import image_size, read_image, read_mask
 from bss.data.layout import Sample, list_samples
 from bss.errors import DatasetError
+from bss.losses.masked import IGNORE
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -59,19 +71,30 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def train_augmentation(seed: int | None = None) -> A.Compose:
-    """Mild, label-preserving augmentation for CCTV frames; ``seed`` makes it reproducible."""
+def train_augmentation(seed: int | None = None, strength: str = "default") -> A.Compose:
+    """Label-preserving augmentation for CCTV frames; ``seed`` makes it reproducible.
+
+    ``default``: mild (flip, small affine, colour jitter). ``strong`` (``student.augment``, the
+    Noisy Student idea: a student learns under more noise than its teacher): larger affine, more
+    colour jitter, blur or sensor noise. Neither flips vertically (CCTV frames have an up)."""
     import albumentations as A  # here, so that a dataset without augmentation needs no albumentations
 
-    compose = A.Compose(
-        [
+    if strength == "strong":
+        transforms = [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), rotate=(-20, 20), p=0.8),
+            A.RandomBrightnessContrast(brightness_limit=0.35, contrast_limit=0.35, p=0.8),
+            A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=25, val_shift_limit=20, p=0.5),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.4),
+        ]
+    else:
+        transforms = [
             A.HorizontalFlip(p=0.5),
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-8, 8), p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
             A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=15, val_shift_limit=10, p=0.3),
-        ],
-        seed=seed,
-    )
+        ]
+    compose = A.Compose(transforms, seed=seed)
     if seed is not None:
         seed_augmentation(compose, seed)
     return compose
@@ -87,6 +110,20 @@ def seed_augmentation(compose: A.Compose, seed: int) -> None:
     compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
+def refined_flags(folder: Path, samples: list[Sample]) -> list[bool]:
+    """Per sample, whether its mask was refined from boxes by a teacher (origin ``refined`` in the
+    folder's H<n> manifest); False for hand-labelled images and for folders without such a manifest."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return [False] * len(samples)
+    try:
+        entries = json.loads(path.read_text()).get("images", [])
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise DatasetError(f"{path}: unreadable manifest ({exc}).") from None
+    refined = {Path(e["image"]).stem for e in entries if isinstance(e, dict) and e.get("origin") == "refined"}
+    return [s.stem in refined for s in samples]
+
+
 class SegmentationDataset(Dataset):
     """``(image (3,H,W) float, mask (1,H,W) float 0/1)`` pairs from a dataset folder.
 
@@ -95,6 +132,9 @@ class SegmentationDataset(Dataset):
     ``memory_bytes`` of it also held in this process; ``"memory"`` keeps at most ``memory_bytes``
     in memory and decodes the rest each time; False decodes every time. The cache is built on
     first use (or by :meth:`prepare`).
+
+    ``student``: how refined images are targeted and augmented (see the module's docstring);
+    None or the defaults: as a plain dataset.
     """
 
     def __init__(
@@ -107,11 +147,18 @@ class SegmentationDataset(Dataset):
         seed: int | None = None,
         cache_dir: str | Path | None = None,
         memory_bytes: int | None = None,
+        student: StudentConfig | None = None,
     ):
         self.folder = Path(folder)
         self.samples = samples if samples is not None else list_samples(self.folder)
         self.height, self.width = int(image_size[0]), int(image_size[1])
-        self.transform = train_augmentation(seed) if augment else None
+        self.student = student or StudentConfig()
+        self.transform = train_augmentation(seed, self.student.augment) if augment else None
+        self.refined = refined_flags(self.folder, self.samples)
+        self.student_targets = self.student.needs_soft and any(self.refined)  # targets from soft/: float32 with IGNORE
+        self._soft: dict[int, np.ndarray] = {}
+        if self.student_targets:
+            self._check_soft_files()
         self.cache = cache
         self.cache_dir = cache_dir
         self.memory_bytes = default_memory_bytes() if memory_bytes is None else int(memory_bytes)
@@ -161,6 +208,46 @@ class SegmentationDataset(Dataset):
             self.prepare()
         return self._store[index]
 
+    # ---- student targets --------------------------------------------------------------------
+    def soft_path(self, index: int) -> Path:
+        return self.folder / "soft" / f"{self.samples[index].stem}.png"
+
+    def _check_soft_files(self) -> None:
+        missing = [self.soft_path(i) for i, refined in enumerate(self.refined) if refined and not self.soft_path(i).is_file()]
+        if missing:
+            keys = " and ".join(
+                k for k, on in (("student.ignore_band", self.student.ignore_band is not None), ("student.soft_targets", self.student.soft_targets)) if on
+            )
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DatasetError(
+                f"{missing[0]} not found{more}: config key {keys} needs the teacher's probability of every refined image; "
+                "make the hybrid dataset with soft labels (drivers/make_hybrid.py --soft, RefineRule(soft=True))."
+            )
+
+    def soft(self, index: int) -> np.ndarray:
+        """The teacher probability of refined sample ``index``, uint8 (0-255) at training resolution (kept in memory)."""
+        if index not in self._soft:
+            path = self.soft_path(index)
+            prob = np.asarray(Image.open(path).convert("L"))
+            if prob.shape != image_size(self.samples[index].image):
+                h, w = image_size(self.samples[index].image)
+                raise DatasetError(f"{path}: soft label is {prob.shape[1]}x{prob.shape[0]} but its image is {w}x{h}.")
+            self._soft[index] = resize_image(prob, self.height, self.width)
+        return self._soft[index]
+
+    def target(self, index: int, mask: np.ndarray) -> np.ndarray:
+        """The float32 training target of sample ``index`` from its (resized) ``mask``: a
+        hand-labelled image's mask; a refined image's mask or teacher probability
+        (``soft_targets``), with :data:`IGNORE` where the probability is in ``ignore_band``."""
+        if not self.refined[index]:
+            return mask.astype(np.float32)
+        prob = self.soft(index).astype(np.float32) / 255.0
+        target = prob if self.student.soft_targets else mask.astype(np.float32)
+        if self.student.ignore_band is not None:
+            low, high = self.student.ignore_band
+            target = np.where((prob >= low) & (prob <= high), np.float32(IGNORE), target)
+        return target
+
     # ---- items ------------------------------------------------------------------------------
     def as_raw(self) -> "SegmentationDataset":
         """A view of the same samples and cache whose items are uint8 ``(H, W, 3)`` image and
@@ -172,8 +259,11 @@ class SegmentationDataset(Dataset):
         return view
 
     def augmented(self, index, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``index`` after augmentation (uint8), with its own ``seed`` when given."""
+        """Sample ``index`` after augmentation (uint8; a student's target: float32, see
+        :meth:`target`), with its own ``seed`` when given."""
         rgb, mask = self.load(index)
+        if self.student_targets:
+            mask = self.target(index, mask)
         if self.transform is not None:
             if seed is not None:
                 seed_augmentation(self.transform, seed)

@@ -1,6 +1,8 @@
 """Losses by name: ``build_loss(NamedArgs("TverskyLoss", {"alpha": 0.3, "beta": 0.7}))``.
 
-All take raw logits (N, 1, H, W) and a 0/1 target of the same shape.
+All take raw logits (N, 1, H, W) and a target of the same shape: 0/1, or a soft label in [0, 1];
+a pixel whose target is :data:`~bss.losses.masked.IGNORE` (-1) is left out of the loss (see
+:mod:`bss.losses.masked`).
 
 TverskyLoss is smp's: ``1 - TP / (TP + alpha * FP + beta * FN)``. **alpha weights false positives,
 beta weights false negatives**: beta > alpha trades precision for recall (tested in
@@ -16,12 +18,14 @@ import torch
 
 from bss.config import NamedArgs
 from bss.errors import ConfigError
+from bss.losses.masked import IGNORE, BCEWithLogits
 from bss.losses.weighted_sum import WeightedSum
 
 
 def _binary(cls):
     def make(**kwargs):
         kwargs.setdefault("mode", "binary")
+        kwargs.setdefault("ignore_index", IGNORE)
         return cls(**kwargs)
 
     make.__name__ = cls.__name__
@@ -34,7 +38,7 @@ LOSSES = {
     "TverskyLoss": _binary(smp.losses.TverskyLoss),
     "DiceLoss": _binary(smp.losses.DiceLoss),
     "FocalLoss": _binary(smp.losses.FocalLoss),
-    "BCEWithLogitsLoss": torch.nn.BCEWithLogitsLoss,
+    "BCEWithLogitsLoss": BCEWithLogits,
     "WeightedSum": None,  # built below: {"terms": [{"name", "args", "weight"}, ...]}
 }
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from bss.config import Config
 from bss.data.layout import resolve_dataset
 from bss.data.segmentation_dataset import SegmentationDataset
-from bss.errors import BSSError
+from bss.errors import BSSError, ConfigError
 from bss.losses import build_loss
 from bss.metrics import SegmentationMetrics, confusion_counts
 from bss.models import build_model
@@ -72,6 +72,36 @@ class _SeededSampler(Sampler):
             return iter(order)
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=self.seed_generator).tolist()
         return iter([(i, seeds[i]) for i in order])
+
+
+class _MixedSampler(_SeededSampler):
+    """``student.hand_fraction``: each epoch of ``n`` draws holds ``round(fraction * n)``
+    hand-labelled images and the rest refined ones, each group read in a fresh order pass after
+    pass (so a group drawn more often than its size repeats, one drawn less is read on where the
+    last epoch stopped), then shuffled together. Every draw has its own augmentation seed, so a
+    hand-labelled image drawn twice is augmented twice differently."""
+
+    def __init__(self, refined: list[bool], fraction: float, seed: int, with_seeds: bool = True):
+        super().__init__(len(refined), True, seed, with_seeds)
+        self.groups = ([i for i, r in enumerate(refined) if not r], [i for i, r in enumerate(refined) if r])
+        self.counts = (round(fraction * self.n), self.n - round(fraction * self.n))
+        self._queues: tuple[list[int], list[int]] = ([], [])
+
+    def _take(self, group: int, count: int) -> list[int]:
+        pool, queue = self.groups[group], self._queues[group]
+        while len(queue) < count:
+            queue.extend(pool[j] for j in torch.randperm(len(pool), generator=self.order_generator).tolist())
+        taken = queue[:count]
+        del queue[:count]
+        return taken
+
+    def __iter__(self):
+        draws = self._take(0, self.counts[0]) + self._take(1, self.counts[1])
+        order = [draws[j] for j in torch.randperm(self.n, generator=self.order_generator).tolist()]
+        if not self.with_seeds:
+            return iter(order)
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=self.seed_generator).tolist()
+        return iter(list(zip(order, seeds)))
 
 
 class _DeviceMetrics(SegmentationMetrics):
@@ -118,7 +148,25 @@ class Trainer:
 
     # ---- hooks -----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.config.model)
+        model = build_model(self.config.model)
+        if self.config.student.init_from:
+            self.init_weights(model, Path(self.config.student.init_from))
+        return model
+
+    @staticmethod
+    def init_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+        """``student.init_from``: start from the weights of ``checkpoint`` (e.g. the teacher's);
+        a missing checkpoint or one of another architecture is a ConfigError naming the key."""
+        from bss.training.checkpoint import load_state_into
+
+        try:
+            load_state_into(model, checkpoint)
+        except BSSError as exc:
+            raise ConfigError(f"config key 'student.init_from': {exc}") from None
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"config key 'student.init_from': the weights of {checkpoint} do not fit the model of config key 'model' (train the student with the checkpoint's model.args): {str(exc)[:200]}"
+            ) from None
 
     def build_loss(self) -> torch.nn.Module:
         return build_loss(self.config.criterion)
@@ -130,7 +178,9 @@ class Trainer:
     def build_datasets(self) -> tuple[SegmentationDataset, SegmentationDataset]:
         cfg = self.config
         size = (cfg.height, cfg.width)
-        train = SegmentationDataset(resolve_dataset(cfg.train_dataset, cfg.data_root), size, augment=cfg.augment, cache=cfg.cache_images, seed=cfg.seed)
+        train = SegmentationDataset(
+            resolve_dataset(cfg.train_dataset, cfg.data_root), size, augment=cfg.augment, cache=cfg.cache_images, seed=cfg.seed, student=cfg.student
+        )
         evaluation = SegmentationDataset(resolve_dataset(cfg.evaluation_dataset, cfg.data_root), size, augment=False, cache=cfg.cache_images)
         return train, evaluation
 
@@ -144,7 +194,13 @@ class Trainer:
         sampler = None
         if isinstance(dataset, SegmentationDataset):
             dataset = dataset.as_raw()
-            sampler = _SeededSampler(len(dataset), shuffle, cfg.seed, with_seeds=dataset.transform is not None)
+            with_seeds = dataset.transform is not None
+            mixed = shuffle and cfg.student.hand_fraction > 0 and 0 < sum(dataset.refined) < len(dataset)  # both kinds of image
+            sampler = (
+                _MixedSampler(dataset.refined, cfg.student.hand_fraction, cfg.seed, with_seeds)
+                if mixed
+                else _SeededSampler(len(dataset), shuffle, cfg.seed, with_seeds)
+            )
             shuffle = False
         return DataLoader(
             dataset,
