@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 from conftest import make_source_dataset, tiny_config_dict  # noqa: E402
 
 from bss.config import NamedArgs, from_dict  # noqa: E402
+from bss.data.io import atomic_write_json  # noqa: E402
 from bss.data.splits import make_splits  # noqa: E402
 from bss.errors import BSSError  # noqa: E402
 from bss.hybrid import teacher_quality  # noqa: E402
@@ -30,7 +31,7 @@ from bss.search import loop as loop_mod  # noqa: E402
 from bss.search import stages  # noqa: E402
 from bss.search.loop import LoopOptions, run_loop  # noqa: E402
 from bss.search.promotion import Candidate, FloorRule, GuardedRecall, build_promotion_rule, choose  # noqa: E402
-from bss.search.state import LoopState, atomic_write_json  # noqa: E402
+from bss.search.state import LoopState  # noqa: E402
 from bss.search.stop import GuardedStop, History, Outcome, build_stop_rule  # noqa: E402
 from bss.search.tune_search import SearchOutcome, plan_resources  # noqa: E402
 from bss.training.checkpoint import load_model, save_checkpoint  # noqa: E402

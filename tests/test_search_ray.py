@@ -554,7 +554,7 @@ def test_cleanup_waits_for_a_worker_of_the_killed_driver_that_still_holds_its_tr
 
 
 def test_a_superseded_attempt_never_writes_into_its_trial_folder(tmp_path):
-    from bss.search.state import atomic_write_json
+    from bss.data.io import atomic_write_json
     from bss.search.trial_store import Superseded, TrialStore
 
     store = TrialStore(tmp_path / "trials", "t002-abcdef12")
@@ -584,7 +584,7 @@ def test_cleanup_deletes_trial_runs_no_record_names_and_finishes_the_others(tmp_
     from mlflow.tracking import MlflowClient
 
     from bss import tracking
-    from bss.search.state import atomic_write_json
+    from bss.data.io import atomic_write_json
     from bss.search.trial_store import TrialStore
     from bss.search.tune_search import clean_interrupted
 

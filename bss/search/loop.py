@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bss.console import say as _say
-from bss.data.io import file_sha256
+from bss.data.io import atomic_path, file_sha256
 from bss.environment import set_threads
 from bss.errors import BSSError, ConfigError
 from bss.search import final_report, stages
@@ -168,8 +168,8 @@ class Loop:
         """A new run's state, written once its data is ready (a failed start leaves no run folder)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for src, name in zip(inputs, ("base_config.yaml", "space.yaml")):
-            shutil.copyfile(src, self.run_dir / f"{name}.tmp")
-            (self.run_dir / f"{name}.tmp").replace(self.run_dir / name)
+            with atomic_path(self.run_dir / name) as tmp:
+                shutil.copyfile(src, tmp)
         self.settings.config_digest = file_sha256(self.run_dir / "base_config.yaml")[:12]
         self.settings.space_digest = space.digest()
         state = LoopState.new(self.run_dir, self.settings.to_dict())

@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from bss.config import METRICS
-from bss.data.io import publish_copy
+from bss.data.io import atomic_write_json, atomic_write_text, publish_copy
 from bss.errors import BSSError, ConfigError
 
 
@@ -226,8 +226,7 @@ def promote(candidate: Candidate, iteration: int, dest: str | Path) -> Promoted:
         )
     publish_copy(candidate.checkpoint, dest / "best.pt")
     config = dict(candidate.config or {})
-    (dest / "config.yaml.tmp").write_text(yaml.safe_dump(config, sort_keys=False))
-    (dest / "config.yaml.tmp").replace(dest / "config.yaml")
+    atomic_write_text(dest / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     metrics = {k: float(v) for k, v in candidate.best.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     promoted = Promoted(
         iteration,
@@ -240,7 +239,5 @@ def promote(candidate: Candidate, iteration: int, dest: str | Path) -> Promoted:
         float(candidate.best.get("epoch", 0.0)),
         candidate.run_id,
     )
-    from bss.search.state import atomic_write_json
-
     atomic_write_json(dest / "promotion.json", promoted.to_dict())
     return promoted

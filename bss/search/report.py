@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from bss.config import METRICS
-from bss.search.state import atomic_write_json
+from bss.data.io import atomic_write_json
 
 NAMES = {"iou": "IoU", "dice": "Dice", "recall": "Recall", "precision": "Precision"}
 

@@ -303,11 +303,10 @@ def teacher_stage(ctx: LoopContext, k: int, it: IterationRecord) -> TeacherRecor
         },
     )
     ctx.tracker.params(it.run_id, {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
-    from bss.hybrid import RefineRule
-    from bss.hybrid.make import rule_description
+    from bss.hybrid.refine import describe
 
     ctx.say(
-        f"iteration {k}: as a teacher on EVAL: label IoU {t.label_iou_pixels:.3f} with the chosen rule ({rule_description(RefineRule.from_dict(t.rule))}; default rule {t.default_rule_iou_pixels:.3f}); "
+        f"iteration {k}: as a teacher on EVAL: label IoU {t.label_iou_pixels:.3f} with the chosen rule ({describe(t.rule)}; default rule {t.default_rule_iou_pixels:.3f}); "
         f"the EVAL boxes {t.box_iou_pixels:.3f}, raw prediction {t.raw_iou_pixels:.3f}"
     )
     return t

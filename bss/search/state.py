@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from bss.data.io import atomic_write_json, read_json  # also imported from here by other modules of bss/search, for now
+from bss.data.io import atomic_write_json, read_json
 from bss.errors import BSSError
 from bss.search.record import LoopRecord, load_record
 

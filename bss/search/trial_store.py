@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bss import filelock
-from bss.search.state import atomic_write_json, read_json
+from bss.data.io import atomic_write_json, read_json
 
 FINISHED_STATES = ("complete", "stopped", "failed")
 LOCK_WAIT = 120.0  # seconds to wait for a previous attempt's worker to die after a kill

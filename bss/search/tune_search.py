@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bss.data.io import atomic_write_json
 from bss.search.promotion import Candidate
 from bss.search.ray_cluster import Resources, local_resources, plan_resources, quiet_environment, start_ray  # noqa: F401 - re-exported
 from bss.search.searchers import get_searcher
-from bss.search.state import atomic_write_json
 from bss.search.trial import TrialContext, train_trial
 from bss.search.trial_store import TrialStore, trial_key
 
