@@ -53,7 +53,7 @@ from bss.data.io import link_or_copy, read_mask  # noqa: E402
 from bss.data.layout import SourceDataset, list_samples  # noqa: E402
 from bss.data.synthetic import DEFECTS, SynthConfig, generate_dataset  # noqa: E402
 from bss.data.via import write_via_csv  # noqa: E402
-from bss.hybrid.label_quality import counts  # noqa: E402
+from bss.metrics import mask_counts as counts  # noqa: E402
 from bss.search.settings import LoopSettings, parse_duration  # noqa: E402
 
 NEU_ROOT = REPO.parent / "shared" / "data" / "neu_seg"
