@@ -243,17 +243,20 @@ class Trainer:
         self.model.train()
         return metrics.compute()
 
+    def evaluation_steps(self, steps: int) -> set[int]:
+        """The global steps (1-based) after which EVAL is evaluated, for ``steps`` per epoch."""
+        cfg, total = self.config, self.epochs * steps
+        if cfg.evaluations:  # spread evenly over the whole run
+            count = min(cfg.evaluations, total)
+            return {max(1, math.ceil(total * (k + 1) / count)) for k in range(count)}
+        per_epoch = [max(1, math.ceil(steps * (k + 1) / cfg.val_per_epoch)) for k in range(cfg.val_per_epoch)]  # val_per_epoch in every epoch
+        return {e * steps + s for e in range(self.epochs) for s in per_epoch}
+
     def fit(self) -> TrainResult:
         cfg, start = self.config, time.perf_counter()
         train_loader, eval_loader = self._loader(self.train_set, True), self._loader(self.eval_set, False)
         steps = len(train_loader) if not cfg.max_steps_per_epoch else min(cfg.max_steps_per_epoch, len(train_loader))
-        total = self.epochs * steps
-        if cfg.evaluations:  # spread evenly over the whole run
-            count = min(cfg.evaluations, total)
-            eval_at = {max(1, math.ceil(total * (k + 1) / count)) for k in range(count)}
-        else:  # val_per_epoch in every epoch
-            per_epoch = [max(1, math.ceil(steps * (k + 1) / cfg.val_per_epoch)) for k in range(cfg.val_per_epoch)]
-            eval_at = {e * steps + s for e in range(self.epochs) for s in per_epoch}
+        eval_at = self.evaluation_steps(steps)
         # reading a loss waits for the GPU: on CUDA the running sum is checked every CHECK_EVERY
         # steps and at each evaluation; on the CPU it costs nothing, so every step
         check_every = 1 if not self.runtime.is_cuda else self.CHECK_EVERY
