@@ -215,7 +215,7 @@ def log_lineage(ctx: LoopContext, run_id: str | None, datasets: dict[str, str]) 
 def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> None:
     """The promotion rule's winner of iteration k's search, copied to ``iter_<k>/`` (None: no
     trial finished an evaluation; at iteration 0 the dataset cannot train at all: an error)."""
-    summary = ", ".join(f"{n} {state}" for state, n in it.search.counts.items() if n)
+    summary = ", ".join(f"{n} {state}" for state, n in it.search.counts.items() if n) or "no trial reported"
     winner = ctx.rule.choose(outcome.candidates)
     if winner is None:
         ctx.state.save()
