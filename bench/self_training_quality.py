@@ -229,7 +229,7 @@ def _test_set(folder: Path, images: list[Path], truth_dir: Path, copy) -> None:
 def synthetic_source(setting: Setting, root: Path, holdout_root: Path) -> Path:
     """The loop's dataset (``images`` frames, ``hand_labels`` polygons) and a held-out set
     generated with another seed, written as ``holdout_root/TEST``."""
-    from bss.search.loop import SYNTHETIC
+    from bss.search.data_stage import SYNTHETIC
 
     spec, name = SYNTHETIC["cpu"], setting.dataset
     generate_dataset(SynthConfig(name, name, setting.images, setting.hand_labels, spec["width"], spec["height"], setting.seed), root, workers=2)
