@@ -317,7 +317,7 @@ def labels_to_beat(ctx: LoopContext, k: int) -> tuple[float, str]:
     train = ctx.record.iterations[k].train_dataset
     for prev in reversed(ctx.record.iterations[:k]):
         if prev.hybrid is not None and prev.hybrid.name == train:
-            return prev.teacher.label_iou_pixels, f"the labels of {train} (made with EVAL label IoU {prev.teacher.label_iou_pixels:.3f})"
+            return prev.teacher.label_iou_pixels, f"the EVAL label IoU of the teacher that made {train}"
     boxes = ctx.record.iterations[k].teacher
     return (boxes.box_iou_pixels if boxes else 0.0), "the EVAL boxes' own label IoU"
 
