@@ -48,7 +48,7 @@ def iteration_row(record: LoopRecord, it: IterationRecord) -> dict:
     return row
 
 
-def table_rows(record: LoopRecord, settings: LoopSettings | None = None) -> list[dict]:
+def table_rows(record: LoopRecord) -> list[dict]:
     return [iteration_row(record, it) for it in record.iterations if it.searched]
 
 

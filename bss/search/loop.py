@@ -246,7 +246,7 @@ class Loop:
         stop_rule = build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience), min_search_seconds=MIN_SEARCH_SECONDS)
         if stored is not None and stored.record.finished:
             _say(f"{self.run_dir}: this loop finished earlier; its report is {(stored.record.report or {}).get('md')}.")
-            rows = final_report.table_rows(stored.record, s)
+            rows = final_report.table_rows(stored.record)
             final_report.print_summary(stored.record, s, self.run_dir, rows, None, _say)
             return self.result(stored.record, rows)
         self.header(resources, space)

@@ -66,12 +66,14 @@ class LoopContext:
         data = self.record.data
         return data.fingerprint.input_size if data and data.fingerprint else None
 
+    @property
+    def nothing_to_refine(self) -> bool:
+        """The dataset has no box-only image (every image hand-labelled): no H<n>, no teacher."""
+        return self.record.data is not None and self.record.data.box_only == 0
+
     def iterations_left(self, k: int) -> int:
         """Iterations that may run after iteration k (0 where nothing can be refined)."""
-        data = self.record.data
-        if data is not None and data.box_only == 0:
-            return 0
-        return max(0, self.settings.iterations - k - 1)
+        return 0 if self.nothing_to_refine else max(0, self.settings.iterations - k - 1)
 
 
 BUDGET_RESERVE = 0.15  # of the time left: teacher measurement, hybrid, TEST evaluation, report
@@ -282,7 +284,7 @@ def no_model_message(ctx: LoopContext, candidates) -> str:
 def teacher_stage(ctx: LoopContext, k: int, it: IterationRecord) -> TeacherRecord | None:
     """EVAL label IoU of the promoted model as a teacher, and the refinement rule chosen on EVAL
     (skipped when no later iteration could train on what it would refine)."""
-    if it.promoted is None or it.teacher is not None or (ctx.record.data is not None and ctx.record.data.box_only == 0):
+    if it.promoted is None or it.teacher is not None or ctx.nothing_to_refine:
         return it.teacher
     from bss.hybrid import teacher_quality
 
@@ -387,11 +389,12 @@ def make_hybrid_stage(ctx: LoopContext, k: int, it: IterationRecord) -> HybridRe
     folder = root / hybrid_name(s.dataset, hybrid.number)
     start = time.perf_counter()
     if folder.exists():
-        if (read_manifest(folder).get("checkpoint") or {}).get("sha256") != hybrid.checkpoint_sha256:
+        manifest = read_manifest(folder)
+        if (manifest.get("checkpoint") or {}).get("sha256") != hybrid.checkpoint_sha256:
             raise BSSError(
                 f"{folder} exists but was not made by this run's iteration-{k} model (its manifest names another checkpoint); it is left alone. Move it away and --resume, or start a new run."
             )
-        label_quality = read_manifest(folder).get("label_quality")
+        label_quality = manifest.get("label_quality")
         ctx.say(f"iteration {k}: {folder.name} already made by this run (adopted after a resume)")
     else:
         ctx.say(f"iteration {k}: refining the box-only images of {s.dataset} with the promoted model -> {folder.name} ...")

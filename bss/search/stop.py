@@ -72,16 +72,6 @@ class Decision:
     make_hybrid: bool = False  # this iteration's model refines the next H<n>
     reason: str = ""  # one of REASONS
 
-    def to_dict(self) -> dict:
-        return {
-            "verdict": self.verdict,
-            "stop": self.stop,
-            "new_best": self.new_best,
-            "value": self.value,
-            "make_hybrid": self.make_hybrid,
-            "reason": self.reason,
-        }
-
     @property
     def stop_text(self) -> str | None:
         """Why the loop stops ("stop: ..."), without what was decided before it; None: it goes on."""
