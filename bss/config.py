@@ -69,6 +69,31 @@ class StudentConfig:
 
 
 @dataclass
+class PatchConfig:
+    """Training on patches and predicting with overlapping sliding windows (as nnU-Net does), so
+    that thin or small defects keep their pixels in large frames. The default (``frame_size``
+    null) changes nothing: every frame is resized to ``image_size``, the network sees it whole.
+
+    - ``frame_size: [height, width]``: every frame is first resized to this size (the planned
+      scale; the decode-once cache keeps it). Training cuts random patches of ``image_size`` from
+      it; inference (EVAL, TEST, the teacher, H<n>, ``predict.py``) slides windows of
+      ``image_size`` over it and blends them with Gaussian weights. Each side at least
+      ``image_size``'s.
+    - ``foreground``: the share of training patches centred on a foreground pixel of the mask
+      (nnU-Net: one third); the rest are cut anywhere.
+    - ``overlap``: how much neighbouring windows overlap, as a fraction of the window (0 to 0.9).
+    """
+
+    frame_size: Optional[list] = None
+    foreground: float = 1 / 3
+    overlap: float = 0.5
+
+    @property
+    def enabled(self) -> bool:
+        return self.frame_size is not None
+
+
+@dataclass
 class Config:
     seed: int = 0
     epochs: int = 10
@@ -98,6 +123,7 @@ class Config:
     train_steps: int = 0  # >0: at least this many optimizer steps (and at least `epochs` epochs), whatever the dataset's size; 0: `epochs` decides
     evaluations: int = 0  # >0: this many EVAL evaluations spread evenly over the run (instead of val_per_epoch per epoch)
     student: StudentConfig = field(default_factory=StudentConfig)  # training on a hybrid dataset H<n>
+    patches: PatchConfig = field(default_factory=PatchConfig)  # patch training + sliding-window inference (frame_size null: whole frames)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
@@ -127,6 +153,13 @@ class Config:
     @property
     def width(self) -> int:
         return int(self.image_size[1])
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) every frame is resized to before the network sees it: ``patches.frame_size``,
+        else ``image_size`` (the whole frame is one network input)."""
+        size = self.patches.frame_size or self.image_size
+        return int(size[0]), int(size[1])
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -196,6 +229,7 @@ def validate(cfg: Config) -> Config:
         if not isinstance(component.args, dict):
             raise ConfigError(f"config key '{key}.args' must be a mapping, got {component.args!r}.")
     _validate_student(cfg.student)
+    _validate_patches(cfg.patches, cfg.image_size)
     return cfg
 
 
@@ -219,6 +253,23 @@ def _validate_student(student: StudentConfig) -> None:
         raise ConfigError(f"config key 'student.init_from' must be the path of a checkpoint (best.pt) or null, got {student.init_from!r}.")
     if student.augment not in AUGMENTATIONS:
         raise ConfigError(f"config key 'student.augment' must be one of {', '.join(AUGMENTATIONS)}, got {student.augment!r}.")
+
+
+def _validate_patches(patches: PatchConfig, image_size: list) -> None:
+    size = patches.frame_size
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+            raise ConfigError(f"config key 'patches.frame_size' must be [height, width] (two integers) or null, got {size!r}.")
+        if size[0] < image_size[0] or size[1] < image_size[1]:
+            raise ConfigError(
+                f"config key 'patches.frame_size' {size!r} must be at least image_size {image_size!r} on each side "
+                "(patches and windows of image_size are cut from the frame); lower image_size or raise frame_size."
+            )
+    if not (_is_number(patches.foreground) and 0.0 <= patches.foreground <= 1.0):
+        raise ConfigError(f"config key 'patches.foreground' must be between 0 and 1 (the share of patches centred on foreground), got {patches.foreground!r}.")
+    if not (_is_number(patches.overlap) and 0.0 <= patches.overlap <= 0.9):
+        raise ConfigError(f"config key 'patches.overlap' must be between 0 and 0.9 (a fraction of the window), got {patches.overlap!r}.")
+    patches.foreground, patches.overlap = float(patches.foreground), float(patches.overlap)
 
 
 def merge(base: dict, override: dict) -> dict:
