@@ -10,10 +10,12 @@ process's memory does not grow with the dataset; an optional in-memory tier
 
 The entry's name is a hash of the samples' absolute paths, sizes and modification times and the
 training size, so an edited image makes a new entry, and trials with the same data and size
-share one. Entries are written to a temporary folder and renamed into place (never half
-written); a lock file makes concurrent trials wait for the one that builds instead of all
-building. After each build the cache folder is tidied: entries whose images are gone are
-deleted, then the least recently used ones until it holds at most ``disk_bytes``.
+share one. With patches (config key ``patches``) that size is the frame's, never the patch's:
+patch training and the evaluation of one dataset at one frame size read one entry. Entries are
+written to a temporary folder and renamed into place (never half written); a lock file makes
+concurrent trials wait for the one that builds instead of all building. After each build the
+cache folder is tidied: entries whose images are gone are deleted, then the least recently used
+ones until it holds at most ``disk_bytes``.
 
 Where: ``$BSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/bss/resized``, else ``~/.cache/bss/resized``.
 ``$BSS_CACHE_MEMORY_MB`` (default 0) and ``$BSS_CACHE_DISK_GB`` (default 20) set the bounds.

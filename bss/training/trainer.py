@@ -178,8 +178,16 @@ class Trainer:
     def build_datasets(self) -> tuple[SegmentationDataset, SegmentationDataset]:
         cfg = self.config
         size = (cfg.height, cfg.width)
+        patch = size if cfg.patches.enabled else None  # patches of image_size cut from frames of frame_size
         train = SegmentationDataset(
-            resolve_dataset(cfg.train_dataset, cfg.data_root), size, augment=cfg.augment, cache=cfg.cache_images, seed=cfg.seed, student=cfg.student
+            resolve_dataset(cfg.train_dataset, cfg.data_root),
+            cfg.frame_size,
+            augment=cfg.augment,
+            cache=cfg.cache_images,
+            seed=cfg.seed,
+            student=cfg.student,
+            patch=patch,
+            foreground=cfg.patches.foreground,
         )
         evaluation = SegmentationDataset(resolve_dataset(cfg.evaluation_dataset, cfg.data_root), size, augment=False, cache=cfg.cache_images)
         return train, evaluation
@@ -194,7 +202,7 @@ class Trainer:
         sampler = None
         if isinstance(dataset, SegmentationDataset):
             dataset = dataset.as_raw()
-            with_seeds = dataset.transform is not None
+            with_seeds = dataset.transform is not None or dataset.patch is not None  # a patch's position is drawn from its seed too
             mixed = shuffle and cfg.student.hand_fraction > 0 and 0 < sum(dataset.refined) < len(dataset)  # both kinds of image
             sampler = (
                 _MixedSampler(dataset.refined, cfg.student.hand_fraction, cfg.seed, with_seeds)
