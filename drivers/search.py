@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data-root", help=help_text("data_root"))
     g.add_argument("--config", help=help_text("config"))
     g.add_argument("--split-fractions", type=float, nargs=3, metavar=("BASELINE", "EVAL", "TEST"), help=help_text("split_fractions"))
+    g.add_argument("--resolution", metavar="auto|whole", help=help_text("resolution"))
+    g.add_argument("--patch-size", type=int, metavar="PIXELS", help=help_text("patch_size"))
     g = p.add_argument_group("search")
     g.add_argument("--space", help=help_text("space"))
     g.add_argument("--trials", type=int, help=help_text("trials"))

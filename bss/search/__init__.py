@@ -4,7 +4,8 @@ in data-flow order:
 * :mod:`bss.search.settings`      LoopSettings: every setting of the loop, its default and help
 * :mod:`bss.search.space`         search-space YAML -> validated distributions
 * :mod:`bss.search.searchers`     SEARCHERS: tpe, random, replicas
-* :mod:`bss.search.fingerprint`   the dataset's fingerprint and the input size planned from it
+* :mod:`bss.search.fingerprint`   the dataset's fingerprint: image shape, defect thickness, box size
+* :mod:`bss.search.plan`          the plan from it: scale, frame, whole frames or patches
 * :mod:`bss.search.data_stage`    before any training: data, splits, box-only images, EVAL boxes
 * :mod:`bss.search.trial`         the Tune trainable (one Trainer run, replayable)
 * :mod:`bss.search.trial_store`   a trial's folder, record and rows (the only writer)

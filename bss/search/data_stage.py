@@ -72,6 +72,7 @@ def prepare_data(settings: LoopSettings, cpus: int, progress: bool, say: Callabl
     from bss.data.splits import SPLITS
     from bss.data.synthetic import DEFECTS
     from bss.search.fingerprint import fingerprint
+    from bss.search.plan import make_plan
 
     dataset, root = settings.dataset, Path(settings.data_root)
     if not dataset or dataset != Path(dataset).name:
@@ -84,11 +85,15 @@ def prepare_data(settings: LoopSettings, cpus: int, progress: bool, say: Callabl
             resolve_dataset(dataset, root)  # raises DatasetError listing what is there
         generate_default(settings, cpus, say)
     splits_made = ensure_splits(settings, check_files and not generated, progress, say)
-    box_only = len(SourceDataset.open(dataset, root).box_only())
-    if box_only == 0:
+    source = SourceDataset.open(dataset, root)
+    box_only = source.box_only()
+    if not box_only:
         say(f"  {dataset} has no box-only image (every image is hand-labelled): nothing to refine, so the loop runs one plain search (iteration 0).")
     counts = {s: count_images(root / f"{dataset}_{s}") for s in SPLITS}
-    return DataRecord(generated, splits_made, counts, fingerprint(root / dataset), box_only)
+    boxes = [s.mask for s in (box_only or source.samples) if s.mask is not None]  # every box where none is box-only
+    found = fingerprint(root / dataset, hand_masks=root / f"{dataset}_BASELINE" / "masks", box_masks=boxes)
+    plan = make_plan(found, settings.device_kind, settings.resolution, settings.patch_size)
+    return DataRecord(generated, splits_made, counts, found, len(box_only), plan)
 
 
 def measure_boxes(settings: LoopSettings) -> BoxScores:

@@ -1,5 +1,7 @@
 """A dataset's fingerprint, and the settings the loop derives from it (as nnU-Net plans a
-configuration from the data): the network input size keeps the images' aspect ratio.
+configuration from the data): the images' median shape, how thin the defects are and how small
+the objects are, all in native pixels. :mod:`bss.search.plan` turns it into the scale, the frame
+and the network input (patches or whole frames).
 
 The training budget itself is in optimizer steps (the config's ``train_steps``, at least
 ``epochs`` passes), so it needs no fingerprint: 72 images and 5,000 are both trained enough.
@@ -10,18 +12,20 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
-from bss.data.io import image_size, is_image
+import numpy as np
+
+from bss.data.io import image_size, is_image, read_mask
 
 LONG_SIDE = 160  # the input's longer side when the search space does not set image_size (CPU-sized)
-SAMPLE = 200  # image headers read for the median shape
+SAMPLE = 200  # image headers (and masks) read for each median
+MIN_AREA = 4  # mask components smaller than this (pixels) are rasterisation specks, not defects
 
 
 def median_shape(images: Path, sample: int = SAMPLE) -> tuple[int, int]:
     """Median (height, width) of up to ``sample`` images of a folder (headers only)."""
-    paths = sorted(p for p in Path(images).iterdir() if is_image(p))
-    step = max(1, len(paths) // sample)
-    shapes = [image_size(p) for p in paths[::step][:sample]]
+    shapes = [image_size(p) for p in spread(sorted(p for p in Path(images).iterdir() if is_image(p)), sample)]
     return int(statistics.median(h for h, _ in shapes)), int(statistics.median(w for _, w in shapes))
 
 
@@ -32,18 +36,81 @@ def input_size(shape: tuple[int, int], long_side: int = LONG_SIDE) -> list[int]:
     return [max(32, int(round(h * scale / 32)) * 32), max(32, int(round(w * scale / 32)) * 32)]
 
 
+def spread(paths: list[Path], sample: int = SAMPLE) -> list[Path]:
+    """Up to ``sample`` of ``paths``, evenly spread (a sorted folder's first files may all be alike)."""
+    return paths[:: max(1, len(paths) // sample)][:sample]
+
+
+def _components(mask: np.ndarray):
+    """(labels, count, stats, kept) of a binary mask's 8-connected components; ``kept`` leaves out
+    the specks (under MIN_AREA pixels)."""
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= MIN_AREA]
+    return labels, n, stats, keep
+
+
+def thicknesses(mask: np.ndarray) -> list[float]:
+    """Each defect's thickness in pixels: 2 x the largest distance of its pixels to the background,
+    less 1 (the distance runs between pixel centres, so a 1-px line is 1 from the background and
+    a 3-px line's centre is 2): a crack's width, a blob's diameter."""
+    import cv2
+
+    labels, n, _, keep = _components(mask)
+    if not keep:
+        return []
+    distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    largest = np.zeros(n, dtype=np.float32)
+    inside = labels > 0
+    np.maximum.at(largest, labels[inside], distance[inside])
+    return [float(2 * largest[i] - 1) for i in keep]
+
+
+def box_sides(mask: np.ndarray) -> list[float]:
+    """The short side, in pixels, of each box of a box mask (each connected component's bounding box)."""
+    import cv2
+
+    _, _, stats, keep = _components(mask)
+    return [float(min(stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT])) for i in keep]
+
+
+def measure(masks: Iterable[Path], measure_one, sample: int = SAMPLE) -> tuple[float | None, int]:
+    """(median over every component of up to ``sample`` masks, components): None where no mask holds one."""
+    values = [v for path in spread(sorted(masks), sample) for v in measure_one(read_mask(path))]
+    return (round(float(statistics.median(values)), 1) if values else None), len(values)
+
+
 @dataclass
 class Fingerprint:
-    """What the loop plans from the data: the images' median shape and the network input."""
+    """What the loop plans from the data: the images' median shape and the network input at
+    today's whole-frame size, and (since issue 19) the defects' median thickness in the hand
+    labels and the boxes' median short side, in native pixels (None: not measured, an older run,
+    or no defect found)."""
 
     median_shape: list  # [height, width]
-    input_size: list  # [height, width], multiples of 32
+    input_size: list  # [height, width], multiples of 32: the whole frame at LONG_SIDE
+    thickness: float | None = None  # median over hand-labelled components (native px)
+    box_side: float | None = None  # median short side of the box-only images' boxes (native px)
+    defects: int | None = None  # components the thickness was measured on
+    boxes: int | None = None  # boxes the short side was measured on
 
     def describe(self, space_sets_size: bool) -> str:
         sized = "the search space's" if space_sets_size else f"[{self.input_size[0]}, {self.input_size[1]}] (from the images' shape)"
-        return f"images: median {self.median_shape[1]}x{self.median_shape[0]} (WxH); network input {sized}"
+        line = f"images: median {self.median_shape[1]}x{self.median_shape[0]} (WxH)"
+        if self.thickness is not None:
+            line += f"; defects: median thickness {self.thickness:g} px ({self.defects} defects in the hand labels)"
+        if self.box_side is not None:
+            line += f"; boxes: median short side {self.box_side:g} px ({self.boxes} boxes)"
+        return line + f"; whole-frame network input {sized}"
 
 
-def fingerprint(source: Path) -> Fingerprint:
+def fingerprint(source: Path, hand_masks: Path | None = None, box_masks: Iterable[Path] = ()) -> Fingerprint:
+    """The fingerprint of the source dataset ``source``: its images' shape, the defects' thickness
+    in the hand masks of ``hand_masks`` (a folder, e.g. ``NAME_BASELINE/masks``: exact shapes, not
+    boxes) and the short side of the boxes of ``box_masks`` (the box-only images' masks)."""
     shape = median_shape(Path(source) / "images")
-    return Fingerprint(list(shape), input_size(shape))
+    hand = sorted(p for p in Path(hand_masks).iterdir() if is_image(p)) if hand_masks and Path(hand_masks).is_dir() else []
+    thickness, defects = measure(hand, thicknesses)
+    side, boxes = measure(list(box_masks), box_sides)
+    return Fingerprint(list(shape), input_size(shape), thickness, side, defects or None, boxes or None)

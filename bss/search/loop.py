@@ -44,6 +44,7 @@ from bss.environment import set_threads
 from bss.errors import BSSError, ConfigError
 from bss.search import final_report, stages
 from bss.search.data_stage import measure_boxes, prepare_data
+from bss.search.plan import not_applied
 from bss.search.promotion import build_promotion_rule
 from bss.search.ray_cluster import HeadWatch, local_resources, node_resources, plan_resources, quiet_environment, start_ray, stop_ray
 from bss.search.record import IterationRecord, LoopRecord
@@ -200,10 +201,21 @@ class Loop:
         )
         _say(f"  search space {s.space}: " + "; ".join(space.describe()))
 
-    def describe_rules(self, record: LoopRecord, space, rule, stop_rule) -> None:
+    def describe_plan(self, record: LoopRecord, space, base: dict) -> None:
+        """The plan (:mod:`bss.search.plan`), one line each, or why it is not applied; a run from
+        before the plan has none (its trials keep the fingerprint's input size)."""
+        why_not = not_applied(space, base)
+        if why_not:
+            _say(f"  plan: not applied ({why_not}): trials keep the input size they are given")
+        elif record.data.plan is not None:
+            for line in record.data.plan.describe():
+                _say("  " + line)
+
+    def describe_rules(self, record: LoopRecord, space, base: dict, rule, stop_rule) -> None:
         boxes = record.boxes_eval
         if record.data and record.data.fingerprint:
             _say("  " + record.data.fingerprint.describe(space.sets("image_size")))
+            self.describe_plan(record, space, base)
         _say(
             f"  the EVAL boxes themselves: IoU {boxes.iou:.3f}  Dice {boxes.dice:.3f}  Recall {boxes.recall:.3f}  Precision {boxes.precision:.3f} "
             "(a teacher's refined EVAL labels must beat this)"
@@ -251,7 +263,7 @@ class Loop:
             return self.result(stored.record, rows)
         self.header(resources, space)
         state = self.state_with_data(stored, inputs, space, cpus)
-        self.describe_rules(state.record, space, rule, stop_rule)
+        self.describe_rules(state.record, space, base, rule, stop_rule)
         if not self.ray_started:
             _, _, self.ray_started = start_ray(None, cpus, gpus)
         tracker, view = self.start_tracking(state, base)

@@ -20,6 +20,7 @@ from typing import Any
 
 from bss.errors import BSSError
 from bss.search.fingerprint import Fingerprint
+from bss.search.plan import Plan
 from bss.search.promotion import Promoted
 from bss.search.stop import Decision
 
@@ -84,6 +85,7 @@ class DataRecord:
     counts: dict = field(default_factory=dict)  # split name -> images
     fingerprint: Fingerprint | None = None
     box_only: int | None = None  # images with a box mask and no hand label (None: not counted, older runs)
+    plan: Plan | None = None  # scale, frame, whole or patches (None: a run from before the plan: the fingerprint's input_size)
 
 
 @dataclass

@@ -52,6 +52,11 @@ class LoopSettings:
         "wall-clock budget of the whole loop (600, 90s, 10m, 1.5h): each search gets its share of the time left, and no later search starts with less than a minute left",
     )
     split_fractions: list = _setting((0.6, 0.2, 0.2), "BASELINE/EVAL/TEST fractions of the hand-labelled images")
+    resolution: str = _setting(
+        "auto",
+        "how trials see the frames: auto: planned from the dataset's fingerprint (whole frames, or patches at the scale that keeps thin defects and small boxes); whole: every frame squeezed to a 160-px input (as before)",
+    )
+    patch_size: int | None = _setting(None, "side of a planned patch and sliding window in pixels, a multiple of 32 (default: 128 on CPU, 256 on a GPU)")
     experiment: str = _setting("bss-search", "MLflow experiment", result=False)
     tracking_uri: str | None = _setting(None, "MLflow tracking URI (default: the config's tracking.uri, sqlite:///mlflow.db)", result=False)
     # recorded at the start, never given
@@ -102,6 +107,7 @@ class LoopSettings:
         return settings
 
     def check(self) -> None:
+        from bss.search.plan import check_resolution
         from bss.search.searchers import SPACE_SEARCHERS
 
         for name, value, least in (("--iterations", self.iterations, 1), ("--trials", self.trials, 1)):
@@ -114,6 +120,7 @@ class LoopSettings:
             raise BSSError(f"--algorithm must be one of {', '.join(SPACE_SEARCHERS)}, got {self.algorithm!r}.")
         if self.scheduler not in (None, "asha", "fifo"):
             raise BSSError(f"--scheduler must be asha or fifo, got {self.scheduler!r}.")
+        check_resolution(self.resolution, self.patch_size)
 
 
 def help_text(name: str) -> str:

@@ -24,6 +24,7 @@ import yaml
 from bss.data.io import file_sha256
 from bss.errors import BSSError
 from bss.search.data_stage import count_images
+from bss.search.plan import Plan, not_applied, whole_frame
 from bss.search.promotion import PromotionRule, promote
 from bss.search.ray_cluster import Resources
 from bss.search.record import BestRecord, HybridRecord, IterationRecord, LoopRecord, SearchRecord, TeacherRecord, TrialRecord
@@ -61,10 +62,14 @@ class LoopContext:
         return self.state.record
 
     @property
-    def input_size(self) -> list | None:
-        """The network input planned from the dataset's fingerprint (None: the base config's)."""
+    def plan(self) -> Plan | None:
+        """The plan every searched trial starts from (:mod:`bss.search.plan`): the data stage's;
+        for a run from before the plan, the whole frame at the fingerprint's input size (as it
+        ran). None: the search space or the base config sizes the input itself, or no fingerprint."""
         data = self.record.data
-        return data.fingerprint.input_size if data and data.fingerprint else None
+        if data is None or data.fingerprint is None or not_applied(self.space, self.base):
+            return None
+        return data.plan or whole_frame(data.fingerprint, "a run from before the plan: the fingerprint's input size")
 
     @property
     def nothing_to_refine(self) -> bool:
@@ -93,12 +98,13 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 1))
 
 
-def trial_base(base: dict, settings: LoopSettings, train_dataset: str, image_size: list | None = None) -> dict:
-    """The config every trial starts from; ``image_size`` (from the dataset's fingerprint) replaces
-    the base config's, and a search space that fixes or searches ``image_size`` overrides both."""
+def trial_base(base: dict, settings: LoopSettings, train_dataset: str, plan: Plan | None = None) -> dict:
+    """The config every trial starts from; the ``plan`` (from the dataset's fingerprint) sets its
+    ``image_size`` and, for patches, ``patches.frame_size`` (None: the base config's as it is,
+    e.g. where the search space fixes or searches ``image_size``)."""
     cfg = copy.deepcopy(base)
-    if image_size is not None:
-        cfg["image_size"] = list(image_size)
+    if plan is not None:
+        plan.apply(cfg)
     cfg.update(
         train_dataset=train_dataset, evaluation_dataset=f"{settings.dataset}_EVAL", data_root=str(Path(settings.data_root).resolve()), visualization_samples=0
     )
@@ -143,7 +149,7 @@ def search_context(ctx: LoopContext, k: int, it: IterationRecord):
         points, scheduler = None, {"name": "fifo"}
         what = f"retrain the best config (iteration {best.iteration}) with {s.trials} seed(s)"
     else:
-        base, space, algorithm, seeds = trial_base(ctx.base, s, it.train_dataset, ctx.input_size), ctx.space, s.algorithm, {}
+        base, space, algorithm, seeds = trial_base(ctx.base, s, it.train_dataset, ctx.plan), ctx.space, s.algorithm, {}
         points, scheduler = incumbent(ctx), dict(ctx.space.scheduler, name=s.scheduler)
         what = f"search {s.trials} trials" + (" (the first: the best config so far)" if points else "")
     tracking = {"uri": ctx.tracker.uri, "experiment_id": ctx.tracker.experiment_id, "parent_run_id": it.run_id} if ctx.tracker.ok and it.run_id else None

@@ -1,0 +1,159 @@
+"""The loop's plan: at which scale the network sees the frames, and whether it sees them whole or
+in patches (as nnU-Net plans a configuration from the dataset's fingerprint).
+
+Squeezing every frame to a ``LONG_SIDE`` input is right for small frames with large objects (the
+synthetic default), and fatal for real ones: a 704x512 CCTV frame squeezed to 160x128 turns a
+3-px crack into a 0.7-px one, and a 20-px object in a 1280x960 photo into 2.5 px, gone after the
+encoder's first strides. So the plan keeps the whole frame only where the thin defects and small
+boxes survive its scale; otherwise it picks the smallest scale that keeps them, and where the
+frame at that scale is larger than one network input, the network trains on random patches of it
+and predicts with overlapping sliding windows (``Config.patches``).
+
+The plan is made once, by the data stage, and kept in ``state.json`` (a resumed run keeps its
+plan); every trial's config records it, so ``predict.py`` needs no flag. It is not applied where
+the search space fixes or searches ``image_size`` (or the base config or space sets
+``patches.frame_size``): the user planned it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bss.errors import BSSError
+from bss.search.fingerprint import LONG_SIDE, Fingerprint
+
+# Thinnest defect (median thickness, px) and smallest object (boxes' median short side, px) the
+# network should see: an encoder halves the resolution 5 times; below ~4 px a crack is one
+# blurred pixel after the first two strides, and below ~16 px an object is one cell at stride 16.
+MIN_THICKNESS = 4.0
+MIN_OBJECT = 16.0
+# Patch (and sliding window) side: 128 keeps a CPU trial at today's cost (a 128x160 input); a
+# GPU affords 256, more context per patch for the same number of steps. Multiples of 32.
+PATCH_SIDE = {"cpu": 128, "gpu": 256}
+SCALE_STEP = 0.1  # a planned scale below 1 is rounded up to a multiple of this (then the minimums hold)
+# The plan leaves batch_size to the config (Plan.batch_size None): one rule less to explain.
+BATCH_REASON = "batch size: the config's (the plan does not change it; a GPU's larger batch is the search space's to try)"
+RESOLUTIONS = ("auto", "whole")  # --resolution: plan from the fingerprint | today's whole frame at LONG_SIDE
+
+
+@dataclass
+class Plan:
+    """How trials see the frames: every frame resized to ``frame_size`` (``scale`` x the median
+    shape, 1 = native), the network input ``image_size``: the whole frame, or (``patches``)
+    random patches in training and sliding windows in inference. ``batch_size`` None: the config's."""
+
+    scale: float
+    frame_size: list  # [height, width], multiples of 32
+    image_size: list  # [height, width], multiples of 32: the network input (patch / window)
+    patches: bool
+    batch_size: int | None = None
+    reasons: list[str] = field(default_factory=list)  # one line each: the scale, patches or whole, the patch size, the batch
+
+    def describe(self) -> list[str]:
+        """The plan in one headline and its reasons, one line each (printed at the loop's start)."""
+        fh, fw = self.frame_size
+        ih, iw = self.image_size
+        if self.patches:
+            head = f"plan: frames resized to {fw}x{fh} (WxH, scale {self.scale:g}), the network trains on {iw}x{ih} patches and predicts with sliding windows"
+        else:
+            head = f"plan: whole frames, the network input {iw}x{ih} (WxH, scale {self.scale:g})"
+        return [head] + [f"  - {r}" for r in self.reasons]
+
+    def apply(self, cfg: dict) -> dict:
+        """``cfg`` (a config dict) with the plan's ``image_size``, and for a patch plan its
+        ``patches.frame_size`` (the base config's other patch settings kept)."""
+        cfg["image_size"] = list(self.image_size)
+        if self.patches:
+            cfg["patches"] = dict(cfg.get("patches") or {}, frame_size=list(self.frame_size))
+        if self.batch_size is not None:
+            cfg["batch_size"] = int(self.batch_size)
+        return cfg
+
+
+def check_resolution(resolution: str, patch_size: int | None) -> None:
+    """``--resolution`` and ``--patch-size``, refused in one line naming the flag and what is valid."""
+    if resolution not in RESOLUTIONS:
+        raise BSSError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}.")
+    if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 32 or patch_size % 32):
+        raise BSSError(f"--patch-size must be a multiple of 32 (32, 64, ..., the patch's side in pixels), got {patch_size!r}.")
+
+
+def not_applied(space, base: dict) -> str | None:
+    """Why the plan is not applied (None: it is): the user sized the input themselves."""
+    if space is not None and space.sets("image_size"):
+        return "the search space sets image_size"
+    if space is not None and space.sets("patches.frame_size"):
+        return "the search space sets patches.frame_size"
+    if (base.get("patches") or {}).get("frame_size") is not None:
+        return "the base config sets patches.frame_size"
+    return None
+
+
+def whole_frame(fp: Fingerprint, why: str) -> Plan:
+    """Today's plan: the whole frame at ``fp.input_size`` (the longer side LONG_SIDE)."""
+    scale = round(min(1.0, LONG_SIDE / max(fp.median_shape)), 3)
+    reasons = [why, "whole frames: each frame is one network input (no patches)", BATCH_REASON]
+    return Plan(scale, list(fp.input_size), list(fp.input_size), False, None, reasons)
+
+
+def shortfalls(fp: Fingerprint, scale: float) -> list[tuple[str, float]]:
+    """(what is lost at ``scale``, the scale that keeps it) for the thin defects and the small boxes."""
+    lost = []
+    for name, value, least in (("the defects' median thickness", fp.thickness, MIN_THICKNESS), ("the boxes' median short side", fp.box_side, MIN_OBJECT)):
+        if value and value * scale < least:
+            lost.append((f"{name} {value:g} px would be {value * scale:.1f} px (under {least:g})", least / value))
+    return lost
+
+
+def planned_scale(needed: float) -> float:
+    """The smallest multiple of SCALE_STEP at least ``needed``, at most 1 (native: never upsampled)."""
+    return min(1.0, round(math.ceil(needed / SCALE_STEP - 1e-9) * SCALE_STEP, 3))
+
+
+def scaled_frame(shape: list, scale: float) -> list[int]:
+    """The median shape at ``scale``, each side rounded to a multiple of 32 (at least 32)."""
+    return [max(32, int(round(side * scale / 32)) * 32) for side in shape]
+
+
+def make_plan(fp: Fingerprint, device_kind: str = "cpu", resolution: str = "auto", patch_side: int | None = None) -> Plan:
+    """The plan for a dataset of fingerprint ``fp`` on ``device_kind`` (cpu | gpu); see the module."""
+    check_resolution(resolution, patch_side)
+    h, w = fp.median_shape
+    whole = min(1.0, LONG_SIDE / max(h, w))
+    if resolution == "whole":
+        return whole_frame(fp, f"scale {whole:.3g}: --resolution whole, the longer side squeezed to {LONG_SIDE} px whatever the defects")
+    if whole >= 1.0:
+        return whole_frame(fp, f"scale 1: the {w}x{h} frames are no larger than the {LONG_SIDE}-px input, so the whole frame loses nothing")
+    lost = shortfalls(fp, whole)
+    if not lost:
+        return whole_frame(fp, f"scale {whole:.3g}: the longer side squeezed to {LONG_SIDE} px keeps {kept(fp, whole)}")
+    scale = planned_scale(max(need for _, need in lost))
+    why = f"scale {scale:g}" + (" (native)" if scale == 1 else "") + f": at the whole frame's scale {whole:.3g}, " + "; ".join(what for what, _ in lost)
+    why += f"; at {scale:g} it keeps {kept(fp, scale)}" if scale < 1 else "; native scale keeps every pixel there is (never upsampled)"
+    return patch_plan(fp, scale, why, device_kind, patch_side)
+
+
+def kept(fp: Fingerprint, scale: float) -> str:
+    """What survives at ``scale``: the thickness and box side there, against the minimums."""
+    parts = [f"defects {fp.thickness * scale:.1f} px thick (>= {MIN_THICKNESS:g})"] if fp.thickness else []
+    parts += [f"boxes {fp.box_side * scale:.1f} px on the short side (>= {MIN_OBJECT:g})"] if fp.box_side else []
+    return ", ".join(parts) or "everything (no defect or box measured)"
+
+
+def patch_plan(fp: Fingerprint, scale: float, why: str, device_kind: str, patch_side: int | None) -> Plan:
+    """The frame at ``scale``: whole where it fits one patch, else patches of the device's side."""
+    frame = scaled_frame(fp.median_shape, scale)
+    side = patch_side or PATCH_SIDE.get(device_kind, PATCH_SIDE["cpu"])
+    source = f"--patch-size {side}" if patch_side else f"{side} px by default on {device_kind.upper()} (--patch-size overrides)"
+    if frame[0] <= side and frame[1] <= side:
+        whole = f"whole frames: the {frame[1]}x{frame[0]} frame at this scale fits one {side}-px input ({source}): no patches"
+        return Plan(scale, frame, list(frame), False, None, [why, whole, BATCH_REASON])
+    patch = [min(side, frame[0]), min(side, frame[1])]
+    reasons = [
+        why,
+        f"patches: the {frame[1]}x{frame[0]} frame at this scale is larger than one {side}-px input; training cuts random patches, inference slides overlapping windows",
+        f"patch {patch[1]}x{patch[0]}: {source}, capped by the frame; multiples of 32",
+        BATCH_REASON,
+    ]
+    return Plan(scale, frame, patch, True, None, reasons)
