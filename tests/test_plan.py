@@ -26,9 +26,9 @@ from bss.search.space import parse_space  # noqa: E402
 from bss.search.stages import LoopContext, trial_base  # noqa: E402
 
 BASE = load_config(REPO / "config.yaml").to_dict()
-SYNTHETIC = Fingerprint([192, 256], input_size((192, 256)), thickness=59.1, box_side=56.0, defects=90, boxes=182)  # obstacle, measured
-CCTV = Fingerprint([512, 704], input_size((512, 704)), thickness=3.0, box_side=40.0, defects=50, boxes=80)  # hairline cracks
-PHOTOS = Fingerprint([960, 1280], input_size((960, 1280)), thickness=None, box_side=20.0, defects=None, boxes=60)  # small objects
+SYNTHETIC = Fingerprint([192, 256], input_size((192, 256)), thickness=59.1, box_size=56.0, defects=90, boxes=182)  # obstacle, measured
+CCTV = Fingerprint([512, 704], input_size((512, 704)), thickness=3.0, box_size=40.0, defects=50, boxes=80)  # hairline cracks
+PHOTOS = Fingerprint([960, 1280], input_size((960, 1280)), thickness=None, box_size=20.0, defects=None, boxes=60)  # small objects
 
 
 # --------------------------------------------------------------------------- the rules
@@ -41,7 +41,7 @@ def test_the_synthetic_default_keeps_todays_whole_frame(device):
     assert plan.image_size == input_size((192, 256)) and plan.scale == 0.625 and len(plan.reasons) == 3
     old = Fingerprint([192, 256], [128, 160])  # a fingerprint from before the measurements
     assert make_plan(old, device).image_size == [128, 160] and not make_plan(old, device).patches
-    small = Fingerprint([64, 64], [160, 160], thickness=1.0, box_side=3.0)  # frames under the input: never patched
+    small = Fingerprint([64, 64], [160, 160], thickness=1.0, box_size=3.0)  # frames under the input: never patched
     assert make_plan(small, device).image_size == [160, 160] and not make_plan(small, device).patches
 
 
@@ -57,11 +57,11 @@ def test_thin_defects_in_big_frames_get_patches_at_native_scale():
 def test_small_boxes_in_large_frames_get_patches_at_a_scale_that_keeps_them():
     plan = make_plan(PHOTOS, "cpu")
     assert (plan.scale, plan.frame_size, plan.image_size, plan.patches) == (0.8, [768, 1024], [128, 128], True)
-    assert "short side 20 px would be 2.5 px" in plan.reasons[0] and "boxes 16.0 px" in plan.reasons[0]
+    assert "size 20 px would be 2.5 px" in plan.reasons[0] and "boxes 16.0 px" in plan.reasons[0]
 
 
 def test_a_scaled_frame_that_fits_one_patch_is_seen_whole():
-    neu = Fingerprint([200, 200], [160, 160], thickness=4.0, box_side=30.0)  # 3.2 px at the whole frame's 0.8
+    neu = Fingerprint([200, 200], [160, 160], thickness=4.0, box_size=30.0)  # 3.2 px at the whole frame's 0.8
     assert (make_plan(neu, "gpu").image_size, make_plan(neu, "gpu").patches) == ([192, 192], False)
     assert (make_plan(neu, "cpu").image_size, make_plan(neu, "cpu").frame_size, make_plan(neu, "cpu").patches) == ([128, 128], [192, 192], True)
     wide = Fingerprint([600, 1500], input_size((600, 1500)), thickness=3.0)
@@ -95,7 +95,7 @@ def crack_mask(shape: tuple[int, int], angle: float, width: float) -> np.ndarray
     return (near & (xx >= 40) & (xx <= 400)).astype(np.uint8)
 
 
-def test_the_measurement_finds_a_drawn_lines_thickness_and_the_boxes_short_side(tmp_path):
+def test_the_measurement_finds_a_drawn_lines_thickness_and_the_boxes_size(tmp_path):
     for folder in ("images", "hand", "boxes"):
         (tmp_path / folder).mkdir()
     for i in range(3):
@@ -105,15 +105,15 @@ def test_the_measurement_finds_a_drawn_lines_thickness_and_the_boxes_short_side(
         write_mask(tmp_path / "hand" / f"f{i}.png", crack)
         boxes = np.zeros((512, 704), np.uint8)
         boxes[10:30, 10:30] = 1  # 20 px squares
-        boxes[200:220, 300:360] = 1  # 20 x 60
+        boxes[200:220, 300:380] = 1  # 20 x 80: size 40 (the square root of the area)
         write_mask(tmp_path / "boxes" / f"f{i}.png", boxes)
     fp = fingerprint(tmp_path, tmp_path / "hand", sorted((tmp_path / "boxes").iterdir()))
     assert fp.median_shape == [512, 704] and fp.input_size == input_size((512, 704))
     assert fp.thickness == 3.0 and fp.defects == 6
-    assert fp.box_side == 20.0 and fp.boxes == 6
+    assert fp.box_size == 30.0 and fp.boxes == 6  # the median of 20, 20, 20, 40, 40, 40
     assert make_plan(fp, "cpu").patches and "thickness" in fp.describe(False)
     none = fingerprint(tmp_path, tmp_path / "missing")  # no hand masks, no boxes: nothing measured
-    assert (none.thickness, none.box_side, none.defects, none.boxes) == (None, None, None, None)
+    assert (none.thickness, none.box_size, none.defects, none.boxes) == (None, None, None, None)
 
 
 # --------------------------------------------------------------------------- the state file

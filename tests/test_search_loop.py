@@ -378,7 +378,7 @@ def test_small_objects_in_wide_frames_get_a_patch_plan_printed_kept_and_given_to
     assert "plan: frames resized to 1280x64 (WxH, scale 1), the network trains on 128x64 patches" in out
     assert out.index("plan: frames") < out.index("== iteration 0")
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["data"]["plan"]["patches"] and state["data"]["fingerprint"]["box_side"] * 160 / 1280 < 16
+    assert state["data"]["plan"]["patches"] and state["data"]["fingerprint"]["box_size"] * 160 / 1280 < 16
     promoted = yaml.safe_load((tmp_path / "run" / "iter_0" / "config.yaml").read_text())
     assert promoted["image_size"] == [64, 128] and promoted["patches"]["frame_size"] == [64, 1280]
     assert load_model(tmp_path / "run" / "best.pt")[1].frame_size == (64, 1280)

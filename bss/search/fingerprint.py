@@ -67,12 +67,14 @@ def thicknesses(mask: np.ndarray) -> list[float]:
     return [float(2 * largest[i] - 1) for i in keep]
 
 
-def box_sides(mask: np.ndarray) -> list[float]:
-    """The short side, in pixels, of each box of a box mask (each connected component's bounding box)."""
+def box_sizes(mask: np.ndarray) -> list[float]:
+    """The size, in pixels, of each box of a box mask (each connected component's bounding box):
+    the square root of its area, so a 20x20 box is 20 px and a long thin one (a scratch's, 10x100)
+    is 32 px: thinness is the thickness measure's business, smallness this one's."""
     import cv2
 
     _, _, stats, keep = _components(mask)
-    return [float(min(stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT])) for i in keep]
+    return [float(np.sqrt(stats[i, cv2.CC_STAT_WIDTH] * stats[i, cv2.CC_STAT_HEIGHT])) for i in keep]
 
 
 def measure(masks: Iterable[Path], measure_one, sample: int = SAMPLE) -> tuple[float | None, int]:
@@ -85,32 +87,32 @@ def measure(masks: Iterable[Path], measure_one, sample: int = SAMPLE) -> tuple[f
 class Fingerprint:
     """What the loop plans from the data: the images' median shape and the network input at
     today's whole-frame size, and (since issue 19) the defects' median thickness in the hand
-    labels and the boxes' median short side, in native pixels (None: not measured, an older run,
+    labels and the boxes' median size, in native pixels (None: not measured, an older run,
     or no defect found)."""
 
     median_shape: list  # [height, width]
     input_size: list  # [height, width], multiples of 32: the whole frame at LONG_SIDE
     thickness: float | None = None  # median over hand-labelled components (native px)
-    box_side: float | None = None  # median short side of the box-only images' boxes (native px)
+    box_size: float | None = None  # median size (square root of the area) of the box-only images' boxes (native px)
     defects: int | None = None  # components the thickness was measured on
-    boxes: int | None = None  # boxes the short side was measured on
+    boxes: int | None = None  # boxes the size was measured on
 
     def describe(self, space_sets_size: bool) -> str:
         sized = "the search space's" if space_sets_size else f"[{self.input_size[0]}, {self.input_size[1]}] (from the images' shape)"
         line = f"images: median {self.median_shape[1]}x{self.median_shape[0]} (WxH)"
         if self.thickness is not None:
             line += f"; defects: median thickness {self.thickness:g} px ({self.defects} defects in the hand labels)"
-        if self.box_side is not None:
-            line += f"; boxes: median short side {self.box_side:g} px ({self.boxes} boxes)"
+        if self.box_size is not None:
+            line += f"; boxes: median size {self.box_size:g} px ({self.boxes} boxes)"
         return line + f"; whole-frame network input {sized}"
 
 
 def fingerprint(source: Path, hand_masks: Path | None = None, box_masks: Iterable[Path] = ()) -> Fingerprint:
     """The fingerprint of the source dataset ``source``: its images' shape, the defects' thickness
     in the hand masks of ``hand_masks`` (a folder, e.g. ``NAME_BASELINE/masks``: exact shapes, not
-    boxes) and the short side of the boxes of ``box_masks`` (the box-only images' masks)."""
+    boxes) and the size of the boxes of ``box_masks`` (the box-only images' masks)."""
     shape = median_shape(Path(source) / "images")
     hand = sorted(p for p in Path(hand_masks).iterdir() if is_image(p)) if hand_masks and Path(hand_masks).is_dir() else []
     thickness, defects = measure(hand, thicknesses)
-    side, boxes = measure(list(box_masks), box_sides)
+    side, boxes = measure(list(box_masks), box_sizes)
     return Fingerprint(list(shape), input_size(shape), thickness, side, defects or None, boxes or None)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from bss.errors import BSSError
 from bss.search.fingerprint import LONG_SIDE, Fingerprint
 
-# Thinnest defect (median thickness, px) and smallest object (boxes' median short side, px) the
+# Thinnest defect (median thickness, px) and smallest object (boxes' median size, the square root of the area, px) the
 # network should see: an encoder halves the resolution 5 times; below ~4 px a crack is one
 # blurred pixel after the first two strides, and below ~16 px an object is one cell at stride 16.
 MIN_THICKNESS = 4.0
@@ -100,7 +100,7 @@ def whole_frame(fp: Fingerprint, why: str) -> Plan:
 def shortfalls(fp: Fingerprint, scale: float) -> list[tuple[str, float]]:
     """(what is lost at ``scale``, the scale that keeps it) for the thin defects and the small boxes."""
     lost = []
-    for name, value, least in (("the defects' median thickness", fp.thickness, MIN_THICKNESS), ("the boxes' median short side", fp.box_side, MIN_OBJECT)):
+    for name, value, least in (("the defects' median thickness", fp.thickness, MIN_THICKNESS), ("the boxes' median size", fp.box_size, MIN_OBJECT)):
         if value and value * scale < least:
             lost.append((f"{name} {value:g} px would be {value * scale:.1f} px (under {least:g})", least / value))
     return lost
@@ -137,7 +137,7 @@ def make_plan(fp: Fingerprint, device_kind: str = "cpu", resolution: str = "auto
 def kept(fp: Fingerprint, scale: float) -> str:
     """What survives at ``scale``: the thickness and box side there, against the minimums."""
     parts = [f"defects {fp.thickness * scale:.1f} px thick (>= {MIN_THICKNESS:g})"] if fp.thickness else []
-    parts += [f"boxes {fp.box_side * scale:.1f} px on the short side (>= {MIN_OBJECT:g})"] if fp.box_side else []
+    parts += [f"boxes {fp.box_size * scale:.1f} px in size (>= {MIN_OBJECT:g})"] if fp.box_size else []
     return ", ".join(parts) or "everything (no defect or box measured)"
 
 
