@@ -368,20 +368,20 @@ def test_small_objects_in_wide_frames_get_a_patch_plan_printed_kept_and_given_to
     """Issue 19: the data stage measures the boxes, plans patches at native scale, prints why,
     keeps the plan in state.json, and every trial's config carries it (predict.py needs no flag)."""
     tmp_path, root, options, calls = setup_loop
-    make_source_dataset(root, "wide", size=(48, 1280))  # blobs ~15 px across: 2 px at the whole frame's 160/1280
+    make_source_dataset(root, "wide", size=(48, 1280))  # blobs ~18 px in size (sqrt of the box area): 2.2 px at the whole frame's 160/1280
     make_splits("wide", root, progress=False)
     PLAN.clear()
     TEACHER.clear()
     PLAN.update({0: [(0.9, 0.9, 0.85)]})
     run_loop(options(dataset="wide", iterations=1))
     out = capsys.readouterr().out
-    assert "plan: frames resized to 1280x64 (WxH, scale 1), the network trains on 128x64 patches" in out
+    assert "plan: frames resized to 1152x32 (WxH, scale 0.9), the network trains on 128x32 patches" in out
     assert out.index("plan: frames") < out.index("== iteration 0")
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["data"]["plan"]["patches"] and state["data"]["fingerprint"]["box_size"] * 160 / 1280 < 16
     promoted = yaml.safe_load((tmp_path / "run" / "iter_0" / "config.yaml").read_text())
-    assert promoted["image_size"] == [64, 128] and promoted["patches"]["frame_size"] == [64, 1280]
-    assert load_model(tmp_path / "run" / "best.pt")[1].frame_size == (64, 1280)
+    assert promoted["image_size"] == [32, 128] and promoted["patches"]["frame_size"] == [32, 1152]
+    assert load_model(tmp_path / "run" / "best.pt")[1].frame_size == (32, 1152)
     with pytest.raises(BSSError, match="--resolution was 'auto', now 'whole'"):
         run_loop(options(dataset="wide", iterations=1, resolution="whole", resume=True))
 
