@@ -39,7 +39,7 @@ import numpy as np
 
 from bss.filelock import held
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images read as shown (EXIF orientation applied); entries of stored pixels are not reused
 _CHUNK = 32  # images decoded in flight while building (bounds the build's memory)
 
 

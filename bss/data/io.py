@@ -3,6 +3,13 @@
 Every reader raises :class:`~bss.errors.DatasetError` naming the file instead of returning
 garbage (OpenCV returns ``None`` for a corrupt file and silently half-decodes a truncated JPEG,
 so decoding goes through Pillow, which refuses truncated files).
+
+Every image is read as it is shown: an EXIF Orientation tag (a phone or camera photo stored
+sideways) is applied, as browsers, VIA and ``cv2.imread`` apply it, so polygons drawn in VIA on
+the turned picture land on the right pixels; :func:`image_size` gives the turned size too.
+An image of more than :func:`max_image_pixels` pixels (``$BSS_MAX_IMAGE_PIXELS``, by default
+Pillow's own refusal threshold of 178,956,970) is refused by name instead of Pillow's anonymous
+``DecompressionBombError``; below it Pillow's anonymous warning is not printed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,18 @@ from PIL import Image, UnidentifiedImageError
 from bss.errors import BSSError, DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's refusal threshold (it warns from half of it)
+Image.MAX_IMAGE_PIXELS = None  # the limit is checked by _open, naming the file and the way to raise it
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def is_image(path: Path) -> bool:
@@ -42,14 +61,58 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
+def max_image_pixels() -> int:
+    """The largest image (width x height) BSS reads: ``$BSS_MAX_IMAGE_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`."""
+    raw = os.environ.get("BSS_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise BSSError(f"BSS_MAX_IMAGE_PIXELS={raw!r} is not a positive number of pixels (width x height), e.g. 250000000.")
+    return value
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` (the header only), refusing an image above :func:`max_image_pixels` by name."""
+    im = Image.open(path)
+    width, height = im.size
+    limit = max_image_pixels()
+    if width * height > limit:
+        im.close()
+        raise DatasetError(
+            f"{path}: the image is {width}x{height} ({width * height:,} pixels), more than the limit of {limit:,} pixels "
+            f"(a guard against decompression bombs). To read it, set BSS_MAX_IMAGE_PIXELS={width * height} (or more), or scale the image down."
+        )
+    return im
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF Orientation of an open image (1: as stored; 3: turned 180 degrees; 6 and 8: turned
+    90 degrees; 2, 4, 5, 7: mirrored); 1 where there is none or the EXIF cannot be read."""
+    try:
+        value = int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # a malformed EXIF block is ignored, as browsers ignore it
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The image as it is shown: its EXIF orientation applied to the pixels."""
+    method = _TRANSPOSE.get(orientation(im))
+    return im.transpose(method) if method is not None else im
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """An RGB uint8 array (H, W, 3); grey images are repeated over three channels, 16-bit ones
-    scaled to 8 bits."""
+    """An RGB uint8 array (H, W, 3) as the image is shown (EXIF orientation applied); grey images
+    are repeated over three channels, 16-bit ones scaled to 8 bits."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.load()
-            rgb = np.asarray(_to_8bit(im).convert("RGB"))
+            rgb = np.asarray(_to_8bit(_upright(im)).convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: image not found.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -57,14 +120,28 @@ def read_image(path: str | Path) -> np.ndarray:
     return rgb
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the header, without decoding the pixels."""
+def image_size(path: str | Path, stored: bool = False) -> tuple[int, int]:
+    """(height, width) as the image is shown (EXIF orientation 5-8 swaps them; ``stored``: as
+    its pixels are stored), from the header, without decoding the pixels."""
     try:
-        with Image.open(path) as im:
+        with _open(Path(path)) as im:
             width, height = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            if orientation(im) >= 5 and not stored:
+                width, height = height, width
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image not found.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: corrupt image ({exc}). Replace or remove the file.") from None
     return height, width
+
+
+def image_orientation(path: str | Path) -> int:
+    """The EXIF Orientation of the image file ``path`` (1 where there is none)."""
+    try:
+        with _open(Path(path)) as im:
+            return orientation(im)
+    except (OSError, SyntaxError, ValueError):
+        return 1
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -75,8 +152,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     turn every non-zero pixel into a defect)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.load()
+            im = _upright(im)
             if im.mode not in ("1", "L", "P", "I;16", "I;16B", "I;16L", "I", "LA", "PA"):
                 raise DatasetError(f"{path}: the mask is {im.mode}, not single-channel; save it as a grey png of 0 (background) and 255 (defect).")
             if im.mode in ("P", "PA", "LA"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bss.data.io import image_size, is_image
+from bss.data.io import image_orientation, image_size, is_image
 from bss.data.via import ViaLabels, read_via_csv
 from bss.errors import DatasetError
 
@@ -89,7 +89,13 @@ def check_mask_sizes(samples: list[Sample]) -> None:
             continue
         if image_size(sample.image) != image_size(sample.mask):
             (h, w), (mh, mw) = image_size(sample.image), image_size(sample.mask)
-            raise DatasetError(f"{sample.mask}: mask is {mw}x{mh} but its image {sample.image.name} is {w}x{h}; they must match.")
+            turned = ""
+            if image_size(sample.image, stored=True) == (mh, mw):
+                turned = (
+                    f" (its EXIF orientation {image_orientation(sample.image)} turns the stored {mw}x{mh} pixels when shown, and BSS reads the picture as shown, "
+                    "like VIA; draw the mask on the turned picture, or rotate the mask likewise)"
+                )
+            raise DatasetError(f"{sample.mask}: mask is {mw}x{mh} but its image {sample.image.name} is {w}x{h}{turned}; they must match.")
 
 
 @dataclass
