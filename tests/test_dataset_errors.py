@@ -182,3 +182,54 @@ def test_make_source_dataset_has_no_hidden_errors(tmp_path):
     make_source_dataset(tmp_path, n=5, labelled=3)
     ds = SourceDataset.open("toy", tmp_path)
     assert len(ds.samples) == 5 and len(ds.hand_labelled()) == 3 and len(ds.box_only()) == 2
+
+
+def png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header says ``width`` x ``height`` (grey) and holds no pixels: a few bytes on disk
+    standing for a huge frame where only its size is read."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+def preprocess(root, *extra, env=None):
+    import os
+
+    cmd = [sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "toy", "--data-root", str(root), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1", **(env or {})), timeout=300)
+
+
+def test_huge_frame_is_one_error_line_naming_the_file_the_limit_and_the_setting(data_root):
+    png_header_only(data_root / "toy" / "images" / "img_000.png", 16000, 12000)  # 192 megapixels: Pillow raised DecompressionBombError
+    run = preprocess(data_root)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "img_000.png" in lines[0], run.stderr
+    assert "16000x12000" in lines[0] and "178,956,970" in lines[0] and "BSS_MAX_IMAGE_PIXELS=192000000" in lines[0]
+    assert outputs(data_root) == []
+
+
+def test_the_pixel_limit_is_set_by_the_environment(data_root):
+    run = preprocess(data_root, env={"BSS_MAX_IMAGE_PIXELS": "4000"})  # the toy frames are 64x64 = 4096 pixels
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "img_000.png" in run.stderr and "4,000 pixels" in run.stderr, run.stderr
+    assert outputs(data_root) == []
+    run = preprocess(data_root, env={"BSS_MAX_IMAGE_PIXELS": "lots"})
+    assert run.returncode == 2 and run.stderr.startswith("error: BSS_MAX_IMAGE_PIXELS='lots'") and run.stderr.count("\n") == 1
+    run = preprocess(data_root, env={"BSS_MAX_IMAGE_PIXELS": "4096"})
+    assert run.returncode == 0 and "error" not in run.stderr and "Warning" not in run.stderr, run.stderr
+    assert outputs(data_root) == ["toy_BASELINE", "toy_EVAL", "toy_TEST"]
+
+
+def test_a_large_frame_under_the_limit_prints_no_anonymous_pillow_warning(tmp_path):
+    import warnings
+
+    from bss.data.io import image_size
+
+    png_header_only(tmp_path / "big.png", 12000, 9000)  # above Pillow's warning threshold, below its error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert image_size(tmp_path / "big.png") == (9000, 12000)
