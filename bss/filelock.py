@@ -23,7 +23,10 @@ def acquire(path: str | Path, timeout: float | None = None):
     ``timeout``: None waits as long as it takes, 0 tries once, otherwise seconds to keep trying.
     Returns the open handle (close it to release), or None when the lock was not had in time.
     """
+    from bss.data.io import check_folder_path
+
     path = Path(path)
+    check_folder_path(path.parent)  # a file in the way is one error naming it, not a FileExistsError
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     if fcntl is None:

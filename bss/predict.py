@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bss.data.io import atomic_folder, is_image, write_image, write_mask
+from bss.data.io import atomic_folder, check_folder_path, is_image, write_image, write_mask
 from bss.errors import BSSError, DatasetError
 from bss.inference import ImageFolderDataset, Predictor
 from bss.visualization import PRED_COLOUR, tint
@@ -64,8 +64,7 @@ def _check_out(out: Path, images_dir: Path, overwrite: bool) -> None:
     images_dir, resolved = images_dir.resolve(), out.resolve()
     if resolved == images_dir or resolved in images_dir.parents:
         raise BSSError(f"--out {out} holds the images folder {images_dir}; choose an output folder outside it.")
-    if out.exists() and not out.is_dir():
-        raise BSSError(f"--out {out} is a file; choose a folder.")
+    check_folder_path(out, "--out")  # --out a file, or below one
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise BSSError(f"--out {out} is not empty; pass --overwrite to replace a previous prediction there, or choose another folder.")

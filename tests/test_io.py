@@ -10,9 +10,21 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from bss.data.io import OWNER, atomic_folder, atomic_path, atomic_write_json, atomic_write_text, link_or_copy, publish_copy, read_json, remove_stale_temporaries
+from bss.data.io import (
+    OWNER,
+    atomic_folder,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    link_or_copy,
+    publish_copy,
+    read_json,
+    remove_stale_temporaries,
+    write_image,
+)
 from bss.errors import BSSError, DatasetError
 
 
@@ -163,3 +175,38 @@ def test_read_json_names_a_file_that_is_not_json(tmp_path):
     (tmp_path / "state.json").write_text('{"iterations": [')
     with pytest.raises(BSSError, match=r"state\.json is not valid JSON"):
         read_json(tmp_path / "state.json")
+
+
+def driver(name: str, *args, cwd=None):
+    from conftest import REPO
+
+    env = dict(os.environ, TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([sys.executable, str(REPO / "drivers" / name), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def one_error_line(run, *fragments):
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("where", ["below", "itself"])
+def test_an_output_folder_where_a_file_stands_is_one_error_line_and_nothing_is_written(tmp_path, where):
+    from conftest import REPO
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    path = tmp_path / "notes.txt" / "run" if where == "below" else tmp_path / "notes.txt"
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "a.png", np.zeros((8, 8, 3), np.uint8))
+    fragment = "notes.txt is a file, not a folder"
+    one_error_line(driver("search.py", "--dataset", "toy", "--data-root", tmp_path / "datasets", "--run-dir", path), "--run-dir", fragment)
+    one_error_line(driver("train.py", "--config", REPO / "config.yaml", "--no-mlflow", "--output-dir", path), "output_dir", fragment)
+    one_error_line(driver("predict.py", "--model", tmp_path / "none.pt", "--images", images, "--out", path), "--out", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
+    with pytest.raises(BSSError, match=fragment):
+        with atomic_folder(path / "H1"):
+            pass
+    with pytest.raises(BSSError, match=fragment):
+        atomic_write_text(path / "x.txt", "x")

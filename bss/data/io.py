@@ -182,13 +182,29 @@ def write_image(path: str | Path, rgb: np.ndarray) -> None:
     Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path)
 
 
+def check_folder_path(path: str | Path, what: str = "") -> Path:
+    """Refuse, by name, a folder that cannot be made because a file stands where it or one of its
+    parents would be (``--run-dir notes.txt/run``), before anything is written; ``what`` names the
+    option (``--run-dir``). Returns ``path``."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return path
+        if part.exists() or part.is_symlink():
+            if part == path:
+                raise BSSError(f"{label} is a file, not a folder; choose another path.")
+            raise BSSError(f"{label}: {part} is a file, not a folder, so nothing can be made under it; choose another path.")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = False):
     """Yield a temporary sibling folder; on success rename it to ``target``; on error delete it.
 
     ``target`` must not exist unless ``overwrite`` is set, so nothing is replaced by surprise.
     """
-    target = Path(target)
+    target = check_folder_path(target)  # a file in the way (the target, or one of its parents) is named
     if target.exists() and not overwrite:
         raise BSSError(f"{target} already exists; pass --overwrite to replace it, or choose another name.")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +273,7 @@ def atomic_path(path: str | Path, fsync: bool = True):
     it is deleted. A kill at any moment leaves the old file or the new one, never half of one.
     Every file BSS rewrites goes through here (or the helpers below), never written in place."""
     path = Path(path)
+    check_folder_path(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

@@ -32,7 +32,9 @@ class RunLock:
         import time
 
         from bss import filelock
+        from bss.data.io import check_folder_path
 
+        check_folder_path(self.run_dir, "--run-dir")
         handle = filelock.acquire(self.path, timeout=0)
         if handle is None:
             holder = self.path.read_text().strip() if self.path.is_file() else ""

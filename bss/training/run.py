@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from bss.config import Config
+from bss.data.io import check_folder_path
 from bss.tracking import Tracker
 from bss.training.trainer import Trainer, TrainResult
 
 
 def tracked_training(config: Config, run_name: str | None = None, **trainer_kwargs) -> TrainResult:
     """Train ``config``; when ``config.tracking.enabled`` log everything to one MLflow run."""
+    check_folder_path(trainer_kwargs.get("output_dir") or config.output_dir, "output_dir")  # before any MLflow run is made
     if not config.tracking.enabled:
         return Trainer(config, **trainer_kwargs).fit()
     tracker = Tracker.open(config.tracking.uri, config.tracking.experiment, going_on="training goes on without it")

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from bss.config import Config
+from bss.data.io import check_folder_path
 from bss.data.layout import resolve_dataset
 from bss.data.segmentation_dataset import SegmentationDataset
 from bss.errors import BSSError, ConfigError
@@ -135,7 +136,7 @@ class Trainer:
         """``run_log``: a :class:`bss.tracking.RunLog` that gets every evaluation and the overlays (None: not tracked)."""
         self.config = config
         self.run_log = run_log
-        self.output_dir = Path(output_dir or config.output_dir)
+        self.output_dir = check_folder_path(output_dir or config.output_dir, "output_dir")
         self.callbacks = list(callbacks)
         self.progress = progress
         seed_everything(config.seed)
