@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from bss.errors import ConfigError, suggest
+from bss.errors import ConfigError, suggest, yaml_problem
 
 METRICS = ("iou", "dice", "recall", "precision")  # the one list of metric names (bss.metrics computes them)
 
@@ -294,7 +294,7 @@ def read_yaml(path: str | Path, _chain: tuple = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc}).") from None
+        raise ConfigError(yaml_problem(path, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values.")
     base = data.pop("_base_", None)
@@ -329,5 +329,9 @@ def parse_overrides(pairs: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "unreadable"
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({problem}); quote it, e.g. {key.strip()}='...'.") from None
     return out

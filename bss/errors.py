@@ -28,3 +28,16 @@ def suggest(word: str, valid, otherwise: str | None = "Valid", cutoff: float = 0
     if close:
         return f" Did you mean '{close[0]}'?"
     return f" {otherwise}: {', '.join(valid)}." if otherwise else ""
+
+
+def yaml_problem(path, exc: Exception) -> str:
+    """One line for a PyYAML error in the file ``path``: where (line and column, from 1), what, and
+    for a tab how to fix it; never PyYAML's multi-line text."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or ["unreadable"])[0]
+    context = getattr(exc, "context", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    text = f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+    if "'\\t'" in problem:
+        text += "; YAML indents with spaces, never tabs: replace the tab with spaces"
+    return text + "."

@@ -103,3 +103,33 @@ def test_loss_arguments_of_the_wrong_type_name_the_key():
 
     with pytest.raises(ConfigError, match=r"'criterion.args.alpha' must be a finite number, got 'abc'"):
         build_loss(NamedArgs("TverskyLoss", {"alpha": "abc", "beta": 0.5}))
+
+
+def test_a_tab_is_one_error_line_naming_the_file_line_and_column(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nmodel:\n\targs: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}, line 3, column 1: not valid YAML") and "tab" in text and "\n" not in text, text
+    run = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--no-mlflow", "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {path}, line 3, column 1"), run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_an_unclosed_bracket_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nmodel: {args: {a: 1}\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml, line \d+, column \d+: not valid YAML: expected ',' or '\}'") as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"override 'epochs=\[1': the value is not valid YAML"):
+        parse_overrides(["epochs=[1"])

@@ -275,3 +275,11 @@ def test_cli_imports_and_prints_a_summary(flat, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "images with the class: 2" in result.stdout and "label lines skipped:   5" in result.stdout
     assert result.stderr.count("warning: ") == 6  # five bad lines and one label without an image
+
+
+def test_cli_yaml_with_a_tab_is_one_error_line_naming_the_line(flat, tmp_path):
+    write(flat / "data.yaml", "names:\n\t- joint\n")
+    result = run_cli("--source", str(flat), "--class", "obstacle", "--name", "x", "--data-root", str(tmp_path / "data"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {flat / 'data.yaml'}, line 2, column 1: not valid YAML") and "tab" in result.stderr
+    assert not (tmp_path / "data").exists()

@@ -145,3 +145,12 @@ def test_searchers_build_what_the_tuner_needs(tmp_path):
     assert alg is None and samples == 1 and param_space["replica"] == {"grid_search": [1, 2, 3]}
     with pytest.raises(BSSError, match="unknown searcher 'bayes'; choose one of: tpe, random, replicas"):
         get_searcher("bayes")
+
+
+def test_a_tab_in_a_space_is_one_line_naming_the_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("params:\n  learning_rate:\n\ttype: loguniform\n")
+    with pytest.raises(ConfigError) as err:
+        load_space(path, BASE)
+    text = str(err.value)
+    assert text.startswith(f"{path}, line 3, column 1: not valid YAML") and "replace the tab with spaces" in text and "\n" not in text, text

@@ -39,7 +39,7 @@ import yaml
 
 from bss.data.io import IMAGE_SUFFIXES, atomic_folder, is_image, link_or_copy, read_image, write_mask
 from bss.data.via import write_via_csv
-from bss.errors import BSSError, DatasetError
+from bss.errors import BSSError, DatasetError, yaml_problem
 
 YAML_NAMES = ("data.yaml", "dataset.yaml")
 EXPECTED = (
@@ -73,8 +73,10 @@ def read_class_names(source: Path) -> tuple[Path, dict[int, str]]:
         raise DatasetError(f"{source}: no data.yaml or dataset.yaml. {EXPECTED}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid YAML ({exc}).") from None
+    except yaml.YAMLError as exc:
+        raise DatasetError(yaml_problem(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8.") from None
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, list):
         names = dict(enumerate(names))
