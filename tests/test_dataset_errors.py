@@ -233,3 +233,12 @@ def test_a_large_frame_under_the_limit_prints_no_anonymous_pillow_warning(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert image_size(tmp_path / "big.png") == (9000, 12000)
+
+
+def test_too_few_hand_labels_names_the_dataset_and_its_labels_csv(tmp_path):
+    make_source_dataset(tmp_path, n=5, labelled=2)
+    run = preprocess(tmp_path)
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip() and "checking toy" not in line]  # the progress bar aside
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith("error: toy: only 2 hand-labelled image(s) in ") and str(tmp_path / "toy" / "labels.csv") in lines[0]
+    assert outputs(tmp_path) == []

@@ -112,3 +112,40 @@ def test_encodings_utf16_is_read_latin1_is_one_clear_error(tmp_path):
     path.write_bytes(body.encode("latin-1"))
     with pytest.raises(DatasetError, match=r"labels.csv: not UTF-8 text \(byte 0xe9 on line 2"):
         read_via_csv(path)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_csv_saved_with_semicolons_or_tabs_reads_like_the_comma_one(tmp_path, sep):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, make_source_dataset
+
+    root = tmp_path / "datasets"
+    folder = make_source_dataset(root, n=5, labelled=4, size=(32, 32))
+    comma = read_via_csv(folder / "labels.csv")
+    with open(folder / "labels.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    with open(folder / "labels.csv", "w", newline="", encoding="utf-8-sig") as fh:  # as European Excel saves it
+        csv.writer(fh, delimiter=sep).writerows(rows)
+    assert sep in (folder / "labels.csv").read_text().splitlines()[0]
+    other = read_via_csv(folder / "labels.csv")
+    assert {n: [r.attrs for r in regs] for n, regs in other.regions.items()} == {n: [r.attrs for r in regs] for n, regs in comma.regions.items()}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "toy", "--data-root", str(root)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["toy", "toy_BASELINE", "toy_EVAL", "toy_TEST"]
+
+
+def test_a_csv_without_the_via_columns_says_what_the_header_must_be(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("filename|file_size|region_count\na.png|1|0\n")
+    with pytest.raises(DatasetError, match=r"labels\.csv: not a VIA CSV export, columns .* are missing .*separated by ',' \(or ';' or a tab\)"):
+        read_via_csv(path)

@@ -35,7 +35,7 @@ import numpy as np
 
 from bss.data.io import atomic_path, image_size
 from bss.data.layout import SourceDataset
-from bss.data.via import VIA_COLUMNS, check_filename, rasterize, read_text, read_via_csv
+from bss.data.via import VIA_COLUMNS, check_filename, delimiter, rasterize, read_text, read_via_csv
 from bss.errors import DatasetError
 
 BACKUP_SUFFIX = ".bak"
@@ -51,10 +51,10 @@ class MergeResult:
     masks: dict = field(default_factory=dict, repr=False)  # filename -> drawn 0/1 mask
 
 
-def _records(text: str) -> tuple[list[str], list[tuple[list[str], str]]]:
+def _records(text: str, sep: str = ",") -> tuple[list[str], list[tuple[list[str], str]]]:
     """The CSV's header and its records, each with its raw text (physical lines, endings kept)."""
     lines = list(io.StringIO(text, newline=""))
-    reader = csv.reader(iter(lines))
+    reader = csv.reader(iter(lines), delimiter=sep)
     records = []
     done = 0
     header = None
@@ -80,8 +80,9 @@ def _export_rows(path: Path) -> dict[str, list[tuple[int, dict]]]:
     """``{filename: [(line, row dict), ...]}``; an image whose rows are not consecutive appears twice."""
     out: dict[str, list[tuple[int, dict]]] = {}
     previous = None
-    with io.StringIO(read_text(path), newline="") as fh:
-        reader = csv.DictReader(fh)
+    text = read_text(path)
+    with io.StringIO(text, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter(text))
         for line, row in enumerate(reader, start=2):
             name = check_filename((row.get("filename") or "").strip(), f"{path} line {line}")
             if name in out and previous != name:
@@ -152,7 +153,9 @@ def _merged_text(labels_path: Path, rows: dict, merged: list[str]) -> tuple[str,
     """labels.csv with the merged images' rows in place of their empty ones (appended if it did
     not list them); every other line byte for byte. The text and the file's encoding."""
     encoding = _encoding(labels_path.read_bytes())
-    (header, header_raw), records = _records(read_text(labels_path))
+    text = read_text(labels_path)
+    sep = delimiter(text)  # a ';' file stays a ';' file
+    (header, header_raw), records = _records(text, sep)
     ending = "\r\n" if header_raw.endswith("\r\n") else ("\r" if header_raw.endswith("\r") else "\n")
     columns = {c: header.index(c) for c in header}
     if "filename" not in columns or "region_count" not in columns:
@@ -160,7 +163,7 @@ def _merged_text(labels_path: Path, rows: dict, merged: list[str]) -> tuple[str,
 
     def new_rows(name: str) -> str:
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator=ending)
+        writer = csv.writer(buf, lineterminator=ending, delimiter=sep)
         for _, row in rows[name]:
             writer.writerow([(row.get(c) if row.get(c) not in (None, "") else ("{}" if c.endswith("attributes") else "")) for c in header])
         return buf.getvalue()

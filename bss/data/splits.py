@@ -35,17 +35,20 @@ def split_stems(folder: Path) -> set[str]:
     return stems
 
 
-def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    """How many images go to BASELINE, EVAL and TEST; EVAL and TEST get at least one each."""
+def split_counts(n: int, fractions: tuple[float, float, float], labels: Path | None = None) -> tuple[int, int, int]:
+    """How many images go to BASELINE, EVAL and TEST; EVAL and TEST get at least one each.
+    ``labels``: the dataset's labels.csv, named in the errors."""
+    where = f"{labels.parent.name}: " if labels is not None else ""
+    source = f" in {labels}" if labels is not None else ""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not abs(sum(fractions) - 1.0) < 1e-6:
         raise BSSError(f"split fractions must be three non-negative numbers summing to 1 (BASELINE EVAL TEST), got {list(fractions)}.")
     if n < 3:
-        raise DatasetError(f"only {n} hand-labelled image(s); at least 3 are needed for BASELINE, EVAL and TEST. Label more in VIA.")
+        raise DatasetError(f"{where}only {n} hand-labelled image(s){source}; at least 3 are needed for BASELINE, EVAL and TEST. Label more in VIA.")
     n_eval = max(1, round(n * fractions[1]))
     n_test = max(1, round(n * fractions[2]))
     n_train = n - n_eval - n_test
     if n_train < 1:
-        raise DatasetError(f"{n} hand-labelled images leave none for BASELINE with fractions {list(fractions)}.")
+        raise DatasetError(f"{where}{n} hand-labelled images{source} leave none for BASELINE with fractions {list(fractions)}.")
     return n_train, n_eval, n_test
 
 
@@ -60,7 +63,7 @@ def make_splits(
         raise BSSError(f"split already exists: {', '.join(existing)}. Pass --overwrite to redraw it.")
     source.check_files(progress)  # every image and box mask decodes (a truncated JPEG fails here, by name)
     labelled = sorted(source.hand_labelled(), key=lambda s: s.image.name)
-    counts = split_counts(len(labelled), tuple(fractions))
+    counts = split_counts(len(labelled), tuple(fractions), source.labels.path)
     order = np.random.default_rng(seed).permutation(len(labelled))
     bounds = np.cumsum((0,) + counts)
     members = {split: [labelled[i] for i in order[bounds[k] : bounds[k + 1]]] for k, split in enumerate(SPLITS)}

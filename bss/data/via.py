@@ -143,6 +143,21 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+DELIMITERS = (",", ";", "\t")  # VIA writes ","; Excel in many European locales saves ";"; "Unicode text" is tab-separated
+_KEY_COLUMNS = ("filename", "region_count", "region_id", "region_shape_attributes")
+
+
+def delimiter(text: str) -> str:
+    """The CSV's delimiter: the first of :data:`DELIMITERS` whose header row holds the VIA columns
+    (``,`` where none does, so the missing columns are named)."""
+    header = text.lstrip("\ufeff").splitlines()[0] if text.strip() else ""
+    for candidate in DELIMITERS:
+        fields = next(csv.reader([header], delimiter=candidate), [])
+        if all(c in [f.strip() for f in fields] for c in _KEY_COLUMNS):
+            return candidate
+    return ","
+
+
 def read_via_csv(path: str | Path) -> ViaLabels:
     """Parse a VIA CSV export; every problem raises one :class:`DatasetError` naming the line."""
     import io
@@ -153,11 +168,16 @@ def read_via_csv(path: str | Path) -> ViaLabels:
     labels = ViaLabels(path=path)
     seen_ids: set[tuple[str, int]] = set()
     declared: dict[str, tuple[int, int]] = {}  # filename -> (region_count, first line)
-    with io.StringIO(read_text(path), newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ("filename", "region_count", "region_id", "region_shape_attributes") if c not in (reader.fieldnames or [])]
+    text = read_text(path)
+    with io.StringIO(text, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter(text))
+        missing = [c for c in _KEY_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise DatasetError(f"{path}: not a VIA CSV export, columns {missing} are missing (found {reader.fieldnames}).")
+            raise DatasetError(
+                f"{path}: not a VIA CSV export, columns {missing} are missing (found {reader.fieldnames}); "
+                "its header must be filename,file_size,file_attributes,region_count,region_id,region_shape_attributes,region_attributes "
+                "separated by ',' (or ';' or a tab). Export it from VIA again (Annotation > Export annotations (as csv))."
+            )
         for line, row in enumerate(reader, start=2):
             where = f"{path} line {line}"
             name = check_filename((row["filename"] or "").strip(), where)
