@@ -126,6 +126,7 @@ class Trainer:
         seed_everything(config.seed)
         self.runtime = Runtime.from_config(config)
         self.train_set, self.eval_set = self.build_datasets()
+        self._native_truth: list | None = None  # the EVAL masks at native size, read on the first evaluation
         self.epochs = config.planned_epochs(len(self.train_set))  # train_steps: from the training set's size
         self.model = self.runtime.prepare_model(self.build_model())
         self.loss_fn = self.build_loss()
@@ -228,7 +229,7 @@ class Trainer:
     @property
     def native_truth(self) -> list:
         """The EVAL masks (bool) at their images' own size, read once per trainer."""
-        if getattr(self, "_native_truth", None) is None:
+        if self._native_truth is None:
             self._native_truth = [read_mask(sample.mask) > 0 for sample in self.eval_set.samples]
         return self._native_truth
 
