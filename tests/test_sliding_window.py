@@ -284,3 +284,17 @@ def test_eval_and_test_figures_are_the_predictors(patch_run):
     assert best["iou"] == pytest.approx(result.best_metrics["iou"], abs=1e-3)
     assert best["recall"] == pytest.approx(result.best_metrics["recall"], abs=1e-3)
     assert (result.checkpoint.parent / "overlays.png").is_file()
+
+
+def test_teacher_and_hybrid_predict_by_windows_too(patch_run):
+    """The teacher's EVAL measurement and make_hybrid go through the same Predictor: the raw
+    prediction's EVAL IoU is evaluate_checkpoint's, and the H1 manifest records the windows."""
+    from bss.hybrid import make_hybrid
+    from bss.hybrid.teacher_quality import measure_teacher
+
+    result, root = patch_run
+    quality = measure_teacher(result.checkpoint, "toy", root, device="cpu")
+    assert quality.raw_iou_pixels == pytest.approx(evaluate_checkpoint(result.checkpoint, "toy_EVAL", root)["iou"], abs=1e-12)
+    hybrid = make_hybrid("toy", result.checkpoint, root, progress=False, device="cpu")
+    assert hybrid.manifest["inference"]["sliding_window"]["window"] == [32, 32] and hybrid.manifest["inference"]["input_size"] == [64, 96]
+    assert {read_mask(p).shape for p in (hybrid.path / "masks").iterdir()} == {(90, 120)}
