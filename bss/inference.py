@@ -2,10 +2,20 @@
 
 This is the one place that turns images into probabilities, and it does so exactly as training
 preprocessed them (:mod:`bss.data.segmentation_dataset`): decode to RGB, resize to the
-checkpoint's ``image_size`` (``resize_image``), ImageNet normalisation (``to_tensor``), the
-model, ``sigmoid``. The probability map is then resized (bilinear) back to the image's own
-height and width. Mixed precision and channels-last follow the checkpoint's config, as in
-evaluation.
+checkpoint's frame (``Config.frame_size``: ``image_size`` for whole frames, ``patches.frame_size``
+for a patch plan; ``resize_image``), ImageNet normalisation (``to_tensor``), the model,
+``sigmoid``. The probability map is then resized (bilinear) back to the image's own height and
+width. Mixed precision and channels-last follow the checkpoint's config, as in evaluation.
+
+**Sliding windows** (a config with ``patches.frame_size``, as nnU-Net predicts): a network trained
+on ``image_size`` patches of the frame never saw the whole frame at once, and squeezing the frame
+to one input would undo the planned scale. So :func:`frame_probabilities` slides windows of
+``image_size`` over the frame (``patches.overlap`` of a window apart, the last one flush with
+the edge so every pixel is covered; a frame smaller than a window is padded), runs them in
+batches, and blends the overlaps with Gaussian importance weights (sigma = window / 8), divided
+by the summed weights: a window's border, where the network saw the least context, counts least,
+and no seam is left where windows meet. EVAL (the trainer), TEST, the teacher, ``make_hybrid``,
+``suggest_labels`` and ``predict.py`` all come through here, so they all predict alike.
 
 Images stream through a :class:`~torch.utils.data.DataLoader` (decode + resize in worker
 processes), batches run under :func:`torch.inference_mode`, and results are yielded one image at
@@ -21,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -33,6 +43,7 @@ from bss.config import Config
 from bss.data.io import read_image, read_mask
 from bss.data.segmentation_dataset import MEAN, STD, resize_image
 from bss.errors import BSSError
+from bss.metrics import mask_counts
 from bss.training.runtime import Runtime, pick_device
 
 
@@ -102,11 +113,91 @@ def resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def native_counts(prob: np.ndarray, truth: np.ndarray, threshold: float) -> list[int]:
+    """``[TP, FP, FN, TN]`` of a probability map (any size) against a truth mask at the image's
+    native size: the probability is resized to the truth's shape first, then thresholded, exactly
+    as ``predict.py`` makes its masks, so a figure counts the pixels a user gets."""
+    return mask_counts(resize_probability(prob, truth.shape[0], truth.shape[1]) > threshold, truth)
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Where the windows of one axis start: ``round(window * (1 - overlap))`` apart (at least 1),
+    the last flush with the far edge, so every pixel of ``length`` is covered (a ``length`` no
+    longer than the window: one window at 0)."""
+    if length <= window:
+        return [0]
+    stride = max(1, int(round(window * (1.0 - overlap))))
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def gaussian_weights(window: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """nnU-Net's importance map of a window: a Gaussian centred on it, sigma = side / 8 on each
+    axis, 1 at the centre (float64). Its smallest value (a corner, exp(-16) ~ 1e-7) is still
+    positive, so the blend never divides by zero."""
+    axes = []
+    for side in window:
+        offset = torch.arange(side, dtype=torch.float64, device=device) - (side - 1) / 2.0
+        axes.append(torch.exp(-0.5 * (offset / (side / 8.0)) ** 2))
+    weights = axes[0][:, None] * axes[1][None, :]
+    return weights / weights.max()
+
+
+def frame_probabilities(
+    predict: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, window: tuple[int, int], overlap: float = 0.5, batch_size: int = 32
+) -> torch.Tensor:
+    """Probabilities (B, H, W), float32 on ``frames``' device, of normalised frames (B, 3, H, W) by
+    sliding windows (see the module): ``predict`` maps a batch of windows (N, 3, h, w) to their
+    probabilities (N, h, w); at most ``batch_size`` windows go through it at once. A frame
+    smaller than the window on a side is padded there with zeros (the mean colour once
+    normalised) and cropped back. The blend is summed in float64, so a constant prediction
+    comes back as that constant."""
+    count, _, height, width = frames.shape
+    wh, ww = int(window[0]), int(window[1])
+    frames = torch.nn.functional.pad(frames, (0, max(0, ww - width), 0, max(0, wh - height)))
+    boxes = [(y, x) for y in window_starts(frames.shape[2], wh, overlap) for x in window_starts(frames.shape[3], ww, overlap)]
+    weights = gaussian_weights((wh, ww), frames.device)
+    total = torch.zeros((count, frames.shape[2], frames.shape[3]), dtype=torch.float64, device=frames.device)
+    norm = torch.zeros(frames.shape[2:], dtype=torch.float64, device=frames.device)
+    for y, x in boxes:
+        norm[y : y + wh, x : x + ww] += weights
+    tiles = [(i, y, x) for i in range(count) for y, x in boxes]
+    for first in range(0, len(tiles), max(1, int(batch_size))):
+        chunk = tiles[first : first + max(1, int(batch_size))]
+        probs = predict(torch.stack([frames[i, :, y : y + wh, x : x + ww] for i, y, x in chunk]))
+        for (i, y, x), prob in zip(chunk, probs):
+            total[i, y : y + wh, x : x + ww] += prob.double() * weights
+    return (total / norm)[:, :height, :width].float()
+
+
+def model_probabilities(
+    model: torch.nn.Module, runtime: Runtime, images: torch.Tensor, window: tuple[int, int] | None = None, overlap: float = 0.5, tta: bool = False
+) -> torch.Tensor:
+    """Probabilities (B, H, W), float32 on the device, of normalised images (B, 3, H, W) on the
+    device: the whole input through ``model`` at once, or (``window``) by sliding windows. The
+    Predictor and the trainer's EVAL both predict through this one function."""
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        (batch,) = runtime.to_device(batch)  # stacked windows: the model's memory format again
+        with runtime.autocast():
+            prob = torch.sigmoid(model(batch).float())
+            if tta:
+                prob = 0.5 * (prob + torch.sigmoid(model(torch.flip(batch, dims=[3])).float()).flip(dims=[3]))
+        return prob[:, 0].float()
+
+    return predict(images) if window is None else frame_probabilities(predict, images, window, overlap)
+
+
 class Predictor:
     """A trained model plus the exact preprocessing it was trained with.
 
-    ``input_size`` overrides the checkpoint's ``image_size`` (e.g. to predict at the images' own
-    resolution); it must suit the architecture (multiples of 32 for a depth-5 encoder).
+    ``input_size``: the size every image is resized to, the checkpoint's ``Config.frame_size`` by
+    default: ``image_size`` (the whole frame is one network input) or, for a patch plan,
+    ``patches.frame_size``, over which ``window`` (``image_size``) slides. An override (e.g. to
+    predict at the images' own resolution) must suit the architecture when the frame is one input
+    (multiples of 32 for a depth-5 encoder); with windows any size goes.
     ``tta`` averages the probability of the image and of its horizontal mirror.
     """
 
@@ -123,7 +214,8 @@ class Predictor:
         self.config = config
         self.runtime = Runtime.from_config(dataclasses.replace(config, device=str(device), compile=False))
         self.model = self.runtime.prepare_model(model).eval()
-        self.input_size = tuple(int(v) for v in (input_size or (config.height, config.width)))
+        self.input_size = tuple(int(v) for v in (input_size or config.frame_size))
+        self.window = (config.height, config.width) if config.patches.enabled else None  # None: the frame is one input
         self.tta = bool(tta)
         self.source = source
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -147,10 +239,15 @@ class Predictor:
         return {
             "input_size": list(self.input_size),
             "trained_image_size": [self.config.height, self.config.width],
+            "sliding_window": {"window": list(self.window), "overlap": self.config.patches.overlap, "weights": "gaussian, sigma = window / 8"}
+            if self.window
+            else None,
             "tta": "hflip" if self.tta else None,
             "device": str(self.device),
             "amp": str(self.runtime.amp_dtype).replace("torch.", "") if self.runtime.amp_dtype else None,
-            "preprocessing": "RGB, resize_image to input_size, ImageNet mean/std, sigmoid; probability resized bilinearly to the image size",
+            "preprocessing": "RGB, resize_image to input_size, ImageNet mean/std, sigmoid"
+            + (" of Gaussian-blended sliding windows" if self.window else "")
+            + "; probability resized bilinearly to the image size",
         }
 
     @torch.inference_mode()
@@ -159,12 +256,12 @@ class Predictor:
 
         At the trained size (which training already ran) a 64x64 probe checks the same things
         (RGB input, one output channel) at a fraction of the cost; an overridden size is probed
-        as it is.
+        as it is. With sliding windows the network only ever sees the trained window.
         """
         h, w = self.input_size
         if h <= 0 or w <= 0:
             raise BSSError(f"{self.source}: input size {h}x{w} must be positive.")
-        ph, pw = (64, 64) if (h, w) == (self.config.height, self.config.width) else (h, w)
+        ph, pw = (64, 64) if self.window or (h, w) == (self.config.height, self.config.width) else (h, w)
         (x,) = self.runtime.to_device(torch.zeros(1, 3, ph, pw))
         try:
             with self.runtime.autocast():
@@ -193,14 +290,10 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """A batch, uint8 (B, h, w, 3) or normalised float (B, 3, h, w) -> foreground
-        probabilities (B, h, w), float32 on the CPU."""
+        """A batch, uint8 (B, h, w, 3) or normalised float (B, 3, h, w) at ``input_size`` ->
+        foreground probabilities (B, h, w), float32 on the CPU (by sliding windows for a patch plan)."""
         x = self.normalize(images)
-        with self.runtime.autocast():
-            prob = torch.sigmoid(self.model(x).float())
-            if self.tta:
-                prob = 0.5 * (prob + torch.sigmoid(self.model(torch.flip(x, dims=[3])).float()).flip(dims=[3]))
-        return prob[:, 0].float().cpu()
+        return model_probabilities(self.model, self.runtime, x, self.window, self.config.patches.overlap, self.tta).cpu()
 
     def loader(self, dataset: Dataset, batch_size: int = 8, num_workers: int = 0) -> DataLoader:
         # no cv2.setNumThreads() in the workers: after fork it can block forever on the parent's

@@ -83,11 +83,17 @@ class SegmentationMetrics:
         return torch.cat(self._counts) if self._counts else torch.zeros((0, 4), dtype=torch.long)
 
     def compute(self) -> dict[str, float]:
-        counts = self.counts
-        if len(counts) == 0:
-            raise ValueError("no images were evaluated")
-        out = {name: float(value) for name, value in scores_from_counts(counts.sum(0)).items()}
-        for name, values in scores_from_counts(counts).items():
-            out[f"{name}_per_image"] = float(values.mean())
-        out["foreground_fraction"] = float((counts[:, 0] + counts[:, 1]).sum() / counts.sum())
-        return out
+        return summarize(self.counts)
+
+
+def summarize(counts) -> dict[str, float]:
+    """The figures of a split from its per-image ``[TP, FP, FN, TN]`` rows (N, 4): micro
+    (``iou``, ...), per-image means (``iou_per_image``, ...) and the predicted foreground fraction."""
+    counts = torch.as_tensor(counts, dtype=torch.long).reshape(-1, 4)
+    if len(counts) == 0:
+        raise ValueError("no images were evaluated")
+    out = {name: float(value) for name, value in scores_from_counts(counts.sum(0)).items()}
+    for name, values in scores_from_counts(counts).items():
+        out[f"{name}_per_image"] = float(values.mean())
+    out["foreground_fraction"] = float((counts[:, 0] + counts[:, 1]).sum() / counts.sum())
+    return out

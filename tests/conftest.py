@@ -115,10 +115,11 @@ def train_oracle_teacher(root: Path, source: Path, folder: Path, epochs: int) ->
 
 
 def recompute_iou(checkpoint: Path, data_root: Path, dataset: str) -> float:
-    """The micro IoU of a checkpoint on ``dataset``, computed here without the trainer: files read
-    with PIL, resized with cv2 (area down, linear up; masks nearest), normalised with ImageNet's
-    figures, one fp32 forward of every image at once, counts in numpy (foreground: logit > 0,
-    i.e. sigmoid > 0.5). A recorded ``eval_iou`` must agree with it."""
+    """The micro IoU of a (whole-frame) checkpoint on ``dataset``, computed here without the
+    trainer, at each image's native size as EVAL counts it: files read with PIL, resized with cv2
+    (area down, linear up), normalised with ImageNet's figures, one fp32 forward of every image at
+    once, the sigmoid resized back (cv2, linear) to the image's size and thresholded at 0.5,
+    counted in numpy against the mask as it is on disk. A recorded ``eval_iou`` must agree with it."""
     import cv2
     import torch
     from PIL import Image
@@ -126,18 +127,20 @@ def recompute_iou(checkpoint: Path, data_root: Path, dataset: str) -> float:
     from bss.training.checkpoint import load_model
 
     model, cfg = load_model(checkpoint)
+    assert not cfg.patches.enabled, "recompute_iou predicts whole frames"
     height, width = cfg.image_size
     folder = Path(data_root) / dataset
     images, masks = [], []
     for path in sorted((folder / "images").iterdir()):
         rgb = np.asarray(Image.open(path).convert("RGB"))
-        mask = np.asarray(Image.open(folder / "masks" / f"{path.stem}.png").convert("L")) > 0
+        masks.append(np.asarray(Image.open(folder / "masks" / f"{path.stem}.png").convert("L")) > 0)
         area = cv2.INTER_AREA if rgb.shape[0] > height else cv2.INTER_LINEAR
         images.append(cv2.resize(rgb, (width, height), interpolation=area).astype(np.float32) / 255.0)
-        masks.append(cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0)
     x = (np.stack(images) - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     with torch.no_grad():
-        logits = model.float().eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()[:, 0]
-    pred, truth = logits > 0, np.stack(masks)
-    tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
+        probs = torch.sigmoid(model.float().eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))).numpy()[:, 0]
+    tp = fp = fn = 0
+    for prob, truth in zip(probs, masks):
+        pred = cv2.resize(prob, truth.shape[::-1], interpolation=cv2.INTER_LINEAR) > 0.5
+        tp, fp, fn = tp + int((pred & truth).sum()), fp + int((pred & ~truth).sum()), fn + int((~pred & truth).sum())
     return tp / (tp + fp + fn) if tp + fp + fn else 1.0

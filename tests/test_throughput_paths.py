@@ -227,7 +227,8 @@ def test_trainer_sums_losses_on_device(split_root, tmp_path, monkeypatch):
 
 
 def test_evaluate_matches_plain_metrics(split_root, tmp_path, monkeypatch):
-    """Device-side counting gives SegmentationMetrics' figures on the normalised-float path."""
+    """The trainer's EVAL (uint8 frames normalised on the device, counted at native size, here the
+    64x64 input's) gives SegmentationMetrics' figures on the normalised-float path."""
     from torch.utils.data import DataLoader
 
     from bss.metrics import SegmentationMetrics

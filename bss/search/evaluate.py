@@ -1,10 +1,11 @@
-"""Evaluate a checkpoint on a split, and draw its overlays, exactly as training evaluates.
+"""Evaluate a checkpoint on a split, and draw its overlays, exactly as ``predict.py`` predicts.
 
-Images and masks are resized to the checkpoint's ``image_size`` as in
-:class:`~bss.data.segmentation_dataset.SegmentationDataset` (no augmentation), thresholded at the
-config's ``threshold``, and scored with :class:`~bss.metrics.SegmentationMetrics` (micro IoU,
-Dice, Recall, Precision over all pixels), so a TEST figure sits beside the EVAL figure the
-trials reported on equal terms.
+The TEST figures go through :class:`bss.inference.Predictor`: each image resized to the
+checkpoint's frame, predicted whole or by sliding windows (a patch plan), the probability resized
+back to the image's own size, thresholded at the config's ``threshold`` and counted against the
+mask at that size (micro IoU, Dice, Recall, Precision over all pixels, :func:`bss.metrics.summarize`).
+So a TEST figure counts the pixels ``predict.py`` would write, and sits beside the EVAL figures
+the trials reported (counted the same way by the trainer) on equal terms.
 """
 
 from __future__ import annotations
@@ -14,39 +15,41 @@ from pathlib import Path
 import torch
 
 
-def _loader(dataset, batch_size: int):
-    from torch.utils.data import DataLoader
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-
-
-@torch.inference_mode()
 def evaluate_checkpoint(checkpoint: str | Path, dataset: str, data_root: str | Path, batch_size: int = 8, device: str = "cpu") -> dict[str, float]:
-    from bss.data.layout import resolve_dataset
-    from bss.data.segmentation_dataset import SegmentationDataset
-    from bss.metrics import SegmentationMetrics
-    from bss.training.checkpoint import load_model
+    from bss.data.layout import list_samples, resolve_dataset
+    from bss.errors import DatasetError
+    from bss.inference import ImageFolderDataset, Predictor, native_counts
+    from bss.metrics import summarize
 
-    model, config = load_model(checkpoint, device=device)
-    data = SegmentationDataset(resolve_dataset(dataset, data_root), (config.height, config.width), augment=False, cache=False)
-    metrics = SegmentationMetrics(config.threshold)
-    for images, masks in _loader(data, batch_size):
-        metrics.update(model(images.to(device)).float().cpu(), masks)
-    return metrics.compute()
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    samples = list_samples(resolve_dataset(dataset, data_root))
+    data = ImageFolderDataset([s.image for s in samples], predictor.input_size, extras={"truth": [s.mask for s in samples]})
+    counts = []
+    for item, prob in predictor.predict(data, batch_size, progress=False):
+        truth = item["truth"] > 0
+        if truth.shape != prob.shape:
+            sample = samples[item["index"]]
+            raise DatasetError(
+                f"{sample.mask}: mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}."
+            )
+        counts.append(native_counts(prob, truth, predictor.config.threshold))
+    return summarize(counts)
 
 
 @torch.inference_mode()
 def draw_overlays(checkpoint: str | Path, dataset: str, data_root: str | Path, path: str | Path, samples: int = 4, device: str = "cpu") -> Path | None:
-    """image | truth (green) | prediction (red) for the first ``samples`` images of ``dataset``."""
+    """image | truth (green) | prediction (red) for the first ``samples`` images of ``dataset``, at the checkpoint's frame size."""
     from bss.data.layout import resolve_dataset
     from bss.data.segmentation_dataset import SegmentationDataset
-    from bss.training.checkpoint import load_model
+    from bss.inference import Predictor
     from bss.visualization import overlay_grid, overlay_rows
 
     if samples <= 0:
         return None
-    model, config = load_model(checkpoint, device=device)
-    data = SegmentationDataset(resolve_dataset(dataset, data_root), (config.height, config.width), augment=False, cache=False)
-    rows = overlay_rows(lambda batch: torch.sigmoid(model(batch.to(device)).float())[0, 0].cpu().numpy(), data, samples, config.threshold)
-    caption = f"{dataset}, first {len(rows)} images, threshold {config.threshold:g}, at {config.width}x{config.height}"
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    config, (height, width) = predictor.config, predictor.input_size
+    data = SegmentationDataset(resolve_dataset(dataset, data_root), (height, width), augment=False, cache=False)
+    rows = overlay_rows(lambda batch: predictor.probabilities(batch)[0].numpy(), data, samples, config.threshold)
+    how = f", sliding {config.width}x{config.height} windows" if predictor.window else ""
+    caption = f"{dataset}, first {len(rows)} images, threshold {config.threshold:g}, at {width}x{height}{how}"
     return overlay_grid(rows, path, caption=caption) if rows else None

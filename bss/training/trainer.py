@@ -9,9 +9,16 @@ evaluation (the search reports them to Ray Tune).
 The loop is kept free of per-step overhead (a search pays it once per trial): datasets are read
 from the decoded-once cache as uint8 and normalised on the device; the loss is summed on the
 device and read once per evaluation (and, on CUDA, every ``CHECK_EVERY`` steps for the NaN
-check), evaluation counts stay on the device until the end of the evaluation, and mlflow is
-only touched when a run is active. ``bench/train_throughput.py`` measures the result against a
-bare PyTorch loop.
+check), and mlflow is only touched when a run is active. ``bench/train_throughput.py`` measures
+the result against a bare PyTorch loop.
+
+**EVAL at each image's native size.** The EVAL frames are read from the same decoded-once cache
+as the training frames (``Config.frame_size``) and predicted as :class:`bss.inference.Predictor`
+predicts (:func:`bss.inference.model_probabilities`: the whole frame, or sliding windows for a
+patch plan); each probability map is then resized to its image's own size and counted against
+the EVAL mask read there (once per trainer). So a whole-frame plan and a patch plan are scored
+on the same pixels, those ``predict.py`` writes. The counting runs on the CPU (one copy of a
+batch's probabilities, a cv2 resize and a count per image: well under the forward's cost).
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from bss.config import Config
-from bss.data.io import check_folder_path
+from bss.data.io import check_folder_path, read_mask
 from bss.data.layout import resolve_dataset
 from bss.data.segmentation_dataset import SegmentationDataset
 from bss.errors import BSSError, ConfigError
+from bss.inference import model_probabilities, native_counts
 from bss.losses import build_loss
-from bss.metrics import SegmentationMetrics, confusion_counts
+from bss.metrics import summarize
 from bss.models import build_model
 from bss.training.checkpoint import save_checkpoint
 from bss.training.runtime import Runtime, seed_everything
@@ -105,30 +113,6 @@ class _MixedSampler(_SeededSampler):
         return iter(list(zip(order, seeds)))
 
 
-class _DeviceMetrics(SegmentationMetrics):
-    """SegmentationMetrics whose counts stay on the device until :meth:`compute`: one host sync per
-    evaluation instead of one per batch (same counts as ``SegmentationMetrics.update``)."""
-
-    def __init__(self, threshold: float = 0.5):
-        super().__init__(threshold)
-        self._device_counts: list[torch.Tensor] = []
-
-    def reset(self) -> None:
-        super().reset()
-        self._device_counts.clear()
-
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        pred = torch.sigmoid(logits.float()) > self.threshold
-        self._device_counts.append(confusion_counts(pred, target > 0.5))
-
-    @property
-    def counts(self) -> torch.Tensor:
-        if not self._device_counts:
-            return torch.zeros((0, 4), dtype=torch.long)
-        return torch.cat(self._device_counts).cpu()
-
-
 class Trainer:
     CHECK_EVERY = 50  # on CUDA, steps between reads of the running loss (NaN check)
 
@@ -142,6 +126,7 @@ class Trainer:
         seed_everything(config.seed)
         self.runtime = Runtime.from_config(config)
         self.train_set, self.eval_set = self.build_datasets()
+        self._native_truth: list | None = None  # the EVAL masks at native size, read on the first evaluation
         self.epochs = config.planned_epochs(len(self.train_set))  # train_steps: from the training set's size
         self.model = self.runtime.prepare_model(self.build_model())
         self.loss_fn = self.build_loss()
@@ -190,7 +175,8 @@ class Trainer:
             patch=patch,
             foreground=cfg.patches.foreground,
         )
-        evaluation = SegmentationDataset(resolve_dataset(cfg.evaluation_dataset, cfg.data_root), size, augment=False, cache=cfg.cache_images)
+        # EVAL frames at the frame size (the training frames' cache entry), predicted whole or by windows, scored natively
+        evaluation = SegmentationDataset(resolve_dataset(cfg.evaluation_dataset, cfg.data_root), cfg.frame_size, augment=False, cache=cfg.cache_images)
         return train, evaluation
 
     # ---- loops -----------------------------------------------------------------------------
@@ -240,17 +226,32 @@ class Trainer:
     def _diverged(self, value: float) -> TrainingDiverged:
         return TrainingDiverged(f"the training loss became {value} (learning rate {self.config.learning_rate}); lower the learning rate or change the loss.")
 
+    @property
+    def native_truth(self) -> list:
+        """The EVAL masks (bool) at their images' own size, read once per trainer."""
+        if self._native_truth is None:
+            self._native_truth = [read_mask(sample.mask) > 0 for sample in self.eval_set.samples]
+        return self._native_truth
+
+    def frame_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, H, W) on the device of normalised frames on the device, as the
+        Predictor makes them: the whole frame, or sliding windows of ``image_size`` for a patch plan."""
+        cfg = self.config
+        window = (cfg.height, cfg.width) if cfg.patches.enabled else None
+        return model_probabilities(self.model, self.runtime, images, window, cfg.patches.overlap)
+
     @torch.inference_mode()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
+        """EVAL figures at each image's native size (see the module); ``loader`` reads the EVAL
+        set in order (the default one does)."""
         self.model.eval()
-        metrics = _DeviceMetrics(self.config.threshold)
+        truth, counts = self.native_truth, []
         for images, masks in loader or self._loader(self.eval_set, shuffle=False):
-            images, masks = self.runtime.prepare_batch(images, masks)
-            with self.runtime.autocast():
-                logits = self.model(images)
-            metrics.update(logits, masks)
+            images, _ = self.runtime.prepare_batch(images, masks)
+            for prob in self.frame_probabilities(images).cpu().numpy():
+                counts.append(native_counts(prob, truth[len(counts)], self.config.threshold))
         self.model.train()
-        return metrics.compute()
+        return summarize(counts)
 
     def evaluation_steps(self, steps: int) -> set[int]:
         """The global steps (1-based) after which EVAL is evaluated, for ``steps`` per epoch."""
@@ -337,8 +338,7 @@ class Trainer:
 
         def predict(batch: torch.Tensor):
             (batch,) = self.runtime.to_device(batch)
-            with self.runtime.autocast():
-                return torch.sigmoid(self.model(batch).float())[0, 0].cpu().numpy()
+            return self.frame_probabilities(batch)[0].cpu().numpy()
 
         rows = overlay_rows(predict, self.eval_set, self.config.visualization_samples, self.config.threshold)
         self.model.train()
