@@ -126,6 +126,7 @@ class Predictor:
         self.input_size = tuple(int(v) for v in (input_size or (config.height, config.width)))
         self.tta = bool(tta)
         self.source = source
+        self.threads: int | None = None  # torch's threads, where the caller fixed them (bss.environment.deterministic_inference)
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self.check_input_size()
 
@@ -150,6 +151,7 @@ class Predictor:
             "tta": "hflip" if self.tta else None,
             "device": str(self.device),
             "amp": str(self.runtime.amp_dtype).replace("torch.", "") if self.runtime.amp_dtype else None,
+            "torch_threads": self.threads if self.device.type == "cpu" else None,
             "preprocessing": "RGB, resize_image to input_size, ImageNet mean/std, sigmoid; probability resized bilinearly to the image size",
         }
 
