@@ -7,6 +7,7 @@ wins). Drivers and benchmarks call :func:`quiet` first; the Ray module adds Tune
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 QUIET = {
@@ -48,3 +49,25 @@ def set_threads(cpus: float | None = None) -> int:
     threads = max(1, int(round(cpus))) if cpus is not None else available_cpus()
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def deterministic_inference(threads: int | None = None):
+    """Within: torch computes with ``threads`` threads (default every CPU of the process, as
+    :func:`set_threads`) and cuDNN picks deterministic kernels, not the fastest it timed; the
+    caller's settings come back afterwards. Yields the thread count.
+
+    For steps whose output is compared bit for bit between runs (a hybrid dataset, the teacher's
+    rule): a convolution's float sums are split over torch's threads, so another thread count
+    moves a probability in its sixth decimal and may flip a pixel at the threshold."""
+    import torch
+
+    before = (torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    count = max(1, int(threads)) if threads is not None else available_cpus()
+    torch.set_num_threads(count)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]

@@ -218,6 +218,7 @@ class Predictor:
         self.window = (config.height, config.width) if config.patches.enabled else None  # None: the frame is one input
         self.tta = bool(tta)
         self.source = source
+        self.threads: int | None = None  # torch's threads, where the caller fixed them (bss.environment.deterministic_inference)
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self.check_input_size()
 
@@ -245,6 +246,7 @@ class Predictor:
             "tta": "hflip" if self.tta else None,
             "device": str(self.device),
             "amp": str(self.runtime.amp_dtype).replace("torch.", "") if self.runtime.amp_dtype else None,
+            "torch_threads": self.threads if self.device.type == "cpu" else None,
             "preprocessing": "RGB, resize_image to input_size, ImageNet mean/std, sigmoid"
             + (" of Gaussian-blended sliding windows" if self.window else "")
             + "; probability resized bilinearly to the image size",

@@ -6,7 +6,7 @@
 
 Without a GPU the CPU search space (search_spaces/cpu.yaml) is used, with one the GPU space
 (search_spaces/default.yaml). Everything goes to --run-dir (default runs/<dataset>) and MLflow
-(open it with: mlflow ui --backend-store-uri sqlite:///mlflow.db).
+(open it with: python drivers/ui.py --run-dir runs/<dataset>).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ first evaluation of a trial on Ray node ``node`` (its worker is blocked in ``tun
 driver asks for more, so it cannot finish meanwhile). ``kill``: ``"self"`` SIGKILLs the driver's
 process group (the driver and its local Ray), a number SIGKILLs that process group (a Ray node
 of :class:`cluster.RayNodes`) and the driver goes on. ``record``: a file to write the trial's
-record to first (what the test needs to know about the victim). Everything else is the real driver.
+record to first (what the test needs to know about the victim). ``kill: "wait"`` kills nothing:
+the driver waits there until the file ``release`` exists (the test does something to the world
+meanwhile, e.g. stops the tracking server). Everything else is the real driver.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +48,12 @@ def _fire(callback, trial) -> None:
     if SPEC.get("record"):
         Path(SPEC["record"]).write_text(json.dumps(callback.store(trial).record()))
     print(f"driver_hook: kill {SPEC['kill']} at {SPEC['on']} of iteration {SPEC['iteration']} trial {callback.order[trial.trial_id][0]}", flush=True)
+    if SPEC["kill"] == "wait":
+        deadline = time.monotonic() + SPEC.get("timeout", 600)
+        while not Path(SPEC["release"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        print("driver_hook: released", flush=True)
+        return
     if SPEC["kill"] == "self":
         os.killpg(os.getpgid(0), signal.SIGKILL)
     os.killpg(int(SPEC["kill"]), signal.SIGKILL)

@@ -649,3 +649,49 @@ def test_grabcut_hybrids_are_byte_identical_run_after_run(world, tmp_path, monke
         built.append({p.name: p.read_bytes() for p in sorted((result.path / "masks").iterdir())})
         built[-1]["manifest rows"] = json.dumps(result.manifest["images"]).encode()
     assert len(built[0]) == 21 and built[0] == built[1]
+
+
+def test_hybrids_are_byte_identical_whatever_the_callers_threads_workers_and_batches(world, tmp_path, monkeypatch):
+    """make_hybrid fixes torch's thread count for its forward passes itself (``threads``): two
+    builds write the same mask bytes although the caller left torch on 1 or 2 threads, OpenCV on
+    1 thread or its default, and they use other batch sizes, DataLoader workers and writer
+    threads. A float sum split over another number of threads moves a probability in its sixth
+    decimal; the rule's threshold is put exactly between the two values of the pixel that moves
+    most, so the caller's thread count, if it reached the masks, would flip that pixel. The
+    caller's settings are given back, and the manifest records the count."""
+    import cv2
+    import torch
+
+    import bss.hybrid.make as make
+    from bss.inference import Predictor
+
+    root, checkpoint, _ = world
+    box_only = [root / "toy" / "images" / f"img_{i:03d}.png" for i in range(10, 24)]
+    probs = {}
+    torch_before, cv2_before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            probs[threads] = np.stack([p for _, p in Predictor.from_checkpoint(checkpoint, device="cpu").predict_paths(box_only, progress=False)])
+        moved = np.abs(probs[1] - probs[2])
+        where = np.unravel_index(np.argmax(moved), moved.shape)
+        threshold = float((probs[1][where] + probs[2][where]) / 2) if moved[where] > 0 else 0.5  # this CPU: a split sum moves nothing
+        rule = RefineRule(threshold=threshold, min_fill=0.0)
+        built = []
+        for caller_threads, cv2_threads, writers, workers, batch in ((1, 1, 0, 0, 8), (2, cv2_before, 3, 2, 3)):
+            torch.set_num_threads(caller_threads)
+            cv2.setNumThreads(cv2_threads)  # in this process only; never in forked workers (bss/inference.py)
+            monkeypatch.setattr(make, "WRITER_THREADS", writers)
+            result = make_hybrid(
+                "toy", checkpoint, root, number=30, rule=rule, batch_size=batch, num_workers=workers, overwrite=True, progress=False, threads=2
+            )
+            assert torch.get_num_threads() == caller_threads  # given back
+            assert result.manifest["inference"]["torch_threads"] == 2
+            built.append({p.name: p.read_bytes() for p in sorted((result.path / "masks").iterdir())})
+            built[-1]["manifest rows"] = json.dumps(result.manifest["images"]).encode()
+            built[-1]["label quality"] = json.dumps(result.label_quality).encode()
+        shutil.rmtree(result.path)
+    finally:
+        torch.set_num_threads(torch_before)
+        cv2.setNumThreads(cv2_before)
+    assert len(built[0]) == 22 and built[0] == built[1]

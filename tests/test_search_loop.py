@@ -273,9 +273,9 @@ def test_stop_rule_forced_metric_drop(setup_loop, shared_db, request, capsys):
     assert parent.info.status == "FINISHED" and parent.data.metrics["final_iteration"] == 0
     # the summary ends on the link to the loop's shared MLflow view
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("compare the iterations in MLflow: mlflow ui --backend-store-uri ") and last.endswith(
-        f"viewStateShareKey=bss-loop-{parent.info.run_id}"
-    )
+    assert last.startswith(
+        f"compare the iterations in MLflow: python drivers/ui.py --run-dir {tmp_path / 'run'}  ->  http://127.0.0.1:5000/"
+    ) and last.endswith(f"viewStateShareKey=bss-loop-{parent.info.run_id}")
     iterations = sorted(kinds["iteration"], key=lambda r: int(r.data.tags["bss.iteration"]))
     assert [r.info.status for r in iterations] == ["FINISHED", "FINISHED"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in iterations)

@@ -292,26 +292,17 @@ def mlflow_ui(reference, tmp_path):
     log.close()
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
-def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_path):
-    """The README's "MLflow: comparing iterations" steps, clicked in headless Chromium: the link
-    the loop prints opens the runs table (not the GenAI overview) on this loop's iterations, flat,
-    in order, with their figures as columns; Compare on them offers the iteration as an axis and
-    shows their overlays side by side. Screenshots: test-artifacts/browser/."""
-    from mlflow.tracking import MlflowClient
-    from selenium import webdriver
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from bss.tracking import ui_url
-
+def _shots() -> Path:
     shots = Path(os.environ.get("BSS_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
     shots.mkdir(parents=True, exist_ok=True)
-    exp = MlflowClient(reference[0]["tracking_uri"]).get_experiment_by_name("bss-search")
+    return shots
+
+
+def _chromium(tmp_path: Path):
+    """Headless Chromium driven by selenium (the caller quits it)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in (
@@ -326,7 +317,78 @@ def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_pa
         f"--user-data-dir={tmp_path / 'chromium'}",
     ):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _quick_start_ui_command() -> list[str]:
+    """The README Quick start's command that opens the results (``python drivers/ui.py ...``), as argv."""
+    import shlex
+
+    quick = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (line,) = [line.strip() for line in quick.splitlines() if line.strip().startswith("python drivers/ui.py")]
+    argv = shlex.split(line)
+    return [sys.executable, str(REPO / argv[1]), *argv[2:]]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
+def test_the_quick_start_ui_command_opens_the_loops_iterations(reference, tmp_path):
+    """README Quick start: ``python drivers/ui.py`` where the loop ran (its default store,
+    ``sqlite:///mlflow.db`` in that folder) starts mlflow ui, waits for it and prints a link; that
+    link, opened in headless Chromium, shows the loop's iterations (not MLflow's GenAI home) with
+    no filter typed. The UI is stopped with the command (SIGTERM to its process group)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    folder = Path(reference[0]["tracking_uri"][len("sqlite:///") :]).parent  # the loop's working folder: mlflow.db is there
+    log_path = tmp_path / "ui.log"
+    log = open(log_path, "w")
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_quick_start_ui_command(), cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    driver = None
+    try:
+        wait_for(lambda: "the loop's iterations: http" in log_path.read_text() or proc.poll() is not None, 180, "drivers/ui.py", log_path)
+        text = log_path.read_text()
+        assert proc.poll() is None, text[-3000:]
+        url = text.split("the loop's iterations: ", 1)[1].split()[0]
+        parent = json.loads((Path(reference[0]["run_dir"]) / "state.json").read_text())["parent_run_id"]
+        assert url.startswith("http://127.0.0.1:") and "workflowType=machine_learning" in url and url.endswith(f"viewStateShareKey=bss-loop-{parent}")
+        driver = _chromium(tmp_path)
+        driver.get(url)
+        wait = WebDriverWait(driver, 60)
+        rows = [wait.until(EC.presence_of_element_located((By.XPATH, f"//*[@role='row'][.//a[normalize-space()='iteration {k}']]"))) for k in range(2)]
+        driver.save_screenshot(str(_shots() / "quick-start.png"))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "/runs" in driver.current_url and "Token Usage" not in body and "loop toy" not in body
+        assert rows[0].location["y"] < rows[1].location["y"]
+    finally:
+        if driver is not None:
+            driver.quit()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+        log.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
+def test_the_readme_mlflow_recipe_in_a_real_browser(reference, mlflow_ui, tmp_path):
+    """The README's "MLflow: comparing iterations" steps, clicked in headless Chromium: the link
+    the loop prints opens the runs table (not the GenAI overview) on this loop's iterations, flat,
+    in order, with their figures as columns; Compare on them offers the iteration as an axis and
+    shows their overlays side by side. Screenshots: test-artifacts/browser/."""
+    from mlflow.tracking import MlflowClient
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from bss.tracking import ui_url
+
+    shots = _shots()
+    exp = MlflowClient(reference[0]["tracking_uri"]).get_experiment_by_name("bss-search")
+    driver = _chromium(tmp_path)
     wait = WebDriverWait(driver, 60)
 
     def row(name: str):

@@ -33,6 +33,7 @@ from PIL import Image
 from bss.data.io import atomic_folder, file_sha256, link_or_copy, read_mask, write_mask
 from bss.data.layout import Sample, SourceDataset, list_samples, resolve_dataset
 from bss.data.splits import split_stems
+from bss.environment import deterministic_inference
 from bss.errors import BSSError, DatasetError
 from bss.hybrid.label_quality import LabelQuality, truth_files
 from bss.hybrid.refine import RefineRule, changed_fraction, refine
@@ -276,18 +277,25 @@ def make_hybrid(
     device: str = "auto",
     tta: bool = False,
     input_size: tuple[int, int] | None = None,
+    threads: int | None = None,
 ) -> HybridResult:
-    """Write ``<dataset>_H<number>`` beside the dataset and return where, with its manifest."""
+    """Write ``<dataset>_H<number>`` beside the dataset and return where, with its manifest.
+
+    Deterministic: the same checkpoint, rule, images and ``threads`` (torch's threads for the
+    forward passes; default every CPU of the process, whatever the caller set) write the same
+    bytes, with any ``batch_size``, ``num_workers``, writer threads or OpenCV state
+    (``tests/test_hybrid.py``). The manifest records the thread count."""
     start = time.perf_counter()
     rule = rule or RefineRule()
     checkpoint = Path(checkpoint)
     plan = _plan(dataset, data_root, number, overwrite)
     predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, tta=tta)  # bad weights / input size -> BSSError
     _check_teacher(predictor, plan.source, checkpoint)
-    with atomic_folder(plan.target, overwrite=overwrite) as tmp:
+    with atomic_folder(plan.target, overwrite=overwrite) as tmp, deterministic_inference(threads) as count:
         writer = _Writer(tmp, rule, truth_files(plan.source.truth_dir))
         writer.copy_baseline(plan.baseline)
         _refine_all(predictor, plan, writer, batch_size, num_workers, progress)
+        predictor.threads = count
         leaked = sorted({p.stem for p in (tmp / "images").iterdir()} & (plan.held_out["EVAL"] | plan.held_out["TEST"]))
         if leaked:  # cannot happen by construction; checked anyway before the folder becomes visible
             raise BSSError(f"internal error: EVAL/TEST image {leaked[0]!r} would enter {plan.target.name}; nothing written.")

@@ -133,9 +133,17 @@ def eval_triples(dataset: str, data_root: str | Path) -> list[tuple[Path, Path, 
 
 
 def measure_teacher(
-    checkpoint: str | Path, dataset: str, data_root: str | Path, grid: list[RefineRule] | None = None, batch_size: int = 8, device: str = "auto"
+    checkpoint: str | Path,
+    dataset: str,
+    data_root: str | Path,
+    grid: list[RefineRule] | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    threads: int | None = None,
 ) -> TeacherQuality:
-    """Predict the EVAL images with ``checkpoint`` (as make_hybrid does) and score the grid."""
+    """Predict the EVAL images with ``checkpoint`` (as make_hybrid does, with as many torch
+    threads: the rule chosen here decides the H<n> made there) and score the grid."""
+    from bss.environment import deterministic_inference
     from bss.inference import ImageFolderDataset, Predictor
 
     triples = eval_triples(dataset, data_root)
@@ -144,11 +152,12 @@ def measure_teacher(
         [t[0] for t in triples], predictor.input_size, extras={"box": [t[1] for t in triples], "truth": [t[2] for t in triples]}, keep_image=True
     )
     probs, boxes, truths, images = [], [], [], []
-    for item, prob in predictor.predict(data, batch_size, 0, progress=False):
-        probs.append(prob)
-        boxes.append(np.asarray(item["box"]) > 0)
-        truths.append(np.asarray(item["truth"]) > 0)
-        images.append(item["rgb"])
+    with deterministic_inference(threads):
+        for item, prob in predictor.predict(data, batch_size, 0, progress=False):
+            probs.append(prob)
+            boxes.append(np.asarray(item["box"]) > 0)
+            truths.append(np.asarray(item["truth"]) > 0)
+            images.append(item["rgb"])
     return choose_rule(probs, boxes, truths, grid, images)
 
 

@@ -52,7 +52,8 @@ from bss.search.settings import LoopSettings, parse_duration  # noqa: F401 - par
 from bss.search.stages import LoopContext
 from bss.search.state import LoopState, RunLock
 from bss.search.stop import build_stop_rule
-from bss.tracking import Tracker, run_colour, ui_command, ui_url, view_state
+from bss.tracking import Tracker, is_server, probe, run_colour, ui_url, view_state
+from bss.tracking.ui import loop_view_key
 
 MIN_SEARCH_SECONDS = 60.0  # no search starts with less of --budget left (the stop rule's min_search_seconds)
 _now = time.monotonic  # the budget's clock (tests move it)
@@ -241,10 +242,16 @@ class Loop:
             state.save()
         else:
             tracker.reopen(record.parent_run_id)
+        if record.tracking_uri != tracker.uri:
+            record.tracking_uri = tracker.uri
+            state.save()
         _say(f"  MLflow: {tracker.uri}, experiment {s.experiment}, loop run {record.parent_run_id}")
-        view_key = f"bss-loop-{record.parent_run_id}"
+        view_key = loop_view_key(record.parent_run_id)
         tracker.share_view(view_key, iterations_view(record.parent_run_id))
-        view = f"{ui_command(tracker.uri)}  ->  {ui_url(tracker.experiment_id, view=view_key)}"
+        if is_server(tracker.uri):
+            view = f"open {ui_url(tracker.experiment_id, base=tracker.uri.rstrip('/'), view=view_key)}"
+        else:  # drivers/ui.py starts mlflow ui on this store and prints this link (on another port if 5000 is taken)
+            view = f"python drivers/ui.py --run-dir {self.run_dir}  ->  {ui_url(tracker.experiment_id, view=view_key)}"
         _say(f"    view: {view}")
         return tracker, view
 
@@ -253,6 +260,7 @@ class Loop:
         s, o = self.settings, self.opts
         stored = self.stored
         base, space, inputs = load_inputs(s, self.run_dir, stored is not None)
+        probe(s.tracking_uri or base["tracking"]["uri"])  # a tracking server that does not answer: said now, before any data, Ray or run folder
         resources = plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None)
         rule = build_promotion_rule(s.promotion, metric=s.metric, margin=s.margin, floor_metric=s.floor_metric, floor=s.floor)
         stop_rule = build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience), min_search_seconds=MIN_SEARCH_SECONDS)
@@ -313,7 +321,8 @@ class Loop:
                 if not self.iteration(k):
                     break
             rows = final_report.report_stage(ctx)
-            final_report.print_summary(ctx.record, ctx.settings, ctx.run_dir, rows, ctx.view, _say)
+            view = ctx.view if ctx.tracker.ok else f"{ctx.view}  (recorded until the store failed: {ctx.tracker.failure})"
+            final_report.print_summary(ctx.record, ctx.settings, ctx.run_dir, rows, view, _say)
             return self.result(ctx.record, rows)
         except KeyboardInterrupt:
             self.abort("KILLED")
@@ -365,3 +374,26 @@ class Loop:
 def run_loop(opts) -> LoopResult:
     """Run (or resume) the self-training loop described by ``opts`` (a :class:`LoopOptions`)."""
     return Loop(opts).run_loop()
+
+
+def ui_target(run_dir: str | Path | None, tracking_uri: str | None = None, experiment: str | None = None):
+    """Where ``drivers/ui.py`` looks (a :class:`bss.tracking.ui.Target`): a loop's run folder gives
+    its store, experiment and loop run; without one, the store and experiment a loop uses by
+    default (the config's ``tracking.uri``) and the latest loop in it."""
+    from bss.config import TrackingConfig
+    from bss.tracking import normalize_uri
+    from bss.tracking.ui import Target
+
+    default_experiment = LoopSettings.__dataclass_fields__["experiment"].default
+    if run_dir is None:
+        return Target(normalize_uri(tracking_uri or TrackingConfig.uri), experiment or default_experiment)
+    stored = LoopState.load(run_dir)
+    if stored is None:
+        raise BSSError(f"{run_dir}: no loop here ({Path(run_dir) / 'state.json'} not found); pass the --run-dir of a loop, or leave it out.")
+    record = stored.record
+    uri = tracking_uri or record.tracking_uri or record.settings.get("tracking_uri")
+    if not uri:  # a run from before the record kept its store: the frozen config's
+        from bss.config import read_yaml
+
+        uri = ((read_yaml(Path(run_dir) / "base_config.yaml") or {}).get("tracking") or {}).get("uri") or TrackingConfig.uri
+    return Target(normalize_uri(uri), experiment or record.settings.get("experiment") or default_experiment, record.parent_run_id)

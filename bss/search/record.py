@@ -207,6 +207,7 @@ class LoopRecord:
     settings: dict  # LoopSettings.to_dict(), frozen at the start
     version: int = VERSION
     parent_run_id: str | None = None  # the loop's MLflow run
+    tracking_uri: str | None = None  # the store it went to, made absolute (drivers/ui.py --run-dir opens it)
     data: DataRecord | None = None
     boxes_eval: BoxScores | None = None
     iterations: list[IterationRecord] = field(default_factory=list)

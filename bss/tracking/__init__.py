@@ -2,15 +2,19 @@
 
 Default store: ``sqlite:///mlflow.db`` in the working directory, artifacts in ``mlartifacts/``
 beside it (MLflow's file store is in maintenance mode; with SQLite the artifact location must be
-set explicitly). Open the UI with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+set explicitly). Open the UI with ``python drivers/ui.py`` (:mod:`bss.tracking.ui`).
 
 Which failures stop a run, in one place:
 
 * **At the start** (:func:`setup`, :meth:`Tracker.open`): a store that cannot be opened or an
   experiment that cannot be made is one :class:`~bss.errors.BSSError` naming the URI. Nothing
-  has been trained yet, so the user fixes the URI and starts again.
+  has been trained yet, so the user fixes the URI and starts again. A tracking server is first
+  asked ``GET <uri>/health`` (:func:`probe`, a few seconds): one that does not answer is said at
+  once, not after MLflow's own retries (minutes per call).
 * **Later** (every :class:`Tracker` call): the first failure is reported once through ``say``
-  and recorded in :attr:`Tracker.failure`; every later call is skipped. Training, the search and
+  and recorded in :attr:`Tracker.failure`; every later call is skipped. A driver's tracker on a
+  server also watches it (:class:`ServerWatch`): a server that stops answering is reported
+  within seconds, even while no call is due. Training, the search and
   the loop go on: everything they decide lives in their own files (state.json, trial records),
   so a lost store loses the dashboard, never the run.
 * **Cleanup** (deleting a killed attempt's run, giving a run its final status) never raises.
@@ -24,13 +28,58 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 
 from bss.environment import quiet
 from bss.errors import BSSError
 
-quiet()
+# MLflow's HTTP client retries a refused or silent request 7 times with a backoff that grows to
+# 2 minutes, and waits 120 s for each answer: a tracking server that is down took minutes per
+# call. A few short retries keep a brief blip harmless and say a real loss in seconds. A value
+# the user set wins (setdefault), so a slow server can be given more.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PROBE_SECONDS = 5.0  # how long a tracking server gets to answer GET /health at the start
+
+quiet(extra=HTTP_SETTINGS)
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def health(uri: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """None when the tracking server ``uri`` answers ``GET <uri>/health`` within ``timeout``
+    seconds (any HTTP status: a server behind a login or a proxy answers too), else why not."""
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # it answered, with a status of its own
+        return None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            return f"no answer within {timeout:g} s"
+        return getattr(reason, "strerror", None) or str(reason)
+
+
+def probe(uri: str, timeout: float = PROBE_SECONDS) -> None:
+    """Before any MLflow call: a tracking server that does not answer is one clear error (a
+    file or database store is left to :func:`setup`)."""
+    if not is_server(uri):
+        return
+    why = health(uri, timeout)
+    if why is not None:
+        raise BSSError(
+            f"the MLflow tracking server {uri} does not answer (GET {uri.rstrip('/')}/health: {why}). "
+            f"Start it (mlflow server --host HOST --port PORT), check the URI, or record to a local store instead (--tracking-uri sqlite:///mlflow.db)."
+        )
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -64,9 +113,10 @@ def setup(uri: str, experiment: str) -> str:
 
     Safe when several processes start on one store at once: SQLite stores are made under a file
     lock, and an experiment created by another process meanwhile is looked up again."""
+    uri = normalize_uri(uri)
+    probe(uri)
     import mlflow
 
-    uri = normalize_uri(uri)
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
         for attempt in range(3):
@@ -134,11 +184,6 @@ def view_state(search_filter: str, order_by: str, columns: dict[str, list[str]])
     return {"searchFilter": search_filter, "orderByKey": order_by, "orderByAsc": True, "selectedColumns": selected, "runsHiddenMode": "SHOW_ALL"}
 
 
-def ui_command(uri: str) -> str:
-    """The ``mlflow ui`` command that opens ``uri`` (a tracking server is opened in a browser directly)."""
-    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith(("http://", "https://")) else f"open {uri}"
-
-
 @functools.cache
 def source_tags() -> dict[str, str]:
     """Where a run's code came from: the entry point and the git commit (MLflow's own tags, so
@@ -190,6 +235,39 @@ def _quiet_loggers() -> None:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its errors are raised too, and handled here
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # a lost store is said once, by Tracker.fail, not every 10 s by the monitor
+
+
+class ServerWatch:
+    """Asks a tracking server ``GET /health`` every ``interval`` seconds in a daemon thread; after
+    ``misses`` unanswered asks in a row the tracker fails (one warning, every later call skipped),
+    so a server that went away is said within ``misses * (interval + timeout)`` seconds even
+    while the loop trains and calls nothing. The thread ends with its tracker or its failure."""
+
+    def __init__(self, tracker: "Tracker", interval: float = 3.0, timeout: float = 3.0, misses: int = 3):
+        self.tracker = weakref.ref(tracker)
+        self.uri, self.interval, self.timeout, self.misses = tracker.uri, interval, timeout, misses
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="bss-tracking-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        missed, since = 0, None
+        while not self.stopped.wait(self.interval):
+            tracker = self.tracker()
+            if tracker is None or tracker.failure is not None:
+                return
+            del tracker  # not kept alive while waiting
+            why = health(self.uri, self.timeout)
+            missed, since = (0, None) if why is None else (missed + 1, since or time.monotonic())
+            if missed >= self.misses:
+                tracker = self.tracker()
+                if tracker is not None:
+                    tracker.fail_with(f"the server stopped answering ({why}; {missed} health checks over {time.monotonic() - since:.0f} s)")
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 class Tracker:
@@ -208,6 +286,8 @@ class Tracker:
         self.experiment_id = experiment_id
         self.failure: str | None = None
         self.say, self.going_on = say, going_on
+        self._failing = threading.Lock()
+        self.watch: ServerWatch | None = None
         try:
             self.client = MlflowClient(self.uri)
         except Exception as exc:  # noqa: BLE001 - a worker whose store is gone trains on untracked
@@ -217,7 +297,17 @@ class Tracker:
     @classmethod
     def open(cls, uri: str, experiment: str, say=print, going_on: str = "going on without it") -> "Tracker":
         _quiet_loggers()
-        return cls(uri, setup(normalize_uri(uri), experiment), say=say, going_on=going_on)
+        tracker = cls(uri, setup(normalize_uri(uri), experiment), say=say, going_on=going_on)
+        if is_server(tracker.uri) and tracker.ok:
+            tracker.watch = ServerWatch(tracker)
+        return tracker
+
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks, and with them this tracker: a copy has no lock and no watch of its own."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_failing", "watch")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _failing=threading.Lock(), watch=None)
 
     @property
     def ok(self) -> bool:
@@ -226,7 +316,16 @@ class Tracker:
     def fail(self, exc: Exception) -> None:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         telling = next((line for line in lines if "Error" in line or "error" in line), lines[0] if lines else "")
-        self.failure = f"{type(exc).__name__}: {telling[:300]}"
+        self.fail_with(f"{type(exc).__name__}: {telling[:300]}")
+
+    def fail_with(self, failure: str) -> None:
+        """Record the first failure and say it once (a call and the server watch may fail together)."""
+        with self._failing:
+            if self.failure is not None:
+                return
+            self.failure = failure
+        if self.watch is not None:
+            self.watch.stop()
         self.say(f"warning: the MLflow store {self.uri} failed ({self.failure}); {self.going_on}")
 
     # ---- runs ----------------------------------------------------------------------------
