@@ -93,6 +93,29 @@ def tiny_config_dict(data_root: Path, tmp_path: Path, **over) -> dict:
     return cfg
 
 
+def train_toy_checkpoint(folder: Path) -> tuple[Path, Path]:
+    """A tiny checkpoint (1 epoch on the toy frames, written under ``folder``) and the dataset root
+    it was trained on."""
+    from bss.config import from_dict
+    from bss.data.splits import make_splits
+    from bss.training.trainer import Trainer
+
+    root = folder / "datasets"
+    make_source_dataset(root)
+    make_splits("toy", root, progress=False)
+    cfg = from_dict(tiny_config_dict(root, folder, epochs=1, visualization_samples=0))
+    return Trainer(cfg, progress=False).fit().checkpoint, root
+
+
+def run_driver(name: str, *args, env: dict | None = None, cwd=None):
+    """``python drivers/<name> args`` as a user runs it (no progress bars), output captured."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    return subprocess.run([sys.executable, str(REPO / "drivers" / name), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
+
+
 def train_oracle_teacher(root: Path, source: Path, folder: Path, epochs: int) -> Path:
     """A teacher trained on the *truth* masks of every image of ``source`` (a temporary
     ``toy_TRUTH`` dataset, removed afterwards): a model that refines boxes well. Its checkpoint."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_driver
 
 from bss.config import Config, from_dict, load_config, parse_overrides
 from bss.errors import ConfigError
@@ -106,8 +106,6 @@ def test_loss_arguments_of_the_wrong_type_name_the_key():
 
 
 def test_a_tab_is_one_error_line_naming_the_file_line_and_column(tmp_path):
-    import subprocess
-    import sys
 
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 3\nmodel:\n\targs: {}\n")
@@ -115,12 +113,7 @@ def test_a_tab_is_one_error_line_naming_the_file_line_and_column(tmp_path):
         load_config(path)
     text = str(err.value)
     assert text.startswith(f"{path}, line 3, column 1: not valid YAML") and "tab" in text and "\n" not in text, text
-    run = subprocess.run(
-        [sys.executable, str(REPO / "drivers" / "train.py"), "--config", str(path), "--no-mlflow", "--output-dir", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_driver("train.py", "--config", path, "--no-mlflow", "--output-dir", tmp_path / "out")
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {path}, line 3, column 1"), run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, make_source_dataset
+from conftest import REPO, make_source_dataset, run_driver
 
 from bss.data.io import read_mask, write_mask
 from bss.data.layout import SourceDataset
@@ -197,10 +197,7 @@ def png_header_only(path, width: int, height: int) -> None:
 
 
 def preprocess(root, *extra, env=None):
-    import os
-
-    cmd = [sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "toy", "--data-root", str(root), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1", **(env or {})), timeout=300)
+    return run_driver("preprocess.py", "--dataset", "toy", "--data-root", root, *extra, env=env)
 
 
 def test_huge_frame_is_one_error_line_naming_the_file_the_limit_and_the_setting(data_root):

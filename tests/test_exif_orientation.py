@@ -4,13 +4,9 @@ and predict's outputs all line up with the picture's pixels."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from conftest import REPO, make_source_dataset, tiny_config_dict
+from conftest import make_source_dataset, run_driver, tiny_config_dict
 from PIL import Image
 
 from bss.config import from_dict
@@ -99,13 +95,7 @@ def test_read_image_and_image_size_apply_the_orientation(tmp_path, orientation):
 def test_preprocess_draws_hand_masks_on_the_picture_as_shown(tmp_path):
     root = tmp_path / "datasets"
     folder, squares = make_turned_dataset(root)
-    run = subprocess.run(
-        [sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "turned", "--data-root", str(root), "--fractions", "0.5", "0.25", "0.25"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TQDM_DISABLE="1"),
-        timeout=300,
-    )
+    run = run_driver("preprocess.py", "--dataset", "turned", "--data-root", root, "--fractions", "0.5", "0.25", "0.25")
     assert run.returncode == 0, run.stderr
     seen = set()
     for split in ("BASELINE", "EVAL", "TEST"):
@@ -127,13 +117,7 @@ def test_box_mask_of_the_stored_pixels_is_refused_by_name(tmp_path):
     root = tmp_path / "datasets"
     folder, _ = make_turned_dataset(root, stored_box_for=2)  # orientation 6: stored 48 wide, 64 high
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    run = subprocess.run(
-        [sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "turned", "--data-root", str(root)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TQDM_DISABLE="1"),
-        timeout=300,
-    )
+    run = run_driver("preprocess.py", "--dataset", "turned", "--data-root", root)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")

@@ -5,28 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_source_dataset, tiny_config_dict
+from conftest import tiny_config_dict, train_toy_checkpoint
 
 from bss.config import from_dict
 from bss.data.io import read_image, write_image
 from bss.data.segmentation_dataset import SegmentationDataset, resize_image, to_tensor
-from bss.data.splits import make_splits
 from bss.errors import BSSError
 from bss.inference import ImageFolderDataset, Predictor
 from bss.training.checkpoint import load_model, read_checkpoint
-from bss.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A tiny checkpoint (1 epoch) and the dataset root it was trained on."""
-    tmp = tmp_path_factory.mktemp("inference")
-    root = tmp / "datasets"
-    make_source_dataset(root)
-    make_splits("toy", root, progress=False)
-    cfg = from_dict(tiny_config_dict(root, tmp, epochs=1, visualization_samples=0))
-    result = Trainer(cfg, progress=False).fit()
-    return result.checkpoint, root
+    return train_toy_checkpoint(tmp_path_factory.mktemp("inference"))
 
 
 def _odd_images(folder, sizes, seed=0):

@@ -177,13 +177,6 @@ def test_read_json_names_a_file_that_is_not_json(tmp_path):
         read_json(tmp_path / "state.json")
 
 
-def driver(name: str, *args, cwd=None):
-    from conftest import REPO
-
-    env = dict(os.environ, TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, str(REPO / "drivers" / name), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-
-
 def one_error_line(run, *fragments):
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
@@ -193,7 +186,7 @@ def one_error_line(run, *fragments):
 
 @pytest.mark.parametrize("where", ["below", "itself"])
 def test_an_output_folder_where_a_file_stands_is_one_error_line_and_nothing_is_written(tmp_path, where):
-    from conftest import REPO
+    from conftest import REPO, run_driver
 
     (tmp_path / "notes.txt").write_text("keep me")
     path = tmp_path / "notes.txt" / "run" if where == "below" else tmp_path / "notes.txt"
@@ -201,9 +194,9 @@ def test_an_output_folder_where_a_file_stands_is_one_error_line_and_nothing_is_w
     images.mkdir()
     write_image(images / "a.png", np.zeros((8, 8, 3), np.uint8))
     fragment = "notes.txt is a file, not a folder"
-    one_error_line(driver("search.py", "--dataset", "toy", "--data-root", tmp_path / "datasets", "--run-dir", path), "--run-dir", fragment)
-    one_error_line(driver("train.py", "--config", REPO / "config.yaml", "--no-mlflow", "--output-dir", path), "output_dir", fragment)
-    one_error_line(driver("predict.py", "--model", tmp_path / "none.pt", "--images", images, "--out", path), "--out", fragment)
+    one_error_line(run_driver("search.py", "--dataset", "toy", "--data-root", tmp_path / "datasets", "--run-dir", path), "--run-dir", fragment)
+    one_error_line(run_driver("train.py", "--config", REPO / "config.yaml", "--no-mlflow", "--output-dir", path), "output_dir", fragment)
+    one_error_line(run_driver("predict.py", "--model", tmp_path / "none.pt", "--images", images, "--out", path), "--out", fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
     with pytest.raises(BSSError, match=fragment):
         with atomic_folder(path / "H1"):

@@ -9,25 +9,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, make_source_dataset, tiny_config_dict
+from conftest import REPO, train_toy_checkpoint
 from PIL import Image
 
-from bss.config import from_dict
 from bss.data.io import read_image, write_image
-from bss.data.splits import make_splits
 from bss.errors import BSSError, DatasetError
 from bss.inference import Predictor
 from bss.predict import predict_folder
-from bss.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("predict")
-    root = tmp / "datasets"
-    make_source_dataset(root)
-    make_splits("toy", root, progress=False)
-    return Trainer(from_dict(tiny_config_dict(root, tmp, epochs=1, visualization_samples=0)), progress=False).fit().checkpoint
+    return train_toy_checkpoint(tmp_path_factory.mktemp("predict"))[0]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_source_dataset, tiny_config_dict
+from conftest import make_source_dataset, tiny_config_dict, train_toy_checkpoint
 
 from bss.config import from_dict
 from bss.data.io import read_image, read_mask, write_image, write_mask
@@ -106,11 +106,7 @@ def test_pixelwise_model_windowed_is_the_whole_frame(size, overlap):
 @pytest.fixture(scope="module")
 def unet_checkpoint(tmp_path_factory):
     """A tiny UNet (1 epoch on 64x64 toy frames): a position-dependent model (zero padding, strides)."""
-    tmp = tmp_path_factory.mktemp("window_unet")
-    root = tmp / "datasets"
-    make_source_dataset(root)
-    make_splits("toy", root, progress=False)
-    return Trainer(from_dict(tiny_config_dict(root, tmp, epochs=1, visualization_samples=0)), progress=False).fit().checkpoint
+    return train_toy_checkpoint(tmp_path_factory.mktemp("window_unet"))[0]
 
 
 def _images(folder, sizes, seed=0):

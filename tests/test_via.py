@@ -117,11 +117,8 @@ def test_encodings_utf16_is_read_latin1_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("sep", [";", "\t"])
 def test_a_csv_saved_with_semicolons_or_tabs_reads_like_the_comma_one(tmp_path, sep):
     import csv
-    import os
-    import subprocess
-    import sys
 
-    from conftest import REPO, make_source_dataset
+    from conftest import make_source_dataset, run_driver
 
     root = tmp_path / "datasets"
     folder = make_source_dataset(root, n=5, labelled=4, size=(32, 32))
@@ -133,13 +130,7 @@ def test_a_csv_saved_with_semicolons_or_tabs_reads_like_the_comma_one(tmp_path, 
     assert sep in (folder / "labels.csv").read_text().splitlines()[0]
     other = read_via_csv(folder / "labels.csv")
     assert {n: [r.attrs for r in regs] for n, regs in other.regions.items()} == {n: [r.attrs for r in regs] for n, regs in comma.regions.items()}
-    run = subprocess.run(
-        [sys.executable, str(REPO / "drivers" / "preprocess.py"), "--dataset", "toy", "--data-root", str(root)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TQDM_DISABLE="1"),
-        timeout=300,
-    )
+    run = run_driver("preprocess.py", "--dataset", "toy", "--data-root", root)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in root.iterdir()) == ["toy", "toy_BASELINE", "toy_EVAL", "toy_TEST"]
 
