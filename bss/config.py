@@ -161,6 +161,12 @@ class Config:
         size = self.patches.frame_size or self.image_size
         return int(size[0]), int(size[1])
 
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """(height, width) of a training patch and an inference window (``image_size``) where the
+        config has patches; None: the whole frame is one network input."""
+        return (self.height, self.width) if self.patches.enabled else None
+
 
 def _suggest(key: str, valid: list[str]) -> str:
     return suggest(key, valid, "Valid keys")

@@ -215,7 +215,7 @@ class Predictor:
         self.runtime = Runtime.from_config(dataclasses.replace(config, device=str(device), compile=False))
         self.model = self.runtime.prepare_model(model).eval()
         self.input_size = tuple(int(v) for v in (input_size or config.frame_size))
-        self.window = (config.height, config.width) if config.patches.enabled else None  # None: the frame is one input
+        self.window = config.window  # None: the frame is one input
         self.tta = bool(tta)
         self.source = source
         self.threads: int | None = None  # torch's threads, where the caller fixed them (bss.environment.deterministic_inference)

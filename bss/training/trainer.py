@@ -163,8 +163,7 @@ class Trainer:
 
     def build_datasets(self) -> tuple[SegmentationDataset, SegmentationDataset]:
         cfg = self.config
-        size = (cfg.height, cfg.width)
-        patch = size if cfg.patches.enabled else None  # patches of image_size cut from frames of frame_size
+        patch = cfg.window  # patches of image_size cut from frames of frame_size (None: whole frames)
         train = SegmentationDataset(
             resolve_dataset(cfg.train_dataset, cfg.data_root),
             cfg.frame_size,
@@ -236,9 +235,7 @@ class Trainer:
     def frame_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities (B, H, W) on the device of normalised frames on the device, as the
         Predictor makes them: the whole frame, or sliding windows of ``image_size`` for a patch plan."""
-        cfg = self.config
-        window = (cfg.height, cfg.width) if cfg.patches.enabled else None
-        return model_probabilities(self.model, self.runtime, images, window, cfg.patches.overlap)
+        return model_probabilities(self.model, self.runtime, images, self.config.window, self.config.patches.overlap)
 
     @torch.inference_mode()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
