@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bss.errors import BSSError, DatasetError
 
@@ -34,15 +34,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's refusal threshold (it warns from half of it)
 Image.MAX_IMAGE_PIXELS = None  # the limit is checked by _open, naming the file and the way to raise it
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 def is_image(path: Path) -> bool:
@@ -96,13 +87,12 @@ def orientation(im: Image.Image) -> int:
         value = int(im.getexif().get(ORIENTATION_TAG, 1))
     except Exception:  # a malformed EXIF block is ignored, as browsers ignore it
         return 1
-    return value if value in _TRANSPOSE else 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _upright(im: Image.Image) -> Image.Image:
     """The image as it is shown: its EXIF orientation applied to the pixels."""
-    method = _TRANSPOSE.get(orientation(im))
-    return im.transpose(method) if method is not None else im
+    return ImageOps.exif_transpose(im) if orientation(im) != 1 else im  # Pillow's own transposes; a malformed EXIF reads as 1
 
 
 def read_image(path: str | Path) -> np.ndarray:
