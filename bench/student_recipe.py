@@ -25,6 +25,15 @@ the raw rows to ``--out``.
     python bench/student_recipe.py --variants plain ignore init finetune strong --screen hand50 soft --seeds 0 1 2 --full-seeds 0 1 2
     python bench/student_recipe.py --dataset neu_scratches --variants plain --full-seeds 0 \
         --out bench/results/student_recipe_neu_scratches.json
+
+**Headroom setting** (``--hand-labels N``): the data of ``bench/self_training_quality.py``
+(``prepare``): few hand labels split as the loop splits them (60/20/20), every other image
+box-only, TEST = the 60 held-out images the loop never sees, ``full`` = the true masks of every
+training image (its ceiling root); synthetic classes (``obstacle``, ...) are generated (300
+frames of 256x192, input 128x160), ``neu_*`` photos copied from ``../shared/data/neu_seg``.
+
+    python bench/student_recipe.py --dataset obstacle --hand-labels 30 --variants plain edge2 --seeds 0 1 \
+        --out bench/results/student_recipe_obstacle_headroom.json
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +68,10 @@ VARIANTS: dict[str, dict] = {
     "soft": {"soft_targets": True},
     "strong": {"augment": "strong"},
     "init": {"init_from": "<teacher>"},
+    "edge1": {"ignore_edge": 1},
+    "edge2": {"ignore_edge": 2},
+    "edge3": {"ignore_edge": 3},
+    "edge2_hand25": {"ignore_edge": 2, "hand_fraction": 0.25},
     "ignore_hand25": {"ignore_band": [0.3, 0.7], "hand_fraction": 0.25},
     "ignore_hand50": {"ignore_band": [0.3, 0.7], "hand_fraction": 0.5},
     "soft_hand50": {"soft_targets": True, "hand_fraction": 0.5},
@@ -77,7 +91,7 @@ from bss.training.trainer import Trainer
 args = json.loads(sys.argv[1])
 trainer = Trainer(from_dict(args["config"]), progress=False)
 result = trainer.fit()
-test = evaluate_checkpoint(result.checkpoint, args["test"], args["config"]["data_root"])
+test = evaluate_checkpoint(result.checkpoint, args["test"], args.get("test_root") or args["config"]["data_root"])
 print("RESULT " + json.dumps({"eval_iou": result.best_metrics["iou"], "eval_recall": result.best_metrics["recall"], "eval_precision": result.best_metrics["precision"],
       "test_iou": test["iou"], "test_dice": test["dice"], "test_recall": test["recall"], "test_precision": test["precision"],
       "steps": trainer.epochs * trainer.config.steps_per_epoch(len(trainer.train_set)), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1)}))
@@ -94,7 +108,46 @@ def prepare(dataset: str, root: Path, fractions: tuple[float, float, float], see
     make_splits(dataset, root, fractions, seed, progress=False)
 
 
-def base_config(dataset: str, root: Path, size: int, steps: int) -> dict:
+@dataclass(frozen=True)
+class Data:
+    """Where one setting's runs read: the data root (BASELINE, EVAL, H1), the full-supervision
+    training set (name, root) and the TEST folder (name, root)."""
+
+    root: Path
+    full: tuple[str, Path]
+    test: tuple[str, Path]
+
+
+def prepare_split(dataset: str, work: Path, fractions: tuple[float, float, float]) -> Data:
+    """The first method: the source's hand labels split ``fractions`` (TEST among them)."""
+    from reference_sets import reference_sets
+
+    root = work / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    prepare(dataset, root, fractions, 0)
+    full = reference_sets(dataset, root, kinds=("full",))["full"]
+    return Data(root, (full, root), (f"{dataset}_TEST", root))
+
+
+def prepare_headroom(dataset: str, work: Path, hand_labels: int, holdout: int) -> Data:
+    """The headroom setting of ``bench/self_training_quality.py`` (seed 0), made once."""
+    import self_training_quality as quality
+
+    folder = work / "headroom-data"
+    done = folder / "prepared.json"
+    if not done.is_file():
+        if folder.exists():
+            shutil.rmtree(folder)
+        synthetic = dataset in quality.DEFECTS
+        setting = quality.Setting(dataset, 0, 300 if synthetic else None, hand_labels, holdout)
+        prepared = quality.prepare(setting, folder)
+        done.write_text(json.dumps({k: str(v) for k, v in vars(prepared).items()}, indent=1) + "\n")
+    prepared = json.loads(done.read_text())
+    held = Path(prepared["holdout"])
+    return Data(Path(prepared["headroom_root"]), (f"{dataset}_BASELINE", Path(prepared["ceiling_root"])), (str(held), held.parent))
+
+
+def base_config(dataset: str, root: Path, size: list[int], steps: int) -> dict:
     return {
         "seed": 0,
         "epochs": 1,
@@ -104,7 +157,7 @@ def base_config(dataset: str, root: Path, size: int, steps: int) -> dict:
         "batch_size": 8,
         "criterion": {"name": "TverskyLoss", "args": {"alpha": 0.5, "beta": 0.5}},
         "evaluation_dataset": f"{dataset}_EVAL",
-        "image_size": [size, size],
+        "image_size": list(size),
         "model": {
             "name": "UNetAttention",
             "args": {"encoder_name": "tu-efficientnet_lite0", "encoder_weights": "imagenet", "decoder_channels": [64, 32, 16, 16, 8], "dropout": 0.2},
@@ -116,14 +169,16 @@ def base_config(dataset: str, root: Path, size: int, steps: int) -> dict:
     }
 
 
-def train(name: str, config: dict, test: str, work: Path) -> dict:
-    """One run in a subprocess; its result is cached as ``work/name/result.json``."""
+def train(name: str, config: dict, test: tuple[str, Path], work: Path) -> dict:
+    """One run in a subprocess, scored on ``test`` (name, data root); its result is cached as
+    ``work/name/result.json``."""
     folder = work / name
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     config = dict(config, output_dir=str(folder))
-    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps({"config": config, "test": test})], cwd=REPO, capture_output=True, text=True)
+    payload = {"config": config, "test": test[0], "test_root": str(test[1])}
+    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(payload)], cwd=REPO, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"run {name} failed:\n{proc.stderr[-3000:]}")
@@ -216,39 +271,50 @@ def table(summary: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="neu_patches", choices=("neu_patches", "neu_scratches"))
+    p.add_argument("--dataset", default="neu_patches", help="neu_patches | neu_scratches; with --hand-labels also a synthetic class (obstacle, ...)")
+    p.add_argument("--hand-labels", type=int, help="the headroom setting: this many hand labels (see the docstring); default: the source's, split --fractions")
+    p.add_argument("--holdout", type=int, default=60, help="headroom setting: held-out TEST images")
     p.add_argument(
         "--variants", nargs="*", default=["plain", "ignore", "hand50", "soft", "strong", "init", "finetune"], help=f"of {', '.join([*VARIANTS, *FINETUNE])}"
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="student seeds")
     p.add_argument("--screen", nargs="*", default=[], help="more variants, trained with the first seed only (a screen)")
     p.add_argument("--teacher-seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--full-seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--full-seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--teachers-only", action="store_true", help="train the teachers (and full supervision), print them, stop")
     p.add_argument("--fractions", nargs=3, type=float, default=[0.36, 0.24, 0.40], metavar=("BASELINE", "EVAL", "TEST"))
-    p.add_argument("--size", type=int, default=128, help="training input (square; NEU photos are 200x200)")
+    p.add_argument("--size", type=int, nargs="+", help="training input, H [W] (default: 128 square for NEU's 200x200 photos, 128 160 for synthetic frames)")
     p.add_argument("--steps", type=int, default=240, help="optimizer steps of every run (rounded up to whole epochs)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     p.add_argument("--work", default="/tmp/bss-student-recipe")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "student_recipe.json"))
     args = p.parse_args()
 
-    work = Path(args.work) / args.dataset
+    if args.hand_labels is None and args.dataset not in ("neu_patches", "neu_scratches"):
+        raise SystemExit(f"--dataset {args.dataset}: a synthetic class needs --hand-labels (the headroom setting)")
+    work = Path(args.work) / (args.dataset if args.hand_labels is None else f"{args.dataset}-hand{args.hand_labels}")
     os.environ.setdefault("BSS_CACHE_DIR", str(Path(args.work) / "cache"))  # the runs' decode-once cache
-    root = work / "datasets"
-    root.mkdir(parents=True, exist_ok=True)
-    prepare(args.dataset, root, tuple(args.fractions), 0)
-    base = base_config(args.dataset, root, args.size, args.steps)
-    test = f"{args.dataset}_TEST"
+    if args.hand_labels is None:
+        data = prepare_split(args.dataset, work, tuple(args.fractions))
+    else:
+        data = prepare_headroom(args.dataset, work, args.hand_labels, args.holdout)
+    root, test = data.root, data.test
+    size = args.size or ([128] if args.dataset.startswith("neu_") else [128, 160])
+    base = base_config(args.dataset, root, size * 2 if len(size) == 1 else size[:2], args.steps)
     start = time.perf_counter()
 
     print(f"{args.dataset}: teachers on BASELINE (seeds {args.teacher_seeds}) and full supervision (seeds {args.full_seeds})", flush=True)
-    from reference_sets import reference_sets
-
-    full_name = reference_sets(args.dataset, root, kinds=("full",))["full"]
+    full_name, full_root = data.full
     tasks = {("teacher", s): (train, f"teacher_s{s}", dict(base, seed=s, train_dataset=f"{args.dataset}_BASELINE"), test, work) for s in args.teacher_seeds}
-    tasks |= {("full", s): (train, f"full_s{s}", dict(base, seed=s, train_dataset=full_name), test, work) for s in args.full_seeds}
+    tasks |= {("full", s): (train, f"full_s{s}", dict(base, seed=s, train_dataset=full_name, data_root=str(full_root)), test, work) for s in args.full_seeds}
     done = parallel(args.jobs, tasks)
     teachers = {s: r for (kind, s), r in done.items() if kind == "teacher"}
+    if args.teachers_only:
+        for kind, rows in (("teacher", teachers), ("full", {s: r for (k, s), r in done.items() if k == "full"})):
+            if rows:
+                test = sorted(r["test_iou"] for r in rows.values())
+                print(f"{kind}: TEST IoU median {statistics.median(test):.3f} ({test[0]:.3f}-{test[-1]:.3f}) over seeds {sorted(rows)}")
+        return
     best_seed = max(teachers, key=lambda s: (teachers[s]["eval_iou"], -s))
     teacher = Path(teachers[best_seed]["checkpoint"])
     h1 = make_h1(args.dataset, root, teacher, work)

@@ -49,6 +49,11 @@ class StudentConfig:
     - ``ignore_band: [low, high]``: pixels of a refined image whose teacher probability is in
       [low, high] are left out of the loss; the rest keep their hard label (outside every box the
       probability is 0: known background). Needs ``soft/`` (make the H<n> with soft labels).
+    - ``ignore_edge: k``: pixels of a refined image within ``k`` pixels (at training resolution)
+      of its mask's edge, inside its boxes, are left out of the loss: a teacher's edges are
+      where its mask is most often wrong (blobby, a pixel or two thick or thin), and the student
+      learns edges from the hand-labelled images instead. Outside the boxes stays known
+      background. Needs no ``soft/``. 0: off.
     - ``soft_targets``: the teacher probability is the target instead of the hard mask (``soft/``).
     - ``hand_fraction``: the share of each epoch's draws that are hand-labelled images (drawn
       again as often as needed; the epoch keeps its length). 0: as they come.
@@ -57,6 +62,7 @@ class StudentConfig:
     """
 
     ignore_band: Optional[list] = None
+    ignore_edge: int = 0
     soft_targets: bool = False
     hand_fraction: float = 0.0
     init_from: Optional[str] = None
@@ -66,6 +72,11 @@ class StudentConfig:
     def needs_soft(self) -> bool:
         """Whether refined images need their teacher probability (``soft/``)."""
         return self.ignore_band is not None or self.soft_targets
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether refined images get float targets (with ``IGNORE``) instead of their 0/1 mask."""
+        return self.needs_soft or self.ignore_edge > 0
 
 
 @dataclass
@@ -251,6 +262,10 @@ def _validate_student(student: StudentConfig) -> None:
         )
     if band is not None:
         student.ignore_band = [float(v) for v in band]
+    if isinstance(student.ignore_edge, bool) or not isinstance(student.ignore_edge, int) or student.ignore_edge < 0:
+        raise ConfigError(
+            f"config key 'student.ignore_edge' must be a whole number of pixels, 0 or more (the band along a refined mask's edge left out of the loss; 0: off), got {student.ignore_edge!r}."
+        )
     if not (_is_number(student.hand_fraction) and 0.0 <= student.hand_fraction < 1.0):
         raise ConfigError(
             f"config key 'student.hand_fraction' must be at least 0 and below 1 (the share of hand-labelled images in each epoch; 0: as they come), got {student.hand_fraction!r}."

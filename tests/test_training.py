@@ -176,14 +176,14 @@ def test_train_driver(split_root, tmp_path):
 # ---- students on a hybrid dataset (config key `student`) -----------------------------------
 
 
-def fake_hybrid(root, n_hand: int = 2, n_refined: int = 4, size: int = 64):
+def fake_hybrid(root, n_hand: int = 2, n_refined: int = 4, size: int = 64, soft: bool = True):
     """An H<n>-like folder: hand-labelled images (no soft label) and refined ones whose teacher
     probability (soft/) is 0 outside the box (rows 16-47, cols 8-39), 0.5 on its left third (unsure)
     and 0.9 on the rest (sure foreground); masks/ is the probability > 0.5 inside the box."""
     from bss.data.io import write_image, write_mask
 
     folder = root / "toy_H1"
-    for sub in ("images", "masks", "soft"):
+    for sub in ("images", "masks") + (("soft",) if soft else ()):
         (folder / sub).mkdir(parents=True)
     prob = np.zeros((size, size), np.float32)
     prob[16:48, 8:40] = 0.9
@@ -200,7 +200,8 @@ def fake_hybrid(root, n_hand: int = 2, n_refined: int = 4, size: int = 64):
             entries.append({"image": f"{stem}.png", "origin": "baseline"})
         else:
             write_mask(folder / "masks" / f"{stem}.png", (prob > 0.5).astype(np.uint8))
-            Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(folder / "soft" / f"{stem}.png")
+            if soft:
+                Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(folder / "soft" / f"{stem}.png")
             entries.append({"image": f"{stem}.png", "origin": "refined"})
     (folder / "manifest.json").write_text(json.dumps({"images": entries}))
     return folder, prob
@@ -235,6 +236,50 @@ def test_student_targets_ignore_the_unsure_band_and_keep_the_rest(tmp_path):
     assert np.allclose(soft.numpy(), prob, atol=1 / 255)  # the teacher's probability as the target
     _, both = student_dataset(folder, soft_targets=True, ignore_band=[0.4, 0.6])[3]
     assert np.allclose(both.numpy(), np.where(prob == 0.5, IGNORE, prob), atol=1 / 255)
+
+
+def test_student_ignore_edge_leaves_the_mask_edge_inside_the_boxes_out(tmp_path):
+    """``ignore_edge: 2``: pixels within 2 px of a refined mask's edge are IGNORE, but only inside
+    the image's boxes (the manifest's rectangles); outside them every pixel stays known background.
+    The refined mask of fake_hybrid is rows 16-47, cols 18-39 of its box rows 16-47, cols 8-39:
+    its top, right and bottom edges lie on the box's, its left edge inside it."""
+    from bss.config import StudentConfig
+    from bss.data.segmentation_dataset import SegmentationDataset
+    from bss.losses.masked import IGNORE
+
+    folder, prob = fake_hybrid(tmp_path, soft=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["images"]:
+        if entry["origin"] == "refined":
+            entry["boxes"] = [{"bbox": [8, 16, 40, 48], "area": 1024, "fill": 0.69, "fallback": False}]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    data = student_dataset(folder, ignore_edge=2)  # no soft/ folder needed
+    _, target = data[2]
+    t = target.numpy()
+    mask = (prob > 0.5).astype(np.float32)
+    assert set(np.unique(t[t != IGNORE])) == {0.0, 1.0}
+    assert np.array_equal(t[t != IGNORE], mask[t != IGNORE])  # what is kept is the refined mask
+    row = t[32]
+    assert row[15] == 0 and (row[16:20] == IGNORE).all() and row[20] == 1  # the left edge (between cols 17 and 18), 2 px each side
+    assert (t[14:16, 18:40] == 0).all()  # above the box: known background although 1-2 px from the mask's top edge
+    assert (t[16:18, 20:38] == IGNORE).all() and t[18, 28] == 1  # inside the box along that edge: 2 px
+    assert t[32, 28] == 1 and (t[:, 41:] == 0).all() and (t[50:] == 0).all()
+    assert 150 < (t == IGNORE).sum() < 300  # a band, not the box
+    _, hand = data[0]
+    assert not (hand.numpy() == IGNORE).any()  # hand labels are never ignored
+
+    small = SegmentationDataset(folder, (32, 32), cache=False, student=StudentConfig(ignore_edge=1)).as_raw()
+    _, t = small[2]
+    t = t.numpy()  # the box is rows 8-23, cols 4-19 at 32x32
+    assert (t[:8] != IGNORE).all() and (t[:, 20:] != IGNORE).all() and (t[:, :4] != IGNORE).all()
+    assert (t[8:24, 4:20] == IGNORE).any()
+
+    from bss.errors import ConfigError
+
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="config key 'student.ignore_edge' must be"):
+            from_dict({"student": {"ignore_edge": bad}})
 
 
 def test_augmentation_moves_the_ignored_pixels_with_the_mask(tmp_path):

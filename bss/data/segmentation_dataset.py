@@ -15,9 +15,11 @@ of the bytes to collate, pin and copy, normalised on the device by
 ``NAME_H<n>`` each image is hand-labelled or *refined* (its manifest's ``origin``). With
 ``ignore_band`` or ``soft_targets`` the target of a refined image is built from its teacher
 probability ``soft/<stem>.png`` at load time: float32, the hard mask (or the probability), with
-:data:`~bss.losses.masked.IGNORE` where the probability lies in the band. It is augmented as the
-mask (the same geometric transforms, nearest-neighbour), so mask and ignore move together.
-Without those options the masks are the uint8 0/1 masks, exactly as before.
+:data:`~bss.losses.masked.IGNORE` where the probability lies in the band. With ``ignore_edge`` a
+band of pixels along the refined mask's edge, inside the image's boxes (the rectangles of its
+manifest row), is :data:`~bss.losses.masked.IGNORE` as well (no ``soft/`` needed). The target is
+augmented as the mask (the same geometric transforms, nearest-neighbour), so mask and ignore
+move together. Without those options the masks are the uint8 0/1 masks, exactly as before.
 
 Augmentation is reproducible by seed. ``dataset[(i, s)]`` augments sample ``i`` with its own
 seed ``s`` (the trainer's sampler draws them from the config's seed), so the result does not
@@ -140,18 +142,42 @@ def patch_origin(foreground: np.ndarray, size: tuple[int, int], share: float, rn
     return int(rng.integers(height - patch_height + 1)), int(rng.integers(width - patch_width + 1))
 
 
-def refined_flags(folder: Path, samples: list[Sample]) -> list[bool]:
-    """Per sample, whether its mask was refined from boxes by a teacher (origin ``refined`` in the
-    folder's H<n> manifest); False for hand-labelled images and for folders without such a manifest."""
+def refined_boxes(folder: Path, samples: list[Sample]) -> list[list[list[int]] | None]:
+    """Per sample, the box rectangles ``[x0, y0, x1, y1)`` (native pixels) of its refined mask when
+    it was refined from boxes by a teacher (origin ``refined`` in the folder's H<n> manifest), else
+    None: hand-labelled images and folders without such a manifest."""
     path = folder / "manifest.json"
     if not path.is_file():
-        return [False] * len(samples)
+        return [None] * len(samples)
     try:
         entries = json.loads(path.read_text()).get("images", [])
-    except (json.JSONDecodeError, AttributeError) as exc:
+        refined = {
+            Path(e["image"]).stem: [list(map(int, b["bbox"])) for b in e.get("boxes", [])]
+            for e in entries
+            if isinstance(e, dict) and e.get("origin") == "refined"
+        }
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable manifest ({exc}).") from None
-    refined = {Path(e["image"]).stem for e in entries if isinstance(e, dict) and e.get("origin") == "refined"}
-    return [s.stem in refined for s in samples]
+    return [refined.get(s.stem) for s in samples]
+
+
+def edge_band(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within ``width`` pixels of the edge of ``mask`` (0/1), on either side (bool)."""
+    if width <= 0:
+        return np.zeros(mask.shape, dtype=bool)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1))
+    binary = (mask > 0).astype(np.uint8)
+    return cv2.dilate(binary, kernel) != cv2.erode(binary, kernel, borderType=cv2.BORDER_REPLICATE)
+
+
+def box_area(boxes: list[list[int]], native: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """The union of ``boxes`` ([x0, y0, x1, y1) at the ``native`` (height, width)) at ``size`` (bool),
+    each rectangle widened to whole pixels there."""
+    (nh, nw), (h, w) = native, size
+    area = np.zeros((h, w), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        area[int(y0 * h // nh) : -(-y1 * h // nh), int(x0 * w // nw) : -(-x1 * w // nw)] = True
+    return area
 
 
 class SegmentationDataset(Dataset):
@@ -194,10 +220,12 @@ class SegmentationDataset(Dataset):
         self.foreground = float(foreground)
         self.student = student or StudentConfig()
         self.transform = train_augmentation(seed, self.student.augment) if augment else None
-        self.refined = refined_flags(self.folder, self.samples)
-        self.student_targets = self.student.needs_soft and any(self.refined)  # targets from soft/: float32 with IGNORE
+        self.boxes = refined_boxes(self.folder, self.samples)
+        self.refined = [boxes is not None for boxes in self.boxes]
+        self.student_targets = self.student.needs_targets and any(self.refined)  # float32 targets with IGNORE
         self._soft: dict[int, np.ndarray] = {}
-        if self.student_targets:
+        self._native: dict[int, tuple[int, int]] = {}  # (height, width) of refined images, for ignore_edge
+        if self.student_targets and self.student.needs_soft:
             self._check_soft_files()
         self.cache = cache
         self.cache_dir = cache_dir
@@ -278,14 +306,21 @@ class SegmentationDataset(Dataset):
     def target(self, index: int, mask: np.ndarray) -> np.ndarray:
         """The float32 training target of sample ``index`` from its (resized) ``mask``: a
         hand-labelled image's mask; a refined image's mask or teacher probability
-        (``soft_targets``), with :data:`IGNORE` where the probability is in ``ignore_band``."""
+        (``soft_targets``), with :data:`IGNORE` where the probability is in ``ignore_band`` and
+        within ``ignore_edge`` pixels of the mask's edge inside its boxes."""
         if not self.refined[index]:
             return mask.astype(np.float32)
-        prob = self.soft(index).astype(np.float32) / 255.0
+        prob = self.soft(index).astype(np.float32) / 255.0 if self.student.needs_soft else None
         target = prob if self.student.soft_targets else mask.astype(np.float32)
         if self.student.ignore_band is not None:
             low, high = self.student.ignore_band
             target = np.where((prob >= low) & (prob <= high), np.float32(IGNORE), target)
+        if self.student.ignore_edge > 0:
+            if index not in self._native:
+                self._native[index] = image_size(self.samples[index].image)
+            native = self._native[index]
+            band = edge_band(mask, self.student.ignore_edge) & box_area(self.boxes[index], native, mask.shape)
+            target = np.where(band, np.float32(IGNORE), target)
         return target
 
     # ---- patches ----------------------------------------------------------------------------
