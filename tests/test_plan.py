@@ -34,16 +34,31 @@ PHOTOS = Fingerprint([960, 1280], input_size((960, 1280)), thickness=None, box_s
 # --------------------------------------------------------------------------- the rules
 
 
-@pytest.mark.parametrize("device", ["cpu", "gpu"])
-def test_the_synthetic_default_keeps_todays_whole_frame(device):
-    plan = make_plan(SYNTHETIC, device)
-    assert (plan.image_size, plan.frame_size, plan.patches) == ([128, 160], [128, 160], False)
-    assert plan.batch_size == {"cpu": None, "gpu": 32}[device]  # a GPU's batch from the input's area (see below)
+def test_the_synthetic_default_keeps_todays_whole_frame():
+    plan = make_plan(SYNTHETIC, "cpu")
+    assert (plan.image_size, plan.frame_size, plan.patches, plan.batch_size) == ([128, 160], [128, 160], False, None)
     assert plan.image_size == input_size((192, 256)) and plan.scale == 0.625 and len(plan.reasons) == 3
     old = Fingerprint([192, 256], [128, 160])  # a fingerprint from before the measurements
-    assert make_plan(old, device).image_size == [128, 160] and not make_plan(old, device).patches
+    assert make_plan(old, "cpu").image_size == [128, 160] and not make_plan(old, "cpu").patches
     small = Fingerprint([64, 64], [160, 160], thickness=1.0, box_size=3.0)  # frames under the input: never patched
-    assert make_plan(small, device).image_size == [160, 160] and not make_plan(small, device).patches
+    assert make_plan(small, "cpu").image_size == [160, 160] and not make_plan(small, "cpu").patches
+
+
+def test_a_gpu_sees_frames_up_to_256_px_whole():
+    """A GPU's whole-frame input has the longer side 256, its patch side (the GPU space used to
+    search 256x192 and 384x288 inputs; at the CPU's 160 the synthetic frames would lose 0.4 of
+    their side): the synthetic 256x192 frames are seen whole at native scale, with the batch
+    planned from their area."""
+    plan = make_plan(SYNTHETIC, "gpu")
+    assert (plan.scale, plan.image_size, plan.frame_size, plan.patches, plan.batch_size) == (1.0, [192, 256], [192, 256], False, 32)
+    assert "no larger than the whole-frame input, 256 px (GPU)" in plan.reasons[0] and len(plan.reasons) == 3
+    neu = Fingerprint([200, 200], [160, 160], thickness=4.0, box_size=30.0)
+    assert (make_plan(neu, "gpu").image_size, make_plan(neu, "gpu").patches) == ([256, 256], False)
+    big = Fingerprint([960, 1280], [128, 160], box_size=80.0)  # 16 px at 256/1280: squeezed whole, nothing lost
+    assert (make_plan(big, "gpu").scale, make_plan(big, "gpu").image_size, make_plan(big, "gpu").patches) == (0.2, [192, 256], False)
+    assert (make_plan(big, "cpu").scale, make_plan(big, "cpu").patches) == (0.2, True)  # 10 px at 160: patches at 0.2
+    whole = make_plan(CCTV, "gpu", resolution="whole")
+    assert (whole.image_size, whole.patches) == (input_size((512, 704), 256), False) and "squeezed to 256 px (GPU)" in whole.reasons[0]
 
 
 def test_thin_defects_in_big_frames_get_patches_at_native_scale():
@@ -64,8 +79,9 @@ def test_small_boxes_in_large_frames_get_patches_at_a_scale_that_keeps_them():
 def test_a_scaled_frame_that_fits_one_patch_is_seen_whole():
     neu = Fingerprint([200, 200], [160, 160], thickness=4.0, box_size=30.0)  # 3.2 px at the whole frame's 0.8: native
     # one network input: rounded UP to multiples of 32 (192 would be scale 0.96, the defects 3.84 px: under the 4 planned)
-    assert (make_plan(neu, "gpu").image_size, make_plan(neu, "gpu").frame_size, make_plan(neu, "gpu").patches) == ([224, 224], [224, 224], False)
-    assert "the input 224x224 (rounded up to multiples of 32)" in make_plan(neu, "gpu").reasons[1]
+    big = make_plan(neu, "cpu", patch_side=256)
+    assert (big.image_size, big.frame_size, big.patches) == ([224, 224], [224, 224], False)
+    assert "the input 224x224 (rounded up to multiples of 32)" in big.reasons[1]
     # patches: the frame keeps its 200 px (no longer 192), the patch is 128
     assert (make_plan(neu, "cpu").image_size, make_plan(neu, "cpu").frame_size, make_plan(neu, "cpu").patches) == ([128, 128], [200, 200], True)
     wide = Fingerprint([600, 1500], input_size((600, 1500)), thickness=3.0)
@@ -152,6 +168,8 @@ def test_the_measurement_finds_a_drawn_lines_thickness_and_the_boxes_size(tmp_pa
     assert fp.thickness == 3.0 and fp.defects == 6
     assert fp.box_size == 30.0 and fp.boxes == 6  # the median of 20, 20, 20, 40, 40, 40
     assert make_plan(fp, "cpu").patches and "thickness" in fp.describe(False)
+    assert fp.describe(False).endswith("; whole-frame network input [128, 160] (from the images' shape)")
+    assert fp.describe(False, planned=True).endswith("(6 boxes)")  # the plan's lines follow, with the input
     none = fingerprint(tmp_path, tmp_path / "missing")  # no hand masks, no boxes: nothing measured
     assert (none.thickness, none.box_size, none.defects, none.boxes) == (None, None, None, None)
 

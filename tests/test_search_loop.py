@@ -379,6 +379,7 @@ def test_small_objects_in_wide_frames_get_a_patch_plan_printed_kept_and_given_to
     # the patch, a network input, is the CPU's 128 wide and, capped by the 43-px frame, 32 high
     assert "plan: frames resized to 1152x43 (WxH, scale 0.9), the network trains on 128x32 patches" in out
     assert out.index("plan: frames") < out.index("== iteration 0")
+    assert "boxes: median size 18 px (3 boxes)\n" in out and "whole-frame network input" not in out  # the plan's lines say the input
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["data"]["plan"]["patches"] and state["data"]["fingerprint"]["box_size"] * 160 / 1280 < 16
     promoted = yaml.safe_load((tmp_path / "run" / "iter_0" / "config.yaml").read_text())

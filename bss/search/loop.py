@@ -215,7 +215,8 @@ class Loop:
     def describe_rules(self, record: LoopRecord, space, base: dict, rule, stop_rule) -> None:
         boxes = record.boxes_eval
         if record.data and record.data.fingerprint:
-            _say("  " + record.data.fingerprint.describe(space.sets("image_size")))
+            planned = record.data.plan is not None and not not_applied(space, base)  # the plan's lines say the input
+            _say("  " + record.data.fingerprint.describe(space.sets("image_size"), planned))
             self.describe_plan(record, space, base)
         _say(
             f"  the EVAL boxes themselves: IoU {boxes.iou:.3f}  Dice {boxes.dice:.3f}  Recall {boxes.recall:.3f}  Precision {boxes.precision:.3f} "

@@ -1,7 +1,7 @@
 """The loop's plan: at which scale the network sees the frames, and whether it sees them whole or
 in patches (as nnU-Net plans a configuration from the dataset's fingerprint).
 
-Squeezing every frame to a ``LONG_SIDE`` input is right for small frames with large objects (the
+Squeezing every frame to one input (longer side ``WHOLE_SIDE``: 160 on a CPU) is right for small frames with large objects (the
 synthetic default), and fatal for real ones: a 704x512 CCTV frame squeezed to 160x128 turns a
 3-px crack into a 0.7-px one, and a 20-px object in a 1280x960 photo into 2.5 px, gone after the
 encoder's first strides. So the plan keeps the whole frame only where the thin defects and small
@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from bss.errors import BSSError
-from bss.search.fingerprint import LONG_SIDE, Fingerprint
+from bss.search.fingerprint import LONG_SIDE, Fingerprint, input_size
 
 # Thinnest defect (median thickness, px) and smallest object (boxes' median size, the square root of the area, px) the
 # network should see: an encoder halves the resolution 5 times; below ~4 px a crack is one
@@ -41,6 +41,9 @@ MIN_OBJECT = 16.0
 # GPU affords 256, more context per patch for the same number of steps. Multiples of 32: the
 # UNet halves the input 5 times (a frame, cut into patches or windows, need not be).
 PATCH_SIDE = {"cpu": 128, "gpu": 256}
+# A whole frame's longer side: today's 160 on a CPU; a GPU's input side, 256 (its patch side; the
+# GPU space used to search 256x192 and 384x288 inputs), so a frame up to 256 px is seen whole.
+WHOLE_SIDE = {"cpu": LONG_SIDE, "gpu": 256}
 UNIT = 32
 SCALE_STEP = 0.1  # a planned scale below 1 is rounded up to a multiple of this (then the minimums hold)
 # Batch: on a CPU the time budget, not memory, limits a trial, so the config's (the CPU space fixes
@@ -52,7 +55,7 @@ GPU_BATCH_PIXELS = 8 * 512 * 704
 GPU_BATCH_MIN, GPU_BATCH_MAX = 2, 32
 CONFIG_BATCH = "batch size: the config's (on a CPU the time budget, not memory, limits a trial)"
 SPACE_BATCH = "batch size: the search space's (it sets batch_size; the plan's is not used)"
-RESOLUTIONS = ("auto", "whole")  # --resolution: plan from the fingerprint | today's whole frame at LONG_SIDE
+RESOLUTIONS = ("auto", "whole")  # --resolution: plan from the fingerprint | the whole frame at WHOLE_SIDE
 
 
 @dataclass
@@ -117,11 +120,13 @@ def for_space(plan: Plan, space) -> Plan:
     return replace(plan, batch_size=None, reasons=[SPACE_BATCH if r.startswith("batch size") else r for r in plan.reasons])
 
 
-def whole_frame(fp: Fingerprint, why: str) -> Plan:
-    """Today's plan: the whole frame at ``fp.input_size`` (the longer side LONG_SIDE); no batch
-    (the config's; :func:`make_plan` plans it)."""
-    scale = round(min(1.0, LONG_SIDE / max(fp.median_shape)), 3)
-    return Plan(scale, list(fp.input_size), list(fp.input_size), False, None, [why, "whole frames: each frame is one network input (no patches)"])
+def whole_frame(fp: Fingerprint, why: str, long_side: int = LONG_SIDE) -> Plan:
+    """The whole frame, its longer side ``long_side`` (at LONG_SIDE: ``fp.input_size``, today's
+    plan), the aspect ratio kept, multiples of 32; no batch (the config's; :func:`make_plan`
+    plans it)."""
+    scale = round(min(1.0, long_side / max(fp.median_shape)), 3)
+    size = list(fp.input_size) if long_side == LONG_SIDE else input_size(tuple(fp.median_shape), long_side)
+    return Plan(scale, size, list(size), False, None, [why, "whole frames: each frame is one network input (no patches)"])
 
 
 def shortfalls(fp: Fingerprint, scale: float) -> list[tuple[str, float]]:
@@ -181,14 +186,16 @@ def make_plan(fp: Fingerprint, device_kind: str = "cpu", resolution: str = "auto
 def plan_input(fp: Fingerprint, device_kind: str, resolution: str, patch_side: int | None) -> Plan:
     """The plan's scale, frame and network input (its batch left to :func:`plan_batch`)."""
     h, w = fp.median_shape
-    whole = min(1.0, LONG_SIDE / max(h, w))
+    side = WHOLE_SIDE.get(device_kind, LONG_SIDE)
+    on = f"{side} px ({device_kind.upper()})"
+    whole = min(1.0, side / max(h, w))
     if resolution == "whole":
-        return whole_frame(fp, f"scale {whole:.3g}: --resolution whole, the longer side squeezed to {LONG_SIDE} px whatever the defects")
+        return whole_frame(fp, f"scale {whole:.3g}: --resolution whole, the longer side squeezed to {on} whatever the defects", side)
     if whole >= 1.0:
-        return whole_frame(fp, f"scale 1: the {w}x{h} frames are no larger than the {LONG_SIDE}-px input, so the whole frame loses nothing")
+        return whole_frame(fp, f"scale 1: the {w}x{h} frames are no larger than the whole-frame input, {on}, so the whole frame loses nothing", side)
     lost = shortfalls(fp, whole)
     if not lost:
-        return whole_frame(fp, f"scale {whole:.3g}: the longer side squeezed to {LONG_SIDE} px keeps {kept(fp, whole)}")
+        return whole_frame(fp, f"scale {whole:.3g}: the longer side squeezed to {on} keeps {kept(fp, whole)}", side)
     scale = planned_scale(max(need for _, need in lost))
     why = f"scale {scale:g}" + (" (native)" if scale == 1 else "") + f": at the whole frame's scale {whole:.3g}, " + "; ".join(what for what, _ in lost)
     why += f"; at {scale:g} it keeps {kept(fp, scale)}" if scale < 1 else "; native scale keeps every pixel there is (never upsampled)"
