@@ -1,8 +1,8 @@
 """The loop's plan: at which scale the network sees the frames, and whether it sees them whole or
 in patches (as nnU-Net plans a configuration from the dataset's fingerprint).
 
-Squeezing every frame to one input (longer side ``WHOLE_SIDE``: 160 on a CPU) is right for small frames with large objects (the
-synthetic default), and fatal for real ones: a 704x512 CCTV frame squeezed to 160x128 turns a
+Squeezing every frame to one input (the longer side ``WHOLE_SIDE``: 160 on a CPU, 256 on a GPU)
+is right for small frames with large objects (the synthetic default), and fatal for real ones: a 704x512 CCTV frame squeezed to 160x128 turns a
 3-px crack into a 0.7-px one, and a 20-px object in a 1280x960 photo into 2.5 px, gone after the
 encoder's first strides. So the plan keeps the whole frame only where the thin defects and small
 boxes survive its scale; otherwise it picks the smallest scale that keeps them, and where the
@@ -11,8 +11,9 @@ and predicts with overlapping sliding windows (``Config.patches``).
 
 A patch plan's frame keeps the median shape's aspect ratio (each side a whole pixel: patches are
 cut from inside it and windows slide over it, so it need not be a multiple of 32); the patch, a
-network input, is a multiple of 32. A whole frame is one network input, so its sides are rounded
-up to multiples of 32.
+network input, is a multiple of 32. A whole frame is one network input, its sides multiples of
+32: at ``WHOLE_SIDE`` the nearest (:func:`~bss.search.fingerprint.input_size`, as before); at a
+planned scale (a frame that fits one patch) rounded up, so the planned minimums hold.
 
 The batch size: the config's on a CPU (the time budget limits a trial there); on a GPU, where
 memory limits it, one planned from the network input's area (:func:`plan_batch`).
