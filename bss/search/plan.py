@@ -47,11 +47,12 @@ PATCH_SIDE = {"cpu": 128, "gpu": 256}
 WHOLE_SIDE = {"cpu": LONG_SIDE, "gpu": 256}
 UNIT = 32
 SCALE_STEP = 0.1  # a planned scale below 1 is rounded up to a multiple of this (then the minimums hold)
-# Batch: on a CPU the time budget, not memory, limits a trial, so the config's (the CPU space fixes
-# it). On a GPU memory does: the batch keeps batch x input pixels near GPU_BATCH_PIXELS (8 inputs
-# of 704x512, a batch known to fit with room to spare), a power of two from GPU_BATCH_MIN to
-# GPU_BATCH_MAX (the largest the GPU space used to search; more would leave a small training set
-# few steps per epoch).
+# Batch: on a CPU the time budget, not memory, limits a trial, so the config's (the CPU space
+# fixes it). On a GPU memory does: the batch keeps batch x input pixels near GPU_BATCH_PIXELS
+# (8 inputs of 704x512: a resnet34 UNetAttention step peaks at 2.6 GiB with AMP, 4.7 GiB in fp32
+# in BENCHMARKS.md's H200 table: room for larger encoders and two trials a GPU), a power of two
+# from GPU_BATCH_MIN to GPU_BATCH_MAX (the largest the GPU space used to search; more would
+# leave a small training set few steps per epoch).
 GPU_BATCH_PIXELS = 8 * 512 * 704
 GPU_BATCH_MIN, GPU_BATCH_MAX = 2, 32
 CONFIG_BATCH = "batch size: the config's (on a CPU the time budget, not memory, limits a trial)"
