@@ -2,9 +2,9 @@
 in patches (as nnU-Net plans a configuration from the dataset's fingerprint).
 
 Squeezing every frame to one input (the longer side ``WHOLE_SIDE``: 160 on a CPU, 256 on a GPU)
-is right for small frames with large objects (the synthetic default), and fatal for real ones: a 704x512 CCTV frame squeezed to 160x128 turns a
-3-px crack into a 0.7-px one, and a 20-px object in a 1280x960 photo into 2.5 px, gone after the
-encoder's first strides. So the plan keeps the whole frame only where the thin defects and small
+is right for small frames with large objects (the synthetic default), and fatal for real ones: a
+704x512 CCTV frame squeezed to 160x128 turns a 3-px crack into a 0.7-px one, and a 20-px object
+in a 1280x960 photo into 2.5 px, gone after the encoder's first strides. So the plan keeps the whole frame only where the thin defects and small
 boxes survive its scale; otherwise it picks the smallest scale that keeps them, and where the
 frame at that scale is larger than one network input, the network trains on random patches of it
 and predicts with overlapping sliding windows (``Config.patches``).
