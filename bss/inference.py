@@ -12,7 +12,10 @@ on ``image_size`` patches of the frame never saw the whole frame at once, and sq
 to one input would undo the planned scale. So :func:`frame_probabilities` slides windows of
 ``image_size`` over the frame (``patches.overlap`` of a window apart, the last one flush with
 the edge so every pixel is covered; a frame smaller than a window is padded), runs them in
-batches, and blends the overlaps with Gaussian importance weights (sigma = window / 8), divided
+batches of the config's ``batch_size`` (the training batch: as many inputs of the window's size
+went through the network with their gradients, so as many windows fit wherever training did;
+on a GPU that is the plan's batch; ``predict.py --batch-size`` counts frames per loaded batch,
+not windows), and blends the overlaps with Gaussian importance weights (sigma = window / 8), divided
 by the summed weights: a window's border, where the network saw the least context, counts least,
 and no seam is left where windows meet. EVAL (the trainer), TEST, the teacher, ``make_hybrid``,
 ``suggest_labels`` and ``predict.py`` all come through here, so they all predict alike.
@@ -173,11 +176,18 @@ def frame_probabilities(
 
 
 def model_probabilities(
-    model: torch.nn.Module, runtime: Runtime, images: torch.Tensor, window: tuple[int, int] | None = None, overlap: float = 0.5, tta: bool = False
+    model: torch.nn.Module,
+    runtime: Runtime,
+    images: torch.Tensor,
+    window: tuple[int, int] | None = None,
+    overlap: float = 0.5,
+    tta: bool = False,
+    window_batch: int = 32,
 ) -> torch.Tensor:
     """Probabilities (B, H, W), float32 on the device, of normalised images (B, 3, H, W) on the
-    device: the whole input through ``model`` at once, or (``window``) by sliding windows. The
-    Predictor and the trainer's EVAL both predict through this one function."""
+    device: the whole input through ``model`` at once, or (``window``) by sliding windows,
+    ``window_batch`` at a time (the callers give the config's ``batch_size``). The Predictor and
+    the trainer's EVAL both predict through this one function."""
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
         (batch,) = runtime.to_device(batch)  # stacked windows: the model's memory format again
@@ -187,7 +197,7 @@ def model_probabilities(
                 prob = 0.5 * (prob + torch.sigmoid(model(torch.flip(batch, dims=[3])).float()).flip(dims=[3]))
         return prob[:, 0].float()
 
-    return predict(images) if window is None else frame_probabilities(predict, images, window, overlap)
+    return predict(images) if window is None else frame_probabilities(predict, images, window, overlap, window_batch)
 
 
 class Predictor:
@@ -240,7 +250,12 @@ class Predictor:
         return {
             "input_size": list(self.input_size),
             "trained_image_size": [self.config.height, self.config.width],
-            "sliding_window": {"window": list(self.window), "overlap": self.config.patches.overlap, "weights": "gaussian, sigma = window / 8"}
+            "sliding_window": {
+                "window": list(self.window),
+                "overlap": self.config.patches.overlap,
+                "weights": "gaussian, sigma = window / 8",
+                "windows_per_batch": self.config.batch_size,
+            }
             if self.window
             else None,
             "tta": "hflip" if self.tta else None,
@@ -295,7 +310,7 @@ class Predictor:
         """A batch, uint8 (B, h, w, 3) or normalised float (B, 3, h, w) at ``input_size`` ->
         foreground probabilities (B, h, w), float32 on the CPU (by sliding windows for a patch plan)."""
         x = self.normalize(images)
-        return model_probabilities(self.model, self.runtime, x, self.window, self.config.patches.overlap, self.tta).cpu()
+        return model_probabilities(self.model, self.runtime, x, self.window, self.config.patches.overlap, self.tta, self.config.batch_size).cpu()
 
     def loader(self, dataset: Dataset, batch_size: int = 8, num_workers: int = 0) -> DataLoader:
         # no cv2.setNumThreads() in the workers: after fork it can block forever on the parent's

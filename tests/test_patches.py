@@ -162,6 +162,30 @@ def test_patch_training_shares_the_frame_cache_with_evaluation(frames, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(train.as_raw()[(1, 5)], patches(frames, augment=True, seed=0)[(1, 5)]))  # cached = decoded
 
 
+def test_patches_are_cut_from_a_frame_of_any_size(tmp_path):
+    """The plan keeps a frame's aspect ratio (e.g. 43x1152 for 48x1280 frames at scale 0.9), so a
+    frame's sides need not be multiples of 32: patches of 32x64 from a cached 43x150 frame lie
+    inside it, at every position, cut alike from image and mask."""
+    frame = (43, 150)
+    folder = tmp_path / "odd"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    yy, xx = np.mgrid[0 : frame[0], 0 : frame[1]]
+    image = np.stack([xx, yy, np.full_like(xx, 7)], -1).astype(np.uint8)
+    mask = ((yy + xx) % 5 == 0).astype(np.uint8)
+    write_image(folder / "images" / "a.png", image)
+    write_mask(folder / "masks" / "a.png", mask)
+    data = SegmentationDataset(folder, frame, cache_dir=tmp_path / "cache", patch=(32, 64), foreground=0.0).as_raw()
+    origins = set()
+    for seed in range(200):
+        rgb, cut = data[(0, seed)]
+        top, left = origin(rgb)
+        assert rgb.shape == (32, 64, 3) and np.array_equal(rgb.numpy(), image[top : top + 32, left : left + 64])
+        assert np.array_equal(cut.numpy(), mask[top : top + 32, left : left + 64])
+        origins.add((top, left))
+    assert {t for t, _ in origins} == set(range(frame[0] - 32 + 1)) and max(left for _, left in origins) <= frame[1] - 64
+
+
 class ShapeRecordingTrainer(Trainer):
     def __init__(self, *args, **kw):
         self.shapes = []

@@ -19,10 +19,10 @@ from bss.config import from_dict, load_config  # noqa: E402
 from bss.data.io import write_mask  # noqa: E402
 from bss.errors import BSSError  # noqa: E402
 from bss.search.fingerprint import Fingerprint, fingerprint, input_size  # noqa: E402
-from bss.search.plan import Plan, make_plan, not_applied  # noqa: E402
+from bss.search.plan import SPACE_BATCH, Plan, make_plan, not_applied  # noqa: E402
 from bss.search.record import DataRecord, LoopRecord, load_record  # noqa: E402
 from bss.search.settings import LoopSettings  # noqa: E402
-from bss.search.space import parse_space  # noqa: E402
+from bss.search.space import load_space, parse_space  # noqa: E402
 from bss.search.stages import LoopContext, trial_base  # noqa: E402
 
 BASE = load_config(REPO / "config.yaml").to_dict()
@@ -34,15 +34,31 @@ PHOTOS = Fingerprint([960, 1280], input_size((960, 1280)), thickness=None, box_s
 # --------------------------------------------------------------------------- the rules
 
 
-@pytest.mark.parametrize("device", ["cpu", "gpu"])
-def test_the_synthetic_default_keeps_todays_whole_frame(device):
-    plan = make_plan(SYNTHETIC, device)
+def test_the_synthetic_default_keeps_todays_whole_frame():
+    plan = make_plan(SYNTHETIC, "cpu")
     assert (plan.image_size, plan.frame_size, plan.patches, plan.batch_size) == ([128, 160], [128, 160], False, None)
     assert plan.image_size == input_size((192, 256)) and plan.scale == 0.625 and len(plan.reasons) == 3
     old = Fingerprint([192, 256], [128, 160])  # a fingerprint from before the measurements
-    assert make_plan(old, device).image_size == [128, 160] and not make_plan(old, device).patches
+    assert make_plan(old, "cpu").image_size == [128, 160] and not make_plan(old, "cpu").patches
     small = Fingerprint([64, 64], [160, 160], thickness=1.0, box_size=3.0)  # frames under the input: never patched
-    assert make_plan(small, device).image_size == [160, 160] and not make_plan(small, device).patches
+    assert make_plan(small, "cpu").image_size == [160, 160] and not make_plan(small, "cpu").patches
+
+
+def test_a_gpu_sees_frames_up_to_256_px_whole():
+    """A GPU's whole-frame input has the longer side 256, its patch side (the GPU space used to
+    search 256x192 and 384x288 inputs; at the CPU's 160 the synthetic frames would lose 0.4 of
+    their side): the synthetic 256x192 frames are seen whole at native scale, with the batch
+    planned from their area."""
+    plan = make_plan(SYNTHETIC, "gpu")
+    assert (plan.scale, plan.image_size, plan.frame_size, plan.patches, plan.batch_size) == (1.0, [192, 256], [192, 256], False, 32)
+    assert "no larger than the whole-frame input, 256 px (GPU)" in plan.reasons[0] and len(plan.reasons) == 3
+    neu = Fingerprint([200, 200], [160, 160], thickness=4.0, box_size=30.0)
+    assert (make_plan(neu, "gpu").image_size, make_plan(neu, "gpu").patches) == ([256, 256], False)
+    big = Fingerprint([960, 1280], [128, 160], box_size=80.0)  # 16 px at 256/1280: squeezed whole, nothing lost
+    assert (make_plan(big, "gpu").scale, make_plan(big, "gpu").image_size, make_plan(big, "gpu").patches) == (0.2, [192, 256], False)
+    assert (make_plan(big, "cpu").scale, make_plan(big, "cpu").patches) == (0.2, True)  # 10 px at 160: patches at 0.2
+    whole = make_plan(CCTV, "gpu", resolution="whole")
+    assert (whole.image_size, whole.patches) == (input_size((512, 704), 256), False) and "squeezed to 256 px (GPU)" in whole.reasons[0]
 
 
 def test_thin_defects_in_big_frames_get_patches_at_native_scale():
@@ -61,11 +77,51 @@ def test_small_boxes_in_large_frames_get_patches_at_a_scale_that_keeps_them():
 
 
 def test_a_scaled_frame_that_fits_one_patch_is_seen_whole():
-    neu = Fingerprint([200, 200], [160, 160], thickness=4.0, box_size=30.0)  # 3.2 px at the whole frame's 0.8
-    assert (make_plan(neu, "gpu").image_size, make_plan(neu, "gpu").patches) == ([192, 192], False)
-    assert (make_plan(neu, "cpu").image_size, make_plan(neu, "cpu").frame_size, make_plan(neu, "cpu").patches) == ([128, 128], [192, 192], True)
+    neu = Fingerprint([200, 200], [160, 160], thickness=4.0, box_size=30.0)  # 3.2 px at the whole frame's 0.8: native
+    # one network input: rounded UP to multiples of 32 (192 would be scale 0.96, the defects 3.84 px: under the 4 planned)
+    big = make_plan(neu, "cpu", patch_side=256)
+    assert (big.image_size, big.frame_size, big.patches) == ([224, 224], [224, 224], False)
+    assert "the input 224x224 (rounded up to multiples of 32)" in big.reasons[1]
+    # patches: the frame keeps its 200 px (no longer 192), the patch is 128
+    assert (make_plan(neu, "cpu").image_size, make_plan(neu, "cpu").frame_size, make_plan(neu, "cpu").patches) == ([128, 128], [200, 200], True)
     wide = Fingerprint([600, 1500], input_size((600, 1500)), thickness=3.0)
-    assert make_plan(wide, "gpu", patch_side=1024).image_size == [608, 1024]  # the patch is capped by the frame
+    plan = make_plan(wide, "gpu", patch_side=1024)  # the patch is capped by the frame, down to a multiple of 32
+    assert (plan.frame_size, plan.image_size) == ([600, 1500], [576, 1024])
+
+
+def test_a_thin_wide_frame_keeps_its_aspect_ratio_and_its_patches_are_multiples_of_32():
+    """48x1280 frames, 18-px boxes: scale 0.9. Each side rounded to a multiple of 32 gave a 32x1152
+    frame (0.67 x the height, 0.9 x the width); the frame now keeps the aspect ratio, the patch
+    (a network input) is cut inside it, a multiple of 32."""
+    thin = Fingerprint([48, 1280], input_size((48, 1280)), thickness=None, box_size=18.0)
+    plan = make_plan(thin, "cpu")
+    assert (plan.scale, plan.frame_size, plan.image_size, plan.patches) == (0.9, [43, 1152], [32, 128], True)
+    assert abs(plan.frame_size[0] / plan.frame_size[1] - 48 / 1280) < 0.001
+    assert plan.describe()[0].startswith("plan: frames resized to 1152x43 (WxH, scale 0.9), the network trains on 128x32 patches")
+    cfg = from_dict(trial_base(BASE, LoopSettings(dataset="toy"), "toy_BASELINE", plan))  # a valid config: frame >= patch
+    assert (cfg.frame_size, cfg.window) == ((43, 1152), (32, 128))
+    odd = make_plan(Fingerprint([701, 509], [160, 128], thickness=3.0), "cpu")  # odd sizes at native scale: kept to the pixel
+    assert (odd.frame_size, odd.image_size) == ([701, 509], [128, 128])
+    tiny = make_plan(Fingerprint([20, 2000], [32, 160], box_size=20.0), "cpu")  # under 32 px: raised to the smallest patch
+    assert (tiny.scale, tiny.frame_size, tiny.image_size) == (0.8, [32, 1600], [32, 128])
+
+
+@pytest.mark.parametrize(
+    ("fp", "side", "patch", "batch"),
+    [
+        (CCTV, None, [256, 256], 32),  # 704x512 x 8 / 256x256 = 44 inputs: 32, the cap
+        (CCTV, 512, [512, 512], 8),  # 11 inputs: 8
+        (Fingerprint([600, 1500], [64, 160], thickness=3.0), 1024, [576, 1024], 4),  # 4.9 inputs: 4
+        (Fingerprint([3000, 4000], [128, 160], thickness=3.0), 2048, [2048, 2048], 2),  # under one input: the floor, 2
+    ],
+)
+def test_a_gpu_plans_its_batch_from_the_input_area_and_a_cpu_keeps_the_configs(fp, side, patch, batch):
+    gpu = make_plan(fp, "gpu", patch_side=side)
+    assert (gpu.image_size, gpu.batch_size) == (patch, batch) and gpu.reasons[-1].startswith(f"batch size {batch}: on a GPU")
+    assert gpu.describe()[-1] == "  - " + gpu.reasons[-1]
+    assert gpu.apply(dict(BASE))["batch_size"] == batch
+    cpu = make_plan(fp, "cpu", patch_side=side)
+    assert cpu.batch_size is None and cpu.reasons[-1].startswith("batch size: the config's") and cpu.apply(dict(BASE))["batch_size"] == BASE["batch_size"]
 
 
 def test_resolution_whole_is_todays_plan_and_bad_values_are_refused():
@@ -112,6 +168,8 @@ def test_the_measurement_finds_a_drawn_lines_thickness_and_the_boxes_size(tmp_pa
     assert fp.thickness == 3.0 and fp.defects == 6
     assert fp.box_size == 30.0 and fp.boxes == 6  # the median of 20, 20, 20, 40, 40, 40
     assert make_plan(fp, "cpu").patches and "thickness" in fp.describe(False)
+    assert fp.describe(False).endswith("; whole-frame network input [128, 160] (from the images' shape)")
+    assert fp.describe(False, planned=True).endswith("(6 boxes)")  # the plan's lines follow, with the input
     none = fingerprint(tmp_path, tmp_path / "missing")  # no hand masks, no boxes: nothing measured
     assert (none.thickness, none.box_size, none.defects, none.boxes) == (None, None, None, None)
 
@@ -168,3 +226,33 @@ def test_the_loop_context_gives_trials_the_recorded_plan_or_none():
     before = LoopContext.plan.fget(ctx(searched, DataRecord(fingerprint=Fingerprint([64, 64], [160, 160]))))  # a run from before the plan
     assert (before.image_size, before.patches) == ([160, 160], False)
     assert LoopContext.plan.fget(ctx(searched, None)) is None
+
+
+def applied_plan(space, plan: Plan, fp: Fingerprint = CCTV) -> Plan | None:
+    """The plan the loop gives its trials (LoopContext.plan) under ``space``."""
+    return LoopContext.plan.fget(SimpleNamespace(record=LoopRecord(settings={}, data=DataRecord(fingerprint=fp, plan=plan)), space=space, base=BASE))
+
+
+def test_the_gpu_space_leaves_the_resolution_and_the_batch_to_the_plan():
+    """search_spaces/default.yaml (GPU) searched image_size (and batch_size), so on a GPU the plan was
+    never applied; it now sets neither, and large frames get the GPU's patch plan."""
+    space = load_space(REPO / "search_spaces" / "default.yaml", BASE)
+    assert not_applied(space, BASE) is None and not space.sets("batch_size")
+    plan = make_plan(PHOTOS, "gpu")
+    assert (plan.scale, plan.frame_size, plan.image_size, plan.patches, plan.batch_size) == (0.8, [768, 1024], [256, 256], True, 32)
+    assert applied_plan(space, plan, PHOTOS) == plan
+    cfg = from_dict(space.apply(trial_base(BASE, LoopSettings(dataset="toy"), "toy_BASELINE", applied_plan(space, plan, PHOTOS)), {"learning_rate": 1e-3}))
+    assert (cfg.frame_size, cfg.window, cfg.batch_size, cfg.amp, cfg.learning_rate) == ((768, 1024), (256, 256), 32, True, 1e-3)
+
+
+def test_a_space_that_sets_batch_size_keeps_its_batch_and_the_plan_says_so():
+    plan = make_plan(CCTV, "gpu")
+    batched = parse_space({"params": {"batch_size": {"choice": [8, 16]}}})
+    kept = applied_plan(batched, plan)
+    assert (kept.image_size, kept.frame_size, kept.batch_size) == (plan.image_size, plan.frame_size, None)
+    assert kept.reasons[:-1] == plan.reasons[:-1] and kept.reasons[-1] == SPACE_BATCH and kept.describe()[-1] == "  - " + SPACE_BATCH
+    assert batched.apply(trial_base(BASE, LoopSettings(dataset="toy"), "toy_BASELINE", kept), {"batch_size": 16})["batch_size"] == 16
+    searched = parse_space({"params": {"learning_rate": {"loguniform": [1e-4, 1e-2]}}})
+    assert applied_plan(searched, plan) == plan
+    cpu = make_plan(CCTV, "cpu")
+    assert applied_plan(batched, cpu) == cpu  # a CPU plan has no batch to give up

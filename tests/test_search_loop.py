@@ -375,13 +375,16 @@ def test_small_objects_in_wide_frames_get_a_patch_plan_printed_kept_and_given_to
     PLAN.update({0: [(0.9, 0.9, 0.85)]})
     run_loop(options(dataset="wide", iterations=1))
     out = capsys.readouterr().out
-    assert "plan: frames resized to 1152x32 (WxH, scale 0.9), the network trains on 128x32 patches" in out
+    # 48x1280 at scale 0.9: 43.2 x 1152, the aspect ratio kept (each side rounded to a multiple of 32 gave 32x1152);
+    # the patch, a network input, is the CPU's 128 wide and, capped by the 43-px frame, 32 high
+    assert "plan: frames resized to 1152x43 (WxH, scale 0.9), the network trains on 128x32 patches" in out
     assert out.index("plan: frames") < out.index("== iteration 0")
+    assert "boxes: median size 18 px (3 boxes)\n" in out and "whole-frame network input" not in out  # the plan's lines say the input
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["data"]["plan"]["patches"] and state["data"]["fingerprint"]["box_size"] * 160 / 1280 < 16
     promoted = yaml.safe_load((tmp_path / "run" / "iter_0" / "config.yaml").read_text())
-    assert promoted["image_size"] == [32, 128] and promoted["patches"]["frame_size"] == [32, 1152]
-    assert load_model(tmp_path / "run" / "best.pt")[1].frame_size == (32, 1152)
+    assert promoted["image_size"] == [32, 128] and promoted["patches"]["frame_size"] == [43, 1152]
+    assert load_model(tmp_path / "run" / "best.pt")[1].frame_size == (43, 1152)
     with pytest.raises(BSSError, match="--resolution was 'auto', now 'whole'"):
         run_loop(options(dataset="wide", iterations=1, resolution="whole", resume=True))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -101,6 +102,38 @@ def test_pixelwise_model_windowed_is_the_whole_frame(size, overlap):
         whole = sigmoid_of(model)(frames)
         windowed = frame_probabilities(sigmoid_of(model), frames, WINDOW, overlap, batch_size=5)
     assert torch.allclose(windowed, whole, atol=1e-6, rtol=0)
+
+
+class BatchRecorder(torch.nn.Module):
+    """A model that records the batch size of every forward it makes."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.batches = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(int(x.shape[0]))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_windows_go_through_the_network_the_configs_batch_size_at_a_time(tmp_path, batch_size):
+    """The Predictor and the trainer's EVAL run sliding windows ``batch_size`` at a time (the
+    training batch of that window size), not a fixed 32: 2 frames of 64x96, 32x32 windows half
+    overlapping, are 2 x 3 x 5 = 30 windows."""
+    config = patch_config(tmp_path, (64, 96), batch_size=batch_size)
+    recorder = BatchRecorder(pixelwise(bias=0.1, gain=1.0))
+    predictor = Predictor(recorder, config, device="cpu")
+    recorder.batches.clear()  # the construction's probe
+    frames = torch.randint(0, 255, (2, 64, 96, 3), dtype=torch.uint8)
+    prob = predictor.probabilities(frames)
+    full, rest = divmod(30, batch_size)
+    assert recorder.batches == [batch_size] * full + ([rest] if rest else []) and prob.shape == (2, 64, 96)
+    assert predictor.describe()["sliding_window"]["windows_per_batch"] == batch_size
+    recorder.batches.clear()
+    trainer = SimpleNamespace(model=recorder, runtime=predictor.runtime, config=config)  # the trainer's EVAL, its own method
+    assert torch.equal(Trainer.frame_probabilities(trainer, predictor.normalize(frames)).cpu(), prob)
+    assert recorder.batches == [batch_size] * full + ([rest] if rest else [])
 
 
 @pytest.fixture(scope="module")
@@ -261,14 +294,17 @@ def test_patch_checkpoint_predicts_at_native_size_through_predict(patch_run, tmp
     assert summary["inference"]["input_size"] == [64, 96]
     assert summary["inference"]["sliding_window"]["window"] == [32, 32]
     predictor = Predictor.from_checkpoint(result.checkpoint, device="cpu")
-    for path, prob in predictor.predict_paths(paths, progress=False):
+    # the maps are the blend of windows over the 64x96 frames, resized back to each image's size;
+    # the reference batches the windows as the predictor does (the 3 frames in one loaded batch,
+    # the config's batch_size, 2, windows at a time): a CPU convolution's float rounding depends
+    # on the batch it runs in
+    x = predictor.normalize(torch.stack([torch.from_numpy(resize_image(read_image(path), 64, 96)) for path in paths]))
+    with torch.inference_mode():
+        frames = frame_probabilities(sigmoid_of(predictor.model), x, (32, 32), 0.5, batch_size=predictor.config.batch_size).numpy()
+    for (path, prob), frame in zip(predictor.predict_paths(paths, progress=False), frames):
         mask = read_mask(out.out / "masks" / f"{path.stem}.png")
         assert mask.shape == read_image(path).shape[:2] == prob.shape
         assert np.array_equal(mask > 0, prob > predictor.config.threshold)
-        # the map is the blend of windows over the 64x96 frame, resized back to the image's size
-        x = predictor.normalize(torch.from_numpy(resize_image(read_image(path), 64, 96))[None])
-        with torch.inference_mode():
-            frame = frame_probabilities(sigmoid_of(predictor.model), x, (32, 32), 0.5)[0].numpy()
         assert np.allclose(prob, resize_probability(frame, *prob.shape), atol=1e-6)
 
 

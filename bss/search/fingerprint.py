@@ -18,7 +18,7 @@ import numpy as np
 
 from bss.data.io import image_size, is_image, read_mask
 
-LONG_SIDE = 160  # the input's longer side when the search space does not set image_size (CPU-sized)
+LONG_SIDE = 160  # a whole frame's longer side on a CPU (bss.search.plan.WHOLE_SIDE)
 SAMPLE = 200  # image headers (and masks) read for each median
 MIN_AREA = 4  # mask components smaller than this (pixels) are rasterisation specks, not defects
 
@@ -97,14 +97,15 @@ class Fingerprint:
     defects: int | None = None  # components the thickness was measured on
     boxes: int | None = None  # boxes the size was measured on
 
-    def describe(self, space_sets_size: bool) -> str:
+    def describe(self, space_sets_size: bool, planned: bool = False) -> str:
+        """One line; with ``planned`` (the plan's lines follow, with its input) no input size."""
         sized = "the search space's" if space_sets_size else f"[{self.input_size[0]}, {self.input_size[1]}] (from the images' shape)"
         line = f"images: median {self.median_shape[1]}x{self.median_shape[0]} (WxH)"
         if self.thickness is not None:
             line += f"; defects: median thickness {self.thickness:g} px ({self.defects} defects in the hand labels)"
         if self.box_size is not None:
             line += f"; boxes: median size {self.box_size:g} px ({self.boxes} boxes)"
-        return line + f"; whole-frame network input {sized}"
+        return line if planned else line + f"; whole-frame network input {sized}"
 
 
 def fingerprint(source: Path, hand_masks: Path | None = None, box_masks: Iterable[Path] = ()) -> Fingerprint:

@@ -44,7 +44,7 @@ from bss.environment import set_threads
 from bss.errors import BSSError, ConfigError
 from bss.search import final_report, stages
 from bss.search.data_stage import measure_boxes, prepare_data
-from bss.search.plan import not_applied
+from bss.search.plan import for_space, not_applied
 from bss.search.promotion import build_promotion_rule
 from bss.search.ray_cluster import HeadWatch, local_resources, node_resources, plan_resources, quiet_environment, start_ray, stop_ray
 from bss.search.record import IterationRecord, LoopRecord
@@ -209,13 +209,14 @@ class Loop:
         if why_not:
             _say(f"  plan: not applied ({why_not}): trials keep the input size they are given")
         elif record.data.plan is not None:
-            for line in record.data.plan.describe():
+            for line in for_space(record.data.plan, space).describe():
                 _say("  " + line)
 
     def describe_rules(self, record: LoopRecord, space, base: dict, rule, stop_rule) -> None:
         boxes = record.boxes_eval
         if record.data and record.data.fingerprint:
-            _say("  " + record.data.fingerprint.describe(space.sets("image_size")))
+            planned = record.data.plan is not None and not not_applied(space, base)  # the plan's lines say the input
+            _say("  " + record.data.fingerprint.describe(space.sets("image_size"), planned))
             self.describe_plan(record, space, base)
         _say(
             f"  the EVAL boxes themselves: IoU {boxes.iou:.3f}  Dice {boxes.dice:.3f}  Recall {boxes.recall:.3f}  Precision {boxes.precision:.3f} "

@@ -1,27 +1,37 @@
 """The loop's plan: at which scale the network sees the frames, and whether it sees them whole or
 in patches (as nnU-Net plans a configuration from the dataset's fingerprint).
 
-Squeezing every frame to a ``LONG_SIDE`` input is right for small frames with large objects (the
-synthetic default), and fatal for real ones: a 704x512 CCTV frame squeezed to 160x128 turns a
-3-px crack into a 0.7-px one, and a 20-px object in a 1280x960 photo into 2.5 px, gone after the
-encoder's first strides. So the plan keeps the whole frame only where the thin defects and small
+Squeezing every frame to one input (the longer side ``WHOLE_SIDE``: 160 on a CPU, 256 on a GPU)
+is right for small frames with large objects (the synthetic default), and fatal for real ones: a
+704x512 CCTV frame squeezed to 160x128 turns a 3-px crack into a 0.7-px one, and a 20-px object
+in a 1280x960 photo into 2.5 px, gone after the encoder's first strides. So the plan keeps the whole frame only where the thin defects and small
 boxes survive its scale; otherwise it picks the smallest scale that keeps them, and where the
 frame at that scale is larger than one network input, the network trains on random patches of it
 and predicts with overlapping sliding windows (``Config.patches``).
 
+A patch plan's frame keeps the median shape's aspect ratio (each side a whole pixel: patches are
+cut from inside it and windows slide over it, so it need not be a multiple of 32); the patch, a
+network input, is a multiple of 32. A whole frame is one network input, its sides multiples of
+32: at ``WHOLE_SIDE`` the nearest (:func:`~bss.search.fingerprint.input_size`, as before); at a
+planned scale (a frame that fits one patch) rounded up, so the planned minimums hold.
+
+The batch size: the config's on a CPU (the time budget limits a trial there); on a GPU, where
+memory limits it, one planned from the network input's area (:func:`plan_batch`).
+
 The plan is made once, by the data stage, and kept in ``state.json`` (a resumed run keeps its
 plan); every trial's config records it, so ``predict.py`` needs no flag. It is not applied where
 the search space fixes or searches ``image_size`` (or the base config or space sets
-``patches.frame_size``): the user planned it.
+``patches.frame_size``): the user planned it. A space that sets ``batch_size`` keeps its batch
+(:func:`for_space`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bss.errors import BSSError
-from bss.search.fingerprint import LONG_SIDE, Fingerprint
+from bss.search.fingerprint import LONG_SIDE, Fingerprint, input_size
 
 # Thinnest defect (median thickness, px) and smallest object (boxes' median size, the square root of the area, px) the
 # network should see: an encoder halves the resolution 5 times; below ~4 px a crack is one
@@ -29,22 +39,36 @@ from bss.search.fingerprint import LONG_SIDE, Fingerprint
 MIN_THICKNESS = 4.0
 MIN_OBJECT = 16.0
 # Patch (and sliding window) side: 128 keeps a CPU trial at today's cost (a 128x160 input); a
-# GPU affords 256, more context per patch for the same number of steps. Multiples of 32.
+# GPU affords 256, more context per patch for the same number of steps. Multiples of 32: the
+# UNet halves the input 5 times (a frame, cut into patches or windows, need not be).
 PATCH_SIDE = {"cpu": 128, "gpu": 256}
+# A whole frame's longer side: today's 160 on a CPU; a GPU's input side, 256 (its patch side; the
+# GPU space used to search 256x192 and 384x288 inputs), so a frame up to 256 px is seen whole.
+WHOLE_SIDE = {"cpu": LONG_SIDE, "gpu": 256}
+UNIT = 32
 SCALE_STEP = 0.1  # a planned scale below 1 is rounded up to a multiple of this (then the minimums hold)
-# The plan leaves batch_size to the config (Plan.batch_size None): one rule less to explain.
-BATCH_REASON = "batch size: the config's (the plan does not change it; a GPU's larger batch is the search space's to try)"
-RESOLUTIONS = ("auto", "whole")  # --resolution: plan from the fingerprint | today's whole frame at LONG_SIDE
+# Batch: on a CPU the time budget, not memory, limits a trial, so the config's (the CPU space
+# fixes it). On a GPU memory does: the batch keeps batch x input pixels near GPU_BATCH_PIXELS
+# (8 inputs of 704x512: a resnet34 UNetAttention step peaks at 2.6 GiB with AMP, 4.7 GiB in fp32
+# in BENCHMARKS.md's H200 table: room for larger encoders and two trials a GPU), a power of two
+# from GPU_BATCH_MIN to GPU_BATCH_MAX (the largest the GPU space used to search; more would
+# leave a small training set few steps per epoch).
+GPU_BATCH_PIXELS = 8 * 512 * 704
+GPU_BATCH_MIN, GPU_BATCH_MAX = 2, 32
+CONFIG_BATCH = "batch size: the config's (on a CPU the time budget, not memory, limits a trial)"
+SPACE_BATCH = "batch size: the search space's (it sets batch_size; the plan's is not used)"
+RESOLUTIONS = ("auto", "whole")  # --resolution: plan from the fingerprint | the whole frame at WHOLE_SIDE
 
 
 @dataclass
 class Plan:
     """How trials see the frames: every frame resized to ``frame_size`` (``scale`` x the median
     shape, 1 = native), the network input ``image_size``: the whole frame, or (``patches``)
-    random patches in training and sliding windows in inference. ``batch_size`` None: the config's."""
+    random patches in training and sliding windows in inference. ``batch_size`` None: the config's
+    (a CPU's), else the GPU's planned batch."""
 
     scale: float
-    frame_size: list  # [height, width], multiples of 32
+    frame_size: list  # [height, width]: a patch plan's keeps the aspect ratio; a whole frame's is image_size
     image_size: list  # [height, width], multiples of 32: the network input (patch / window)
     patches: bool
     batch_size: int | None = None
@@ -90,11 +114,21 @@ def not_applied(space, base: dict) -> str | None:
     return None
 
 
-def whole_frame(fp: Fingerprint, why: str) -> Plan:
-    """Today's plan: the whole frame at ``fp.input_size`` (the longer side LONG_SIDE)."""
-    scale = round(min(1.0, LONG_SIDE / max(fp.median_shape)), 3)
-    reasons = [why, "whole frames: each frame is one network input (no patches)", BATCH_REASON]
-    return Plan(scale, list(fp.input_size), list(fp.input_size), False, None, reasons)
+def for_space(plan: Plan, space) -> Plan:
+    """``plan`` as the trials get it under ``space``: where the space fixes or searches
+    ``batch_size``, the batch is the space's (its reason line says so)."""
+    if plan.batch_size is None or space is None or not space.sets("batch_size"):
+        return plan
+    return replace(plan, batch_size=None, reasons=[SPACE_BATCH if r.startswith("batch size") else r for r in plan.reasons])
+
+
+def whole_frame(fp: Fingerprint, why: str, long_side: int = LONG_SIDE) -> Plan:
+    """The whole frame, its longer side ``long_side`` (at LONG_SIDE: ``fp.input_size``, today's
+    plan), the aspect ratio kept, multiples of 32; no batch (the config's; :func:`make_plan`
+    plans it)."""
+    scale = round(min(1.0, long_side / max(fp.median_shape)), 3)
+    size = list(fp.input_size) if long_side == LONG_SIDE else input_size(tuple(fp.median_shape), long_side)
+    return Plan(scale, size, list(size), False, None, [why, "whole frames: each frame is one network input (no patches)"])
 
 
 def shortfalls(fp: Fingerprint, scale: float) -> list[tuple[str, float]]:
@@ -112,22 +146,58 @@ def planned_scale(needed: float) -> float:
 
 
 def scaled_frame(shape: list, scale: float) -> list[int]:
-    """The median shape at ``scale``, each side rounded to a multiple of 32 (at least 32)."""
-    return [max(32, int(round(side * scale / 32)) * 32) for side in shape]
+    """The median shape at ``scale``, each side rounded to a whole pixel, so the aspect ratio is
+    kept (sliding windows cover a frame of any size); at least UNIT, the smallest patch a frame
+    must hold (a training patch is cut from inside the frame, never padded)."""
+    return [max(UNIT, math.floor(side * scale + 0.5)) for side in shape]
+
+
+def network_input(frame: list) -> list[int]:
+    """A whole frame as one network input: each side rounded UP to a multiple of UNIT, so the
+    planned scale's minimums still hold (at most UNIT - 1 px stretched)."""
+    return [UNIT * math.ceil(side / UNIT) for side in frame]
+
+
+def patch_size(frame: list, side: int) -> list[int]:
+    """The patch (and window) cut from ``frame``: ``side`` on each axis, or less where the frame
+    is smaller, rounded DOWN to a multiple of UNIT so the patch lies inside the frame."""
+    return [min(side, UNIT * (length // UNIT)) for length in frame]
+
+
+def plan_batch(plan: Plan, device_kind: str) -> Plan:
+    """``plan`` with its batch size and that reason line: the config's on a CPU; on a GPU from
+    the network input's area (see GPU_BATCH_PIXELS)."""
+    if device_kind != "gpu":
+        return replace(plan, batch_size=None, reasons=[*plan.reasons, CONFIG_BATCH])
+    h, w = plan.image_size
+    fits = GPU_BATCH_PIXELS // (h * w)
+    batch = min(GPU_BATCH_MAX, max(GPU_BATCH_MIN, 1 << (max(1, fits).bit_length() - 1)))  # the largest power of two <= fits, bounded
+    why = (
+        f"batch size {batch}: on a GPU, batch x input pixels near 8 x 704x512 ({fits} inputs of {w}x{h}), "
+        f"a power of two from {GPU_BATCH_MIN} to {GPU_BATCH_MAX} (batch_size in the search space overrides)"
+    )
+    return replace(plan, batch_size=batch, reasons=[*plan.reasons, why])
 
 
 def make_plan(fp: Fingerprint, device_kind: str = "cpu", resolution: str = "auto", patch_side: int | None = None) -> Plan:
     """The plan for a dataset of fingerprint ``fp`` on ``device_kind`` (cpu | gpu); see the module."""
     check_resolution(resolution, patch_side)
+    return plan_batch(plan_input(fp, device_kind, resolution, patch_side), device_kind)
+
+
+def plan_input(fp: Fingerprint, device_kind: str, resolution: str, patch_side: int | None) -> Plan:
+    """The plan's scale, frame and network input (its batch left to :func:`plan_batch`)."""
     h, w = fp.median_shape
-    whole = min(1.0, LONG_SIDE / max(h, w))
+    side = WHOLE_SIDE.get(device_kind, LONG_SIDE)
+    on = f"{side} px ({device_kind.upper()})"
+    whole = min(1.0, side / max(h, w))
     if resolution == "whole":
-        return whole_frame(fp, f"scale {whole:.3g}: --resolution whole, the longer side squeezed to {LONG_SIDE} px whatever the defects")
+        return whole_frame(fp, f"scale {whole:.3g}: --resolution whole, the longer side squeezed to {on} whatever the defects", side)
     if whole >= 1.0:
-        return whole_frame(fp, f"scale 1: the {w}x{h} frames are no larger than the {LONG_SIDE}-px input, so the whole frame loses nothing")
+        return whole_frame(fp, f"scale 1: the {w}x{h} frames are no larger than the whole-frame input, {on}, so the whole frame loses nothing", side)
     lost = shortfalls(fp, whole)
     if not lost:
-        return whole_frame(fp, f"scale {whole:.3g}: the longer side squeezed to {LONG_SIDE} px keeps {kept(fp, whole)}")
+        return whole_frame(fp, f"scale {whole:.3g}: the longer side squeezed to {on} keeps {kept(fp, whole)}", side)
     scale = planned_scale(max(need for _, need in lost))
     why = f"scale {scale:g}" + (" (native)" if scale == 1 else "") + f": at the whole frame's scale {whole:.3g}, " + "; ".join(what for what, _ in lost)
     why += f"; at {scale:g} it keeps {kept(fp, scale)}" if scale < 1 else "; native scale keeps every pixel there is (never upsampled)"
@@ -146,14 +216,15 @@ def patch_plan(fp: Fingerprint, scale: float, why: str, device_kind: str, patch_
     frame = scaled_frame(fp.median_shape, scale)
     side = patch_side or PATCH_SIDE.get(device_kind, PATCH_SIDE["cpu"])
     source = f"--patch-size {side}" if patch_side else f"{side} px by default on {device_kind.upper()} (--patch-size overrides)"
-    if frame[0] <= side and frame[1] <= side:
-        whole = f"whole frames: the {frame[1]}x{frame[0]} frame at this scale fits one {side}-px input ({source}): no patches"
-        return Plan(scale, frame, list(frame), False, None, [why, whole, BATCH_REASON])
-    patch = [min(side, frame[0]), min(side, frame[1])]
+    whole = network_input(frame)
+    if whole[0] <= side and whole[1] <= side:
+        fits = f"whole frames: the {frame[1]}x{frame[0]} frame at this scale fits one {side}-px input ({source}): no patches"
+        fits += f", the input {whole[1]}x{whole[0]} (rounded up to multiples of {UNIT})" if whole != frame else ""
+        return Plan(scale, whole, whole, False, None, [why, fits])
+    patch = patch_size(frame, side)
     reasons = [
         why,
-        f"patches: the {frame[1]}x{frame[0]} frame at this scale is larger than one {side}-px input; training cuts random patches, inference slides overlapping windows",
-        f"patch {patch[1]}x{patch[0]}: {source}, capped by the frame; multiples of 32",
-        BATCH_REASON,
+        f"patches: the {frame[1]}x{frame[0]} frame at this scale (aspect kept) is larger than one {side}-px input; training cuts random patches, inference slides overlapping windows",
+        f"patch {patch[1]}x{patch[0]}: {source}, capped by the frame; multiples of {UNIT}",
     ]
     return Plan(scale, frame, patch, True, None, reasons)

@@ -24,7 +24,7 @@ import yaml
 from bss.data.io import file_sha256
 from bss.errors import BSSError
 from bss.search.data_stage import count_images
-from bss.search.plan import Plan, not_applied, whole_frame
+from bss.search.plan import Plan, for_space, not_applied, whole_frame
 from bss.search.promotion import PromotionRule, promote
 from bss.search.ray_cluster import Resources
 from bss.search.record import BestRecord, HybridRecord, IterationRecord, LoopRecord, SearchRecord, TeacherRecord, TrialRecord
@@ -65,11 +65,12 @@ class LoopContext:
     def plan(self) -> Plan | None:
         """The plan every searched trial starts from (:mod:`bss.search.plan`): the data stage's;
         for a run from before the plan, the whole frame at the fingerprint's input size (as it
-        ran). None: the search space or the base config sizes the input itself, or no fingerprint."""
+        ran); its batch the search space's where the space sets one. None: the search space or the
+        base config sizes the input itself, or no fingerprint."""
         data = self.record.data
         if data is None or data.fingerprint is None or not_applied(self.space, self.base):
             return None
-        return data.plan or whole_frame(data.fingerprint, "a run from before the plan: the fingerprint's input size")
+        return for_space(data.plan, self.space) if data.plan else whole_frame(data.fingerprint, "a run from before the plan: the fingerprint's input size")
 
     @property
     def nothing_to_refine(self) -> bool:

@@ -234,8 +234,9 @@ class Trainer:
 
     def frame_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities (B, H, W) on the device of normalised frames on the device, as the
-        Predictor makes them: the whole frame, or sliding windows of ``image_size`` for a patch plan."""
-        return model_probabilities(self.model, self.runtime, images, self.config.window, self.config.patches.overlap)
+        Predictor makes them: the whole frame, or sliding windows of ``image_size`` for a patch plan
+        (``batch_size`` windows at a time)."""
+        return model_probabilities(self.model, self.runtime, images, self.config.window, self.config.patches.overlap, window_batch=self.config.batch_size)
 
     @torch.inference_mode()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
