@@ -17,7 +17,8 @@ receives::
                               components, box_x, box_y, box_w, box_h (the largest component)
     timeline.png              the defect fraction along each recording, the stretches at or above
                               ``alert`` shaded: where a reviewer should look
-    video.json                the settings a rerun must match to continue, the finished videos
+    video.json                the settings a rerun must match to continue; the finished videos
+                              and their row counts (one with fewer rows in timeline.csv is continued)
 
 ``timeline.csv`` is flushed after every batch and the overlay writer is closed on an interruption
 (Ctrl-C, SIGTERM), so what is done stays readable; the same call again continues after the last
@@ -396,13 +397,13 @@ def _clear(out: Path) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def _write_state(out: Path, settings: Settings, finished: list[str], extra: dict) -> None:
+def _write_state(out: Path, settings: Settings, finished: dict[str, int], extra: dict) -> None:
     tmp = out / f".{SETTINGS}.tmp"
     tmp.write_text(json.dumps({**asdict(settings), "finished": finished, **extra}, indent=1) + "\n")
     os.replace(tmp, out / SETTINGS)
 
 
-def _prepare_out(out: Path, video: Path, settings: Settings, overwrite: bool) -> tuple[list[FrameRecord], list[str]] | None:
+def _prepare_out(out: Path, video: Path, settings: Settings, overwrite: bool) -> tuple[list[FrameRecord], dict[str, int]] | None:
     """The records and finished videos of an earlier run of the same settings to continue, or None
     (a fresh start: ``out`` checked as ``predict.py`` checks it, an earlier prediction cleared with
     ``overwrite``). An earlier run with other settings is refused unless ``overwrite``."""
@@ -421,7 +422,9 @@ def _prepare_out(out: Path, video: Path, settings: Settings, overwrite: bool) ->
                     f"--out {out} holds a video prediction with other settings ({key}: {previous.get(key)!r} there, {mine[key]!r} now), so it cannot be continued; pass --overwrite to replace it, or choose another folder."
                 )
             records = read_timeline(out / TIMELINE) if (out / TIMELINE).is_file() else []
-            return records, list(previous.get("finished", []))
+            finished = previous.get("finished") if isinstance(previous.get("finished"), dict) else {}
+            counts = {name: sum(r.video == Path(name).stem for r in records) for name in finished}
+            return records, {name: rows for name, rows in finished.items() if counts[name] == rows}  # fewer rows: continued
     check_out(out, video, overwrite, _not_video_output, what="video")
     if overwrite and out.is_dir():
         _clear(out)
@@ -567,7 +570,7 @@ def predict_videos(
         raise BSSError(f"--threshold must be between 0 and 1, got {threshold}.")
     settings = Settings(str(Path(checkpoint).resolve()), threshold, None if fps else int(every or 1), fps, bool(masks), bool(tta), [p.name for p in paths])
     earlier = _prepare_out(out, Path(video), settings, overwrite)
-    done, finished = earlier if earlier is not None else ([], [])
+    done, finished = earlier if earlier is not None else ([], {})
     (out / "masks" if masks else out).mkdir(parents=True, exist_ok=True)
     extra = {"inference": predictor.describe()}
     _write_state(out, settings, finished, extra)
@@ -579,7 +582,7 @@ def predict_videos(
                 continue
             before = [r for run in runs for r in run.records]
             runs.append(predict_video(job, path, [r for r in done if r.video == path.stem], before))
-            finished.append(path.name)
+            finished[path.name] = len(runs[-1].records)
             _write_state(out, settings, finished, extra)
     except KeyboardInterrupt:
         say(f"interrupted: {out / TIMELINE} holds the frames done so far; the same command continues from there.")
