@@ -228,7 +228,7 @@ def test_out_is_refused_replaced_or_continued_as_for_images(checkpoint, clip, tm
     assert result.predicted == 12 and [int(r["frame"]) for r in timeline(out)] == list(range(0, 23, 2))
 
 
-def test_a_folder_of_videos(checkpoint, clip, tmp_path):
+def test_a_folder_of_videos(checkpoint, clip, tmp_path, capsys):
     folder = tmp_path / "survey"
     folder.mkdir()
     shutil.copy(clip, folder / "b.avi")
@@ -240,6 +240,21 @@ def test_a_folder_of_videos(checkpoint, clip, tmp_path):
     assert [(r["video"], int(r["frame"])) for r in timeline(out)] == [("a", i) for i in (0, 3, 6)] + [("b", i) for i in range(0, 23, 3)]
     assert sorted(p.name.split(".")[0] for p in out.iterdir()) == ["a_overlay", "b_overlay", "timeline", "timeline", "video"]
     assert [overlay_shape(r.overlay)[0] for r in result.runs] == [3, 8]
+    said = capsys.readouterr().out.splitlines()
+    assert len([line for line in said if line.startswith("overlay videos: ")]) == 1  # the codec, said once
+    assert [line.split(":")[0] for line in said[-2:]] == ["a.avi", "b.avi"]  # one summary line per video
+
+
+def test_the_driver(checkpoint, clip, tmp_path):
+    out = tmp_path / "out"
+    done = run_driver("predict.py", "--model", checkpoint, "--video", clip, "--out", out, "--every", "5", "--masks", "--alert", "0.5", "--quiet")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("overlay videos: ") and lines[-1].startswith(f"5 frames of 1 video(s) -> {out}")
+    assert lines[1].startswith("pipe.avi: 5 frames (every 5), ") and "at or above 50%" in lines[1]
+    assert [int(r["frame"]) for r in timeline(out)] == [0, 5, 10, 15, 20] and len(list((out / "masks").iterdir())) == 5
+    wrong = run_driver("predict.py", "--model", checkpoint, "--images", tmp_path, "--out", tmp_path / "x", "--every", "5")
+    assert wrong.returncode == 2 and "--every, --fps and --masks are for --video" in wrong.stderr
 
 
 def test_a_patch_plan_is_honoured_as_for_images(checkpoint):
