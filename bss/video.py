@@ -394,7 +394,10 @@ def _clear(out: Path) -> None:
     import shutil
 
     for entry in out.iterdir():
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _write_state(out: Path, settings: Settings, finished: dict[str, int], extra: dict) -> None:
