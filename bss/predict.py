@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -60,15 +61,18 @@ def list_images(folder: str | Path) -> list[Path]:
     return list(images.values())
 
 
-def _check_out(out: Path, images_dir: Path, overwrite: bool) -> None:
-    images_dir, resolved = images_dir.resolve(), out.resolve()
-    if resolved == images_dir or resolved in images_dir.parents:
-        raise BSSError(f"--out {out} holds the images folder {images_dir}; choose an output folder outside it.")
+def check_out(out: Path, source: Path, overwrite: bool, foreign_entry: Callable[[Path], str | None] | None = None, what: str = "images folder") -> None:
+    """Refuse an output folder that would hold the input (``source``, a folder or a file), that is
+    a file, or that is not empty without ``overwrite``; with ``overwrite``, refuse one that holds
+    anything ``foreign_entry(out)`` names (default: not a previous ``predict_folder`` output)."""
+    source, resolved = source.resolve(), out.resolve()
+    if resolved == source or resolved in source.parents:
+        raise BSSError(f"--out {out} holds the {what} {source}; choose an output folder outside it.")
     check_folder_path(out, "--out")  # --out a file, or below one
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise BSSError(f"--out {out} is not empty; pass --overwrite to replace a previous prediction there, or choose another folder.")
-        foreign = _not_written_by_predict(out)
+        foreign = (foreign_entry or _not_written_by_predict)(out)
         if foreign:
             raise BSSError(
                 f"--out {out} holds {foreign}, which predict did not write; --overwrite only replaces a previous prediction (listed in its predictions.json), nothing else. Choose another folder."
@@ -110,7 +114,7 @@ def predict_folder(
     start = time.perf_counter()
     images_dir, out = Path(images), Path(out)
     paths = list_images(images_dir)
-    _check_out(out, images_dir, overwrite)
+    check_out(out, images_dir, overwrite)
     predictor = Predictor.from_checkpoint(checkpoint, device=device, tta=tta)
     threshold = predictor.config.threshold if threshold is None else float(threshold)
     if not 0.0 < threshold < 1.0:
@@ -157,4 +161,4 @@ def _write(
     return PredictResult(out=out, count=len(rows), seconds=time.perf_counter() - start, summary=summary)
 
 
-__all__ = ["PredictResult", "list_images", "predict_folder"]
+__all__ = ["PredictResult", "check_out", "list_images", "predict_folder"]
