@@ -19,7 +19,7 @@ from bss.config import METRICS
 from bss.search.promotion import PROMOTION_RULES
 from bss.search.searchers import SPACE_SEARCHERS
 from bss.search.settings import help_text, parse_duration
-from bss.search.stop import STOP_RULES
+from bss.search.stop import STOP_RULES, TIES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--stop", choices=tuple(STOP_RULES), help=help_text("stop"))
     g.add_argument("--tolerance", type=float, help=help_text("tolerance"))
     g.add_argument("--patience", type=int, help=help_text("patience"))
+    g.add_argument("--ties", choices=TIES, help=help_text("ties"))
     g.add_argument("--retrain-best", action="store_const", const=True, help=help_text("retrain_best"))
     g.add_argument("--seed", type=int, help=help_text("seed"))
     g = p.add_argument_group("output")

@@ -150,6 +150,33 @@ def test_stop_rule_judges_a_teacher_by_its_label_iou_not_its_image_only_iou():
     assert last.new_best and not last.stop and not last.make_hybrid and last.verdict == "baseline"
 
 
+def test_stop_rule_a_tie_goes_to_the_model_trained_on_better_labels():
+    """Within the tolerance and without a Recall gain, a later iteration trained on a later H<n>
+    (labels judged better on EVAL) is the new best (ties="labels", the default); with
+    ties="earlier" the earlier model stays. A drop beyond the tolerance stops either way."""
+    rule = GuardedStop(tolerance=0.02, patience=1)
+    assert rule.ties == "labels"
+    base = Outcome(0, {"eval_iou": 0.80, "eval_recall": 0.90}, 0.9, True, 0, "toy_BASELINE")
+    student = Outcome(1, {"eval_iou": 0.785, "eval_recall": 0.88}, 0.9, False, 1, "toy_H1")
+    tie = decide(rule, base, student)
+    assert (tie.new_best, tie.stop, tie.reason, tie.make_hybrid) == (True, False, "better_labels", True)
+    assert tie.verdict == "kept: a tie on EVAL (recall -0.020, IoU -0.015, within 0.02) goes to the model trained on better labels (toy_H1 over toy_BASELINE)"
+    earlier = decide(GuardedStop(tolerance=0.02, patience=1, ties="earlier"), base, student)
+    assert (earlier.new_best, earlier.stop, earlier.reason) == (False, True, "patience")
+    dropped = decide(rule, base, Outcome(1, {"eval_iou": 0.775, "eval_recall": 0.99 - 0.2}, 0.9, False, 1, "toy_H1"))
+    assert dropped.stop and dropped.reason == "iou_drop" and not dropped.new_best  # 0.025 below: the guard holds
+    # the same labels as the best (trained again on H1 after a tie) are no better: no gain
+    h1_best = Outcome(1, {"eval_iou": 0.785, "eval_recall": 0.88}, 0.9, True, 1, "toy_H1")
+    again = decide(rule, base, h1_best, Outcome(2, {"eval_iou": 0.79, "eval_recall": 0.87}, 0.9, False, 1, "toy_H1"))
+    assert (again.new_best, again.reason) == (False, "patience")
+    # a new H<n> is better labels again; the bound stays the best IoU ever kept (0.80)
+    h2 = decide(rule, base, h1_best, Outcome(2, {"eval_iou": 0.781, "eval_recall": 0.86}, 0.9, False, 2, "toy_H2"))
+    assert (h2.new_best, h2.reason) == (True, "better_labels")
+    assert decide(rule, base, h1_best, Outcome(2, {"eval_iou": 0.779, "eval_recall": 0.99}, 0.9, False, 2, "toy_H2")).reason == "iou_drop"
+    with pytest.raises(BSSError, match="--ties must be one of labels, earlier"):
+        build_stop_rule("guarded", ties="coin")
+
+
 def test_stop_rule_stops_when_the_budget_is_spent():
     rule = GuardedStop(min_search_seconds=60.0)
     base = outcome(0, 0.80, 0.85, new_best=True)
@@ -297,7 +324,7 @@ def test_no_gain_within_tolerance_trains_again_on_the_same_hybrid(setup_loop):
     PLAN.clear()
     TEACHER.clear()
     PLAN.update({0: [(0.80, 0.9, 0.85)], 1: [(0.79, 0.9, 0.84)], 2: [(0.85, 0.9, 0.85)]})
-    result = run_loop(options(patience=2, tolerance=0.05))
+    result = run_loop(options(patience=2, tolerance=0.05, ties="earlier"))
     assert [c["train_dataset"] for c in calls] == ["toy_BASELINE", "toy_H1", "toy_H1"]  # no H2 from the same model
     assert not (root / "toy_H2").exists()
     verdicts = [r["decision"] for r in result.rows]
@@ -310,8 +337,25 @@ def test_patience_stops(setup_loop):
     PLAN.clear()
     TEACHER.clear()
     PLAN.update({0: [(0.80, 0.9, 0.85)], 1: [(0.80, 0.9, 0.85)], 2: [(0.99, 0.9, 0.9)]})
-    result = run_loop(options(patience=1))
+    result = run_loop(options(patience=1, ties="earlier"))
     assert result.stopped.startswith("stop: no gain for 1 iteration") and len(calls) == 2
+
+
+def test_a_tie_keeps_the_student_and_its_labels_teach_h2(setup_loop):
+    """The default ties="labels", end to end: iteration 1 (on H1) ties iteration 0 on EVAL (IoU
+    -0.01, recall -0.01) and becomes the best; its teacher beats H1's labels, so it makes H2; the
+    final model is iteration 2's (a clear gain), and the record says why iteration 1 was kept."""
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    TEACHER.clear()
+    PLAN.update({0: [(0.80, 0.9, 0.85)], 1: [(0.79, 0.9, 0.84)], 2: [(0.85, 0.9, 0.88)]})
+    TEACHER.update({0: 0.85, 1: 0.87})
+    result = run_loop(options(patience=1))
+    assert [c["train_dataset"] for c in calls] == ["toy_BASELINE", "toy_H1", "toy_H2"]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    kept = state["iterations"][1]["decision"]
+    assert kept["new_best"] and kept["reason"] == "better_labels" and "toy_H1 over toy_BASELINE" in kept["verdict"]
+    assert result.final_iteration == 2 and (root / "toy_H2" / "manifest.json").is_file()
 
 
 def test_tight_boxes_a_model_below_them_image_only_still_teaches_h1(setup_loop):

@@ -264,7 +264,9 @@ class Loop:
         probe(s.tracking_uri or base["tracking"]["uri"])  # a tracking server that does not answer: said now, before any data, Ray or run folder
         resources = plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None)
         rule = build_promotion_rule(s.promotion, metric=s.metric, margin=s.margin, floor_metric=s.floor_metric, floor=s.floor)
-        stop_rule = build_stop_rule(s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience), min_search_seconds=MIN_SEARCH_SECONDS)
+        stop_rule = build_stop_rule(
+            s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience), min_search_seconds=MIN_SEARCH_SECONDS, ties=s.ties
+        )
         if stored is not None and stored.record.finished:
             _say(f"{self.run_dir}: this loop finished earlier; its report is {(stored.record.report or {}).get('md')}.")
             rows = final_report.table_rows(stored.record)

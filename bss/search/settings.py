@@ -42,6 +42,10 @@ class LoopSettings:
     stop: str = _setting("guarded", "stop rule")
     tolerance: float = _setting(0.02, "stop when the EVAL IoU falls more than this below the best so far")
     patience: int = _setting(1, "stop after this many iterations in a row without a new best")
+    ties: str = _setting(
+        "labels",
+        "a later iteration whose EVAL IoU is within --tolerance of the best but not above it: labels: a new best when it trained on better labels (a later H<n>); earlier: the earlier model stays",
+    )
     retrain_best: bool = _setting(False, "iterations >= 1 retrain the best config so far with --trials seeds instead of searching")
     seed: int = _setting(0, "seed of the data, the splits, the searcher and the trials")
     algorithm: str | None = _setting(None, "searcher (default: the space's searcher.algorithm)")
@@ -86,6 +90,7 @@ class LoopSettings:
         an error."""
         given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items() if k in cls.names()}
         if stored is not None:
+            stored = {"ties": "earlier", **stored}  # a run started before --ties existed keeps the rule of its time
             for key in cls.names(result_only=True):
                 value, before = given.get(key), stored.get(key)
                 if (

@@ -333,14 +333,18 @@ def labels_to_beat(ctx: LoopContext, k: int) -> tuple[float, str]:
 
 def history(ctx: LoopContext, k: int) -> History:
     """Iterations 0..k as the stop rule sees them."""
+    iterations = ctx.record.iterations[: k + 1]
+    made = [x.hybrid.name for x in iterations if x.hybrid is not None]  # in the order this run made them
     outcomes = tuple(
         Outcome(
             j,
             x.promoted.metrics if x.promoted else None,
             x.teacher.label_iou_pixels if x.teacher else None,
             bool(x.decision and x.decision.new_best),
+            made.index(x.train_dataset) + 1 if x.train_dataset in made else 0,
+            x.train_dataset,
         )
-        for j, x in enumerate(ctx.record.iterations[: k + 1])
+        for j, x in enumerate(iterations)
     )
     value, name = labels_to_beat(ctx, k)
     return History(outcomes, value, name, ctx.iterations_left(k), ctx.time_left())

@@ -17,7 +17,17 @@ more than ``tolerance``, whatever its Recall did:
 * EVAL IoU more than ``tolerance`` below the best IoU of any kept iteration -> stop (``iou_drop``);
 * higher EVAL ``metric`` (Recall) than the best, or an IoU gain of more than ``tolerance`` ->
   a new best (``improved``);
-* otherwise no gain; after ``patience`` such iterations in a row -> stop (``patience``).
+* otherwise a tie (EVAL IoU within ``tolerance`` of the best). With ``ties="labels"`` (the
+  default) a tie goes to the model trained on the better labels: an iteration whose training
+  set is a later H<n> than the best's (every H<n> is made only when its teacher's EVAL label IoU
+  beat the labels before it, and H1 adds the box-only images to BASELINE) is a new best
+  (``better_labels``). Measured why (issue 18, ``bench/student_recipe.py``): with the few EVAL
+  images of a real split (6-7 of 30-36 hand labels), EVAL cannot rank models that close: three
+  teacher seeds on ``obstacle`` ranked 0.833 > 0.824 > 0.803 on EVAL and 0.772 < 0.752 > 0.820
+  ... on 60 held-out images, while every student trained on H1 beat the teacher on those 60
+  (7 of 7 runs: 0.797-0.849 against 0.772; ``neu_patches`` 3 of 3, ``neu_scratches`` 3 of 3).
+  ``ties="earlier"``: the earlier model stays (``no_gain``);
+* after ``patience`` iterations in a row without a new best -> stop (``patience``).
 
 The **teacher** (a new best, when iterations are left): it refines the next H<n> only when its
 EVAL *label* IoU (the EVAL boxes refined by it, exactly as H<n> will be) beats that of the
@@ -35,7 +45,7 @@ from dataclasses import dataclass, replace
 
 from bss.errors import ConfigError
 
-REASONS = ("baseline", "improved", "no_gain", "no_model", "iou_drop", "patience", "labels_not_better", "budget")
+REASONS = ("baseline", "improved", "better_labels", "no_gain", "no_model", "iou_drop", "patience", "labels_not_better", "budget")
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,8 @@ class Outcome:
     metrics: dict | None  # the promoted model's EVAL figures {"eval_iou": ..., "eval_recall": ...}; None: no model
     label_iou: float | None = None  # its EVAL label IoU as a teacher (None: not measured)
     new_best: bool = False  # as decided earlier (ignored for the last entry)
+    labels_rank: int = 0  # how far its training labels came: 0 BASELINE, n the run's n-th H<n> (each made only when better)
+    trained_on: str = ""  # its training set's name, for the verdict
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,7 @@ class GuardedStop(StopRule):
     tolerance: float = 0.02
     patience: int = 1
     min_search_seconds: float = 60.0
+    ties: str = "labels"  # labels: a tie goes to the model trained on better labels; earlier: to the earlier model
     name = "guarded"
 
     def __post_init__(self):
@@ -108,6 +121,8 @@ class GuardedStop(StopRule):
             raise ConfigError(f"--tolerance must be 0 or more, got {self.tolerance}.")
         if self.patience < 1:
             raise ConfigError(f"--patience must be at least 1, got {self.patience}.")
+        if self.ties not in TIES:
+            raise ConfigError(f"--ties must be one of {', '.join(TIES)}, got {self.ties!r}.")
 
     def decide(self, history: History) -> Decision:
         decision = self.judge_model(history.outcomes)
@@ -140,6 +155,16 @@ class GuardedStop(StopRule):
             return Decision(
                 f"improved ({self.metric} {value - best_value:+.3f}, IoU {iou - float(best['eval_iou']):+.3f})", False, True, value, reason="improved"
             )
+        best_kept = kept[-1]
+        if self.ties == "labels" and current.labels_rank > best_kept.labels_rank:
+            return Decision(
+                f"kept: a tie on EVAL ({self.metric} {value - best_value:+.3f}, IoU {iou - float(best['eval_iou']):+.3f}, within {self.tolerance:g}) "
+                f"goes to the model trained on better labels ({labels_text(current)} over {labels_text(best_kept)})",
+                False,
+                True,
+                value,
+                reason="better_labels",
+            )
         no_gain = 1
         for o in reversed(earlier):
             if o.new_best:
@@ -163,9 +188,20 @@ class GuardedStop(StopRule):
     def describe(self) -> str:
         return (
             f"a new best needs a higher EVAL {self.metric} (or EVAL IoU +{self.tolerance:g}) without EVAL IoU falling more than "
-            f"{self.tolerance:g}; an IoU drop beyond that stops, and so do {self.patience} iteration(s) without gain; "
+            f"{self.tolerance:g}"
+            + ("; within that, a tie goes to the model trained on better labels" if self.ties == "labels" else "")
+            + f"; an IoU drop beyond that stops, and so do {self.patience} iteration(s) without gain; "
             "a new best refines the next H<n> only if its EVAL label IoU beats the current labels'"
         )
+
+
+TIES = ("labels", "earlier")
+
+
+def labels_text(outcome: Outcome) -> str:
+    if outcome.trained_on:
+        return outcome.trained_on
+    return "BASELINE" if outcome.labels_rank == 0 else f"the run's hybrid number {outcome.labels_rank}"
 
 
 STOP_RULES = {rule.name: rule for rule in (GuardedStop,)}
