@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--stop", choices=tuple(STOP_RULES), help=help_text("stop"))
     g.add_argument("--tolerance", type=float, help=help_text("tolerance"))
     g.add_argument("--patience", type=int, help=help_text("patience"))
+    g.add_argument("--noise-z", type=float, help=help_text("noise_z"))
     g.add_argument("--ties", choices=TIES, help=help_text("ties"))
     g.add_argument("--retrain-best", action="store_const", const=True, help=help_text("retrain_best"))
     g.add_argument("--seed", type=int, help=help_text("seed"))

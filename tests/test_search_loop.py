@@ -177,6 +177,35 @@ def test_stop_rule_a_tie_goes_to_the_model_trained_on_better_labels():
         build_stop_rule("guarded", ties="coin")
 
 
+def test_stop_rule_tolerance_widens_with_evals_noise():
+    """The per-image EVAL IoUs measured in issue 18 (6 EVAL images, teacher and an H1 student of
+    bench/student_recipe.py): pooled IoU -0.039, paired SE 0.0416 -> tolerance 0.083, a tie the
+    student wins. The same drop with consistent per-image differences is a real drop."""
+    from bss.search.stop import paired_se
+
+    teacher = (0.805, 0.931, 0.697, 0.855, 0.835, 0.889)
+    student = (0.625, 0.942, 0.735, 0.888, 0.676, 0.913)
+    assert paired_se(student, teacher) == pytest.approx(0.0416, abs=5e-5)
+    assert paired_se(student, None) is None and paired_se(student[:3], teacher) is None and paired_se((0.5,), (0.4,)) is None
+    base = Outcome(0, {"eval_iou": 0.833, "eval_recall": 0.90}, 0.9, True, 0, "obstacle_BASELINE", teacher)
+    noisy = Outcome(1, {"eval_iou": 0.794, "eval_recall": 0.89}, 0.9, False, 1, "obstacle_H1", student)
+    kept = decide(GuardedStop(tolerance=0.02), base, noisy)
+    assert (kept.new_best, kept.reason) == (True, "better_labels")
+    assert "within 0.083: 2 x the paired SE 0.042 of 6 EVAL images" in kept.verdict
+    steady = tuple(t - 0.039 + 0.001 * (i % 2) for i, t in enumerate(teacher))  # the same mean drop, SE 0.0002
+    dropped = decide(GuardedStop(tolerance=0.02), base, Outcome(1, noisy.metrics, 0.9, False, 1, "obstacle_H1", steady))
+    assert dropped.reason == "iou_drop" and dropped.verdict == "stop: EVAL IoU -0.039 below the best (tolerance 0.02)"
+    off = decide(GuardedStop(tolerance=0.02, noise_z=0), base, noisy)
+    assert off.reason == "iou_drop"  # noise_z 0: the fixed tolerance alone
+    unmeasured = decide(GuardedStop(tolerance=0.02), base, Outcome(1, noisy.metrics, 0.9, False, 1, "obstacle_H1"))
+    assert unmeasured.reason == "iou_drop"
+    # the wider tolerance also asks more of an IoU gain: +0.05 is within the noise, and BASELINE labels are no better
+    gain = decide(GuardedStop(tolerance=0.02, ties="earlier"), base, Outcome(1, {"eval_iou": 0.883, "eval_recall": 0.90}, 0.9, False, 0, "x", student))
+    assert gain.reason == "patience"
+    with pytest.raises(BSSError, match="--noise-z must be 0 or more"):
+        build_stop_rule("guarded", noise_z=-1)
+
+
 def test_stop_rule_stops_when_the_budget_is_spent():
     rule = GuardedStop(min_search_seconds=60.0)
     base = outcome(0, 0.80, 0.85, new_best=True)

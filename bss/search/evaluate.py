@@ -16,10 +16,27 @@ import torch
 
 
 def evaluate_checkpoint(checkpoint: str | Path, dataset: str, data_root: str | Path, batch_size: int = 8, device: str = "cpu") -> dict[str, float]:
+    """IoU, Dice, Recall, Precision over all pixels of ``dataset``'s images (see the module)."""
+    from bss.metrics import summarize
+
+    return summarize(image_counts(checkpoint, dataset, data_root, batch_size, device))
+
+
+def image_iou(checkpoint: str | Path, dataset: str, data_root: str | Path, batch_size: int = 8, device: str = "cpu") -> list[float]:
+    """The IoU of each image of ``dataset`` (in its samples' order) at the image's own size; an
+    image whose truth and prediction are both empty scores 1."""
+    out = []
+    for tp, fp, fn, _ in image_counts(checkpoint, dataset, data_root, batch_size, device):
+        union = tp + fp + fn
+        out.append(tp / union if union else 1.0)
+    return out
+
+
+def image_counts(checkpoint: str | Path, dataset: str, data_root: str | Path, batch_size: int = 8, device: str = "cpu") -> list[list[int]]:
+    """``[TP, FP, FN, TN]`` of each image of ``dataset``, in its samples' order, as ``predict.py`` masks it."""
     from bss.data.layout import list_samples, resolve_dataset
     from bss.errors import DatasetError
     from bss.inference import ImageFolderDataset, Predictor, native_counts
-    from bss.metrics import summarize
 
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
     samples = list_samples(resolve_dataset(dataset, data_root))
@@ -32,8 +49,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str, data_root: str | P
             raise DatasetError(
                 f"{sample.mask}: mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}."
             )
-        counts.append(native_counts(prob, truth, predictor.config.threshold))
-    return summarize(counts)
+        counts.append([int(v) for v in native_counts(prob, truth, predictor.config.threshold)])
+    return counts
 
 
 @torch.inference_mode()

@@ -265,7 +265,13 @@ class Loop:
         resources = plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None)
         rule = build_promotion_rule(s.promotion, metric=s.metric, margin=s.margin, floor_metric=s.floor_metric, floor=s.floor)
         stop_rule = build_stop_rule(
-            s.stop, metric=s.metric, tolerance=float(s.tolerance), patience=int(s.patience), min_search_seconds=MIN_SEARCH_SECONDS, ties=s.ties
+            s.stop,
+            metric=s.metric,
+            tolerance=float(s.tolerance),
+            patience=int(s.patience),
+            min_search_seconds=MIN_SEARCH_SECONDS,
+            ties=s.ties,
+            noise_z=float(s.noise_z),
         )
         if stored is not None and stored.record.finished:
             _say(f"{self.run_dir}: this loop finished earlier; its report is {(stored.record.report or {}).get('md')}.")

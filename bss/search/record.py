@@ -178,6 +178,7 @@ class IterationRecord:
     decision: Decision | None = None
     hybrid: HybridRecord | None = None
     test: dict | None = None  # TEST scores of the promoted model (after the last decision)
+    eval_image_iou: list[float] | None = None  # per-image EVAL IoU of the promoted model (the stop rule's noise estimate)
     done: bool = False
 
     @property

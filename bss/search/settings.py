@@ -42,6 +42,10 @@ class LoopSettings:
     stop: str = _setting("guarded", "stop rule")
     tolerance: float = _setting(0.02, "stop when the EVAL IoU falls more than this below the best so far")
     patience: int = _setting(1, "stop after this many iterations in a row without a new best")
+    noise_z: float = _setting(
+        2.0,
+        "the tolerance of comparing two iterations is at least this many standard errors of their paired per-image EVAL IoU difference (few EVAL images: a wider tolerance); 0: --tolerance alone",
+    )
     ties: str = _setting(
         "labels",
         "a later iteration whose EVAL IoU is within --tolerance of the best but not above it: labels: a new best when it trained on better labels (a later H<n>); earlier: the earlier model stays",
@@ -90,7 +94,7 @@ class LoopSettings:
         an error."""
         given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items() if k in cls.names()}
         if stored is not None:
-            stored = {"ties": "earlier", **stored}  # a run started before --ties existed keeps the rule of its time
+            stored = {"ties": "earlier", "noise_z": 0.0, **stored}  # a run started before these options keeps the rule of its time
             for key in cls.names(result_only=True):
                 value, before = given.get(key), stored.get(key)
                 if (

@@ -343,6 +343,7 @@ def history(ctx: LoopContext, k: int) -> History:
             bool(x.decision and x.decision.new_best),
             made.index(x.train_dataset) + 1 if x.train_dataset in made else 0,
             x.train_dataset,
+            tuple(x.eval_image_iou) if x.eval_image_iou is not None else None,
         )
         for j, x in enumerate(iterations)
     )
@@ -350,8 +351,22 @@ def history(ctx: LoopContext, k: int) -> History:
     return History(outcomes, value, name, ctx.iterations_left(k), ctx.time_left())
 
 
+def measure_eval_images(ctx: LoopContext, k: int) -> None:
+    """Per-image EVAL IoU of every promoted model up to iteration k that lacks it (once each,
+    kept in the record): the stop rule's estimate of how far EVAL can tell two models apart."""
+    from bss.search.evaluate import image_iou
+
+    s = ctx.settings
+    if not getattr(ctx.stop_rule, "noise_z", 0):
+        return
+    for x in ctx.record.iterations[: k + 1]:
+        if x.promoted is not None and x.eval_image_iou is None:
+            x.eval_image_iou = [round(v, 6) for v in image_iou(x.promoted.checkpoint, f"{s.dataset}_EVAL", s.data_root, device="cpu")]
+
+
 def decide_stage(ctx: LoopContext, k: int, it: IterationRecord) -> Decision:
     """The stop rule on this run's history (bss.search.stop); the record keeps the best so far."""
+    measure_eval_images(ctx, k)
     decision = ctx.stop_rule.decide(history(ctx, k))
     if decision.new_best:
         ctx.record.best = BestRecord(k, decision.value, it.promoted.checkpoint)
