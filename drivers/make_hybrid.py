@@ -4,12 +4,17 @@ model, plus NAME_BASELINE's exact masks (EVAL and TEST never enter it).
     python drivers/make_hybrid.py --dataset obstacle --model runs/train/best.pt [--number N]
         [--mode inside_box|grabcut|blend] [--threshold 0.5] [--min-fill 0.4] [--fallback box|ellipse]
         [--fill-holes] [--sure 0.9] [--grabcut-iterations 4] [--blend-alpha 0.5] [--soft] [--tta] [--overwrite]
+        [--address HOST:PORT]
 
 N defaults to the next free number. Rule (default, "Simple Does It"-style): predicted foreground is
 kept only inside the boxes; a box region the model fills less than --min-fill falls back to the box
 (or its inscribed ellipse). The rule's flags are those of the registered modes
 (bss.hybrid.refine.REFINE_MODES): each says which modes read it. Where the dataset keeps truth/ masks, the label IoU of the boxes and of
 the refined masks is printed and saved in the manifest.
+
+A killed run (Ctrl-C, SIGTERM, SIGKILL) keeps the images it refined in .NAME_H<N>.partial/; the same
+command again refines only the rest. --address refines on the nodes of a Ray cluster (the data root
+and the checkpoint on storage every node mounts).
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ def main() -> int:
     infer.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: 0 on 2 cores or fewer, else up to 4)")
     infer.add_argument("--device", default="auto")
     infer.add_argument("--quiet", action="store_true", help="no progress bar")
+    infer.add_argument(
+        "--address",
+        help="refine on the Ray cluster at ADDRESS (host:port, or auto): one worker per CPU (per GPU where the cluster has GPUs); "
+        "the data root and the checkpoint must be on storage every node mounts. Default: in this process",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -64,7 +74,14 @@ def main() -> int:
         device=args.device,
         tta=args.tta,
         input_size=parse_size(args.input_size, "--input-size")[::-1] if args.input_size else None,  # (height, width)
+        address=args.address,
     )
+    if result.discarded:
+        print(f"{result.discarded} images of an earlier run with another model, rule or settings were discarded")
+    if result.resumed:
+        print(f"resumed: {result.resumed} images refined by an earlier run were kept, {result.refined} refined now")
+    if result.nodes is not None:
+        print(f"refined on Ray nodes {', '.join(result.nodes) or '(none: nothing left to refine)'}")
     counts = result.manifest["counts"]
     print(
         f"{result.path}: {counts['images']} images ({counts['refined']} refined, {counts['baseline']} from BASELINE); "

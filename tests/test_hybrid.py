@@ -369,25 +369,112 @@ def test_next_number_existing_number_and_overwrite(world):
         make_hybrid("toy", checkpoint, root, number=0, progress=False)
 
 
-def test_interrupted_run_leaves_nothing(world, monkeypatch):
-    root, checkpoint, _ = world
+def _folder_bytes(folder):
+    """Every file of a hybrid folder, by relative path; the manifest parsed, less its timing."""
+    out = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest = json.loads(out.pop("manifest.json"))
+    assert isinstance(manifest.pop("seconds"), float)
+    return out, manifest
+
+
+def _stop_at(monkeypatch, calls: int, action):
+    """make.refine runs ``action`` at its ``calls``-th call (a kill point); returns the call counter."""
     import bss.hybrid.make as make
 
-    calls = {"n": 0}
+    seen = {"n": 0, "stop": calls}
     real = make.refine
 
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
+    def refine(*args, **kwargs):
+        seen["n"] += 1
+        if seen["n"] == seen["stop"]:
+            action()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(make, "refine", failing)
+    monkeypatch.setattr(make, "refine", refine)
+    return seen
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_refinement_resumes_and_writes_the_same_hybrid(world, monkeypatch):
+    """Interrupted (Ctrl-C) at the 5th of 14 box-only images: no toy_H7 and no temporary folder,
+    4 images kept in the work folder; the same call again refines only the other 10 and writes
+    toy_H7 byte for byte as an uninterrupted run (soft labels, label quality and manifest too, but
+    its seconds), then removes the work folder."""
+    import bss.hybrid.make as make
+
+    root, checkpoint, _ = world
+    monkeypatch.setattr(make, "WRITER_THREADS", 0)  # the kill point is exact: nothing refines beside the main thread
+    rule = RefineRule(soft=True)
+    partial = root / ".toy_H7.partial"
+    whole = make_hybrid("toy", checkpoint, root, number=7, rule=rule, progress=False)
+    assert (whole.refined, whole.resumed, whole.discarded, whole.nodes) == (14, 0, 0, None)
+    expected = _folder_bytes(whole.path)
+    assert len(expected[0]) == 20 + 20 + 14 + 1  # images, masks, soft labels, label_quality.json
+    shutil.rmtree(whole.path)
+    assert not partial.exists()  # removed once toy_H7 was in place
+
     before = sorted(p.name for p in root.iterdir())
+    calls = _stop_at(monkeypatch, 5, _interrupt)
     with pytest.raises(KeyboardInterrupt):
-        make_hybrid("toy", checkpoint, root, number=7, progress=False)
-    assert calls["n"] >= 5  # (writer threads may have started a few more)
-    assert sorted(p.name for p in root.iterdir()) == before  # no toy_H7, no temporary folder
+        make_hybrid("toy", checkpoint, root, number=7, rule=rule, batch_size=3, progress=False)
+    assert sorted(p.name for p in root.iterdir()) == sorted(before + [partial.name])  # no toy_H7, no temporary folder
+    done = sorted(p.stem for p in (partial / "rows").iterdir())
+    assert len(done) == 4 and sorted(p.stem for p in (partial / "masks").iterdir()) == done == sorted(p.stem for p in (partial / "soft").iterdir())
+
+    calls["n"], calls["stop"] = 0, None
+    resumed = make_hybrid("toy", checkpoint, root, number=7, rule=rule, batch_size=5, progress=False)
+    assert calls["n"] == 10 and (resumed.refined, resumed.resumed, resumed.discarded) == (10, 4, 0)
+    assert _folder_bytes(resumed.path) == expected
+    assert not partial.exists()
+    shutil.rmtree(resumed.path)
+
+
+_KILL_AT = """
+import os, signal, sys
+import bss.hybrid.make as make
+from bss.hybrid import RefineRule, make_hybrid
+make.WRITER_THREADS = 0
+real, seen = make.refine, [0]
+def refine(*args, **kwargs):
+    seen[0] += 1
+    if seen[0] == int(sys.argv[5]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+make.refine = refine
+make_hybrid("toy", sys.argv[2], sys.argv[3], number=8, rule=RefineRule.from_dict({"min_fill": float(sys.argv[4])}), progress=False)
+"""
+
+
+def test_a_killed_refinement_resumes_and_another_rule_starts_over(world, monkeypatch):
+    """SIGKILL at the 7th image (no cleanup runs at all): the 6 images before are kept and the
+    rerun refines the other 8, with the same result as an uninterrupted run; a rerun with another
+    rule cannot use them (they are not its masks): it deletes them and refines all 14."""
+    root, checkpoint, _ = world
+    whole = make_hybrid("toy", checkpoint, root, number=8, rule=RefineRule(min_fill=0.3), progress=False)
+    expected = _folder_bytes(whole.path)
+    shutil.rmtree(whole.path)
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(REPO))
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AT, str(REPO), str(checkpoint), str(root), "0.3", "7"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    partial = root / ".toy_H8.partial"
+    assert not (root / "toy_H8").exists() and len(list((partial / "rows").iterdir())) == 6
+    again = make_hybrid("toy", checkpoint, root, number=8, rule=RefineRule(min_fill=0.3), progress=False)
+    assert (again.refined, again.resumed) == (8, 6) and _folder_bytes(again.path) == expected
+    shutil.rmtree(again.path)
+
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AT, str(REPO), str(checkpoint), str(root), "0.3", "4"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -9 and len(list((partial / "rows").iterdir())) == 3
+    other = make_hybrid("toy", checkpoint, root, number=8, rule=RefineRule(min_fill=0.6), progress=False)
+    assert (other.refined, other.resumed, other.discarded) == (14, 0, 3) and other.manifest["rule"]["min_fill"] == 0.6
+    assert not partial.exists()
+    shutil.rmtree(other.path)
 
 
 def test_missing_split_is_a_clear_error(tmp_path, world):

@@ -10,8 +10,11 @@ Training set of ``H<n>``:
 
 Images of ``NAME_EVAL`` and ``NAME_TEST`` never enter an ``H<n>`` (checked explicitly, recorded
 in the manifest), and a checkpoint trained on EVAL or TEST is refused. Images are hard-linked
-where the filesystem allows (copied otherwise). The folder is written under a temporary name and
-renamed at the end; an existing ``H<n>`` is replaced only with ``overwrite``. When the source
+where the filesystem allows (copied otherwise). Each refined image is first written on its own into
+the work folder ``.<NAME>_H<n>.partial/`` (:mod:`bss.hybrid.partial`), so a killed run resumes
+where it stopped; ``H<n>`` is then assembled under a temporary name and renamed at the end; an
+existing ``H<n>`` is replaced only with ``overwrite``. With ``address``, the images are refined by
+Ray actors on a cluster's nodes (:mod:`bss.hybrid.distributed`). When the source
 keeps ``truth/`` masks, the label quality of the boxes and of the refined masks is measured
 (:mod:`bss.hybrid.label_quality`).
 """
@@ -28,14 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from bss.data.io import atomic_folder, file_sha256, link_or_copy, read_mask, write_mask
+from bss.data.io import atomic_folder, file_sha256, link_or_copy, read_mask
 from bss.data.layout import Sample, SourceDataset, list_samples, resolve_dataset
 from bss.data.splits import split_stems
-from bss.environment import deterministic_inference
+from bss.environment import available_cpus, deterministic_inference
 from bss.errors import BSSError, DatasetError
 from bss.hybrid.label_quality import LabelQuality, truth_files
+from bss.hybrid.partial import PartialFolder, refinement_key
 from bss.hybrid.refine import RefineRule, changed_fraction, refine
 from bss.inference import ImageFolderDataset, Predictor
 from bss.metrics import mask_counts
@@ -59,6 +62,10 @@ class HybridResult:
     number: int
     manifest: dict
     label_quality: dict | None
+    refined: int = 0  # box-only images refined by this call
+    resumed: int = 0  # box-only images a killed earlier run had refined (taken from its work folder)
+    discarded: int = 0  # images of an earlier run with another checkpoint/rule/settings, deleted
+    nodes: list[str] | None = None  # the Ray nodes that refined (None: this process)
 
 
 def _hybrid_pattern(name: str) -> re.Pattern:
@@ -142,16 +149,93 @@ def _plan(dataset: str, data_root: str | Path, number: int | None, overwrite: bo
     return _Plan(source, baseline, held_out, to_refine, int(number), target)
 
 
-class _Writer:
-    """Writes one ``H<n>`` into its temporary folder: BASELINE's files as they are, each box-only
-    image's refined mask (:meth:`refine_one`, in a writer thread or inline), and the manifest's
-    rows and label quality in the order of the images (:meth:`collect`, in the main thread)."""
+def _refine_one(
+    sample: Sample,
+    box: np.ndarray,
+    truth: np.ndarray | None,
+    prob: np.ndarray,
+    rgb: np.ndarray | None,
+    rule: RefineRule,
+    truth_path: Path | None,
+    partial: PartialFolder,
+) -> dict:
+    """Refine one image and write it into the work folder; its row (manifest entry and label-quality counts, None without a truth)."""
+    if box.shape != prob.shape:
+        raise DatasetError(f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}.")
+    if truth is not None and truth.shape != box.shape:
+        raise DatasetError(f"{truth_path}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}.")
+    refined = refine(prob, box, rule, image=rgb)
+    entry = {
+        "image": sample.image.name,
+        "origin": "refined",
+        "changed_fraction": round(changed_fraction(box, refined.mask), 5),
+        "boxes": [b.to_dict() for b in refined.boxes],
+    }
+    counts = [[int(v) for v in mask_counts(box, truth)], [int(v) for v in mask_counts(refined.mask, truth)]] if truth is not None else None
+    row = {"entry": entry, "counts": counts}
+    partial.write(sample.stem, refined.mask, refined.soft, row)
+    return row
 
-    def __init__(self, folder: Path, rule: RefineRule, truths: dict[str, Path]):
-        self.folder, self.rule, self.truths = folder, rule, truths
+
+def refine_samples(
+    predictor: Predictor,
+    samples: list[Sample],
+    truths: dict[str, Path],
+    rule: RefineRule,
+    partial: PartialFolder,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str = "refining",
+) -> list[dict]:
+    """Predict every sample, refine it and write it into ``partial`` (each image on its own, so a
+    kill keeps what was done); their rows in order. Writer threads refine and write while the model
+    runs (where there are cores to spare); the queue is bounded so memory stays flat (at most ~2
+    batches of probability maps wait). The caller fixes torch's threads
+    (:func:`~bss.environment.deterministic_inference`). Runs in the driver, or in a Ray worker
+    (:mod:`bss.hybrid.distributed`) on a chunk of the images."""
+    if not samples:
+        return []
+    images = ImageFolderDataset(
+        [s.image for s in samples],
+        predictor.input_size,
+        extras={"box": [s.mask for s in samples], "truth": [truths.get(s.stem) for s in samples]},
+        keep_image=rule.needs_image,  # e.g. the colour refinement (grabcut) needs the image itself
+    )
+    rows: list[dict] = []
+    pending: deque = deque()
+    threads = writer_threads()
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="hybrid-writer") as pool:
+        try:
+            for item, prob in predictor.predict(images, batch_size, num_workers, progress, desc=desc):
+                sample = samples[item["index"]]
+                args = (sample, item["box"], item["truth"], prob, item.get("rgb"), rule, truths.get(sample.stem), partial)
+                if threads == 0:
+                    rows.append(_refine_one(*args))
+                    continue
+                pending.append(pool.submit(_refine_one, *args))
+                while len(pending) > 2 * max(1, batch_size):
+                    rows.append(pending.popleft().result())
+            while pending:
+                rows.append(pending.popleft().result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return rows
+
+
+class _Assembly:
+    """Writes one ``H<n>`` into its temporary folder: BASELINE's files as they are, then every
+    refined image from the work folder, with the manifest's rows and label quality in the order
+    of the images."""
+
+    def __init__(self, folder: Path, rule: RefineRule, partial: PartialFolder):
+        self.folder, self.partial = folder, partial
         self.quality = LabelQuality()
         self.entries: list[dict] = []
         self.boxes = self.fallbacks = 0
+        self.soft = rule.soft
         for sub in ("images", "masks") + (("soft",) if rule.soft else ()):
             (folder / sub).mkdir()
 
@@ -161,71 +245,21 @@ class _Writer:
             link_or_copy(sample.mask, self.folder / "masks" / sample.mask.name)
             self.entries.append({"image": sample.image.name, "origin": "baseline"})
 
-    def _check_sizes(self, sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray) -> None:
-        if box.shape != prob.shape:
-            raise DatasetError(f"{sample.mask}: mask is {box.shape[1]}x{box.shape[0]} but its image {sample.image.name} is {prob.shape[1]}x{prob.shape[0]}.")
-        if truth is not None and truth.shape != box.shape:
-            raise DatasetError(
-                f"{self.truths[sample.stem]}: truth mask is {truth.shape[1]}x{truth.shape[0]} but its image {sample.image.name} is {box.shape[1]}x{box.shape[0]}."
-            )
-
-    def refine_one(self, sample: Sample, box: np.ndarray, truth: np.ndarray | None, prob: np.ndarray, rgb: np.ndarray | None) -> tuple[dict, tuple | None]:
-        """Refine one image and write it; its manifest row and its label-quality counts (None without a truth)."""
-        self._check_sizes(sample, box, truth, prob)
-        refined = refine(prob, box, self.rule, image=rgb)
-        write_mask(self.folder / "masks" / f"{sample.stem}.png", refined.mask)
-        if refined.soft is not None:
-            Image.fromarray(np.clip(refined.soft * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(self.folder / "soft" / f"{sample.stem}.png")
+    def add_refined(self, sample: Sample) -> None:
+        row = self.partial.row(sample.stem)
+        link_or_copy(self.partial.mask(sample.stem), self.folder / "masks" / f"{sample.stem}.png")
+        if self.soft:
+            link_or_copy(self.partial.soft(sample.stem), self.folder / "soft" / f"{sample.stem}.png")
         link_or_copy(sample.image, self.folder / "images" / sample.image.name)
-        entry = {
-            "image": sample.image.name,
-            "origin": "refined",
-            "changed_fraction": round(changed_fraction(box, refined.mask), 5),
-            "boxes": [b.to_dict() for b in refined.boxes],
-        }
-        return entry, ((mask_counts(box, truth), mask_counts(refined.mask, truth)) if truth is not None else None)
-
-    def collect(self, done: tuple[dict, tuple | None]) -> None:
-        entry, quality_counts = done
-        if quality_counts is not None:
-            entry.update({k: round(v, 4) for k, v in self.quality.add_counts(*quality_counts).items()})
+        entry = row["entry"]
+        if row["counts"] is not None:
+            entry.update({k: round(v, 4) for k, v in self.quality.add_counts(*row["counts"]).items()})
         self.boxes += len(entry["boxes"])
         self.fallbacks += sum(b["fallback"] for b in entry["boxes"])
         self.entries.append(entry)
 
 
-def _refine_all(predictor: Predictor, plan: _Plan, writer: _Writer, batch_size: int, num_workers: int, progress: bool) -> None:
-    """Predict every box-only image and refine it. Writer threads refine and write while the model
-    runs (where there are cores to spare); the queue is bounded so memory stays flat (at most ~2
-    batches of probability maps wait), and results are collected in the images' order."""
-    samples = plan.to_refine
-    images = ImageFolderDataset(
-        [s.image for s in samples],
-        predictor.input_size,
-        extras={"box": [s.mask for s in samples], "truth": [writer.truths.get(s.stem) for s in samples]},
-        keep_image=writer.rule.needs_image,  # e.g. the colour refinement (grabcut) needs the image itself
-    )
-    pending: deque = deque()
-    threads = writer_threads()
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="hybrid-writer") as pool:
-        try:
-            for item, prob in predictor.predict(images, batch_size, num_workers, progress, desc=f"refining {plan.source.name}"):
-                args = (samples[item["index"]], item["box"], item["truth"], prob, item.get("rgb"))
-                if threads == 0:
-                    writer.collect(writer.refine_one(*args))
-                    continue
-                pending.append(pool.submit(writer.refine_one, *args))
-                while len(pending) > 2 * max(1, batch_size):
-                    writer.collect(pending.popleft().result())
-            while pending:
-                writer.collect(pending.popleft().result())
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-
-
-def _manifest(plan: _Plan, predictor: Predictor, checkpoint: Path, rule: RefineRule, writer: _Writer, start: float) -> dict:
+def _manifest(plan: _Plan, predictor: Predictor, checkpoint: Path, sha256: str, rule: RefineRule, writer: _Assembly, start: float) -> dict:
     held_out = plan.held_out["EVAL"] | plan.held_out["TEST"]
     config = predictor.config
     return {
@@ -235,7 +269,7 @@ def _manifest(plan: _Plan, predictor: Predictor, checkpoint: Path, rule: RefineR
         "source": str(plan.source.root.resolve()),
         "checkpoint": {
             "path": str(checkpoint.resolve()),
-            "sha256": file_sha256(checkpoint),
+            "sha256": sha256,
             "model": {"name": config.model.name, "args": config.model.args},
             "image_size": [config.height, config.width],
             "train_dataset": config.train_dataset,
@@ -278,32 +312,93 @@ def make_hybrid(
     tta: bool = False,
     input_size: tuple[int, int] | None = None,
     threads: int | None = None,
+    address: str | None = None,
 ) -> HybridResult:
     """Write ``<dataset>_H<number>`` beside the dataset and return where, with its manifest.
 
     Deterministic: the same checkpoint, rule, images and ``threads`` (torch's threads for the
     forward passes; default every CPU of the process, whatever the caller set) write the same
     bytes, with any ``batch_size``, ``num_workers``, writer threads or OpenCV state
-    (``tests/test_hybrid.py``). The manifest records the thread count."""
+    (``tests/test_hybrid.py``). The manifest records the thread count.
+
+    Resumable: each refined image is written on its own into ``.<NAME>_H<n>.partial/``
+    (:mod:`bss.hybrid.partial`); a killed run, rerun with the same arguments, refines only the
+    images missing there and writes the same ``H<n>`` as an uninterrupted run.
+
+    ``address``: refine on the Ray cluster there (``"auto"``, ``host:port``; a Ray this process
+    already joined is reused) by one actor per free CPU, or per GPU where the cluster has GPUs
+    (:mod:`bss.hybrid.distributed`); each uses ``threads`` torch threads, as the local path does,
+    so the masks are the same bytes. None (the default): in this process, no Ray."""
     start = time.perf_counter()
     rule = rule or RefineRule()
     checkpoint = Path(checkpoint)
     plan = _plan(dataset, data_root, number, overwrite)
     predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, tta=tta)  # bad weights / input size -> BSSError
     _check_teacher(predictor, plan.source, checkpoint)
-    with atomic_folder(plan.target, overwrite=overwrite) as tmp, deterministic_inference(threads) as count:
-        writer = _Writer(tmp, rule, truth_files(plan.source.truth_dir))
-        writer.copy_baseline(plan.baseline)
-        _refine_all(predictor, plan, writer, batch_size, num_workers, progress)
+    count = max(1, int(threads)) if threads is not None else available_cpus()
+    cluster = None
+    if address:
+        from bss.hybrid import distributed
+
+        cluster = distributed.connect(address, device)
+    try:
+        result = _build(plan, predictor, checkpoint, rule, overwrite, batch_size, num_workers, progress, tta, input_size, count, cluster, start)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return result
+
+
+def _build(plan, predictor, checkpoint, rule, overwrite, batch_size, num_workers, progress, tta, input_size, count, cluster, start) -> HybridResult:
+    """make_hybrid once the plan, the teacher and (with an address) the cluster are there."""
+    device_type = cluster.device_type if cluster is not None else predictor.device.type
+    sha256 = file_sha256(checkpoint)
+    partial = PartialFolder.open(plan.target, refinement_key(sha256, rule.to_dict(), predictor.input_size, tta, device_type, count))
+    try:
+        done = partial.done()
+        missing = [s for s in plan.to_refine if s.stem not in done]
+        truths = truth_files(plan.source.truth_dir)
+        desc = f"refining {plan.source.name}"
+        nodes = None
+        if cluster is not None:
+            nodes = cluster.refine(checkpoint, missing, truths, rule, partial, batch_size, count, tta, input_size, progress, desc)
+        else:
+            with deterministic_inference(count):
+                refine_samples(predictor, missing, truths, rule, partial, batch_size, num_workers, progress, desc)
+        lost = sorted({s.stem for s in plan.to_refine} - partial.done())
+        if lost:  # a worker that wrote elsewhere (not the shared folder) would end here
+            raise BSSError(
+                f"{partial.path}: no refined mask for {lost[0]!r} ({len(lost)} missing) after refinement; is {partial.path.parent} on storage every node mounts?"
+            )
         predictor.threads = count
-        leaked = sorted({p.stem for p in (tmp / "images").iterdir()} & (plan.held_out["EVAL"] | plan.held_out["TEST"]))
-        if leaked:  # cannot happen by construction; checked anyway before the folder becomes visible
-            raise BSSError(f"internal error: EVAL/TEST image {leaked[0]!r} would enter {plan.target.name}; nothing written.")
-        manifest = _manifest(plan, predictor, checkpoint, rule, writer, start)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if manifest["label_quality"] is not None:
-            (tmp / "label_quality.json").write_text(json.dumps(manifest["label_quality"], indent=2) + "\n")
-    return HybridResult(path=plan.target, number=plan.number, manifest=manifest, label_quality=manifest["label_quality"])
+        with atomic_folder(plan.target, overwrite=overwrite) as tmp:
+            writer = _Assembly(tmp, rule, partial)
+            writer.copy_baseline(plan.baseline)
+            for sample in plan.to_refine:
+                writer.add_refined(sample)
+            leaked = sorted({p.stem for p in (tmp / "images").iterdir()} & (plan.held_out["EVAL"] | plan.held_out["TEST"]))
+            if leaked:  # cannot happen by construction; checked anyway before the folder becomes visible
+                raise BSSError(f"internal error: EVAL/TEST image {leaked[0]!r} would enter {plan.target.name}; nothing written.")
+            manifest = _manifest(plan, predictor, checkpoint, sha256, rule, writer, start)
+            if cluster is not None:
+                manifest["inference"].update(cluster.describe())
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            if manifest["label_quality"] is not None:
+                (tmp / "label_quality.json").write_text(json.dumps(manifest["label_quality"], indent=2) + "\n")
+    except BaseException:
+        partial.release()  # the refined images stay for the next run
+        raise
+    partial.remove()
+    return HybridResult(
+        path=plan.target,
+        number=plan.number,
+        manifest=manifest,
+        label_quality=manifest["label_quality"],
+        refined=len(missing),
+        resumed=len(plan.to_refine) - len(missing),
+        discarded=partial.discarded,
+        nodes=nodes,
+    )
 
 
 def read_manifest(folder: str | Path) -> dict:

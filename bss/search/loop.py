@@ -286,7 +286,7 @@ class Loop:
         tracker, view = self.start_tracking(state, base)
         return LoopContext(
             self.run_dir, s, state, tracker, base, space, resources, rule, stop_rule, gpus, self.time_left, _say,
-            o.reuse_actors, o.max_failures, o.progress, o.hybrid_batch_size, view,
+            o.reuse_actors, o.max_failures, o.progress, o.hybrid_batch_size, view, o.address,
         )  # fmt: skip
 
     def iteration_run(self, k: int, it: IterationRecord) -> str:

@@ -56,6 +56,7 @@ class LoopContext:
     progress: bool = True
     hybrid_batch_size: int = 8
     view: str | None = None  # the MLflow UI command and link to this loop's iterations (Loop.start_tracking)
+    address: str | None = None  # the Ray cluster the loop joined (--address): H<n> is refined on its nodes; None: in the driver
 
     @property
     def record(self) -> LoopRecord:
@@ -447,7 +448,10 @@ def refine_into(ctx: LoopContext, checkpoint: Path, number: int, rule: dict) -> 
         overwrite=False,
         batch_size=ctx.hybrid_batch_size,
         progress=False,
+        address=ctx.address,
     )
+    if result.resumed:
+        ctx.say(f"    resumed: {result.resumed} images refined before the interruption were kept, {result.refined} refined now")
     return result.label_quality, Path(result.path)
 
 
