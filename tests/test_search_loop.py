@@ -206,6 +206,30 @@ def test_stop_rule_tolerance_widens_with_evals_noise():
         build_stop_rule("guarded", noise_z=-1)
 
 
+def test_stop_rule_a_new_hybrid_must_beat_the_current_teacher_beyond_the_noise():
+    """H<k+1> replaces labels a teacher made only when its EVAL label IoU is higher by more than
+    2 paired SEs of the per-image label IoU; against the boxes (no per-image figures) any gain
+    counts, as before. Numbers: 7 EVAL images, +0.004 pooled, as on neu_scratches (issue 18)."""
+    rule = GuardedStop(tolerance=0.02)
+    h1_teacher = (0.80, 0.70, 0.85, 0.90, 0.60, 0.75, 0.82)
+    noisy = (0.83, 0.68, 0.86, 0.88, 0.63, 0.74, 0.85)  # +0.007 mean, SE 0.009
+    base = Outcome(0, {"eval_iou": 0.737, "eval_recall": 0.80}, 0.802, True, 0, "neu_BASELINE", None, h1_teacher)
+    student = Outcome(1, {"eval_iou": 0.757, "eval_recall": 0.814}, 0.806, False, 1, "neu_H1", None, noisy)
+    history = History((base, student), 0.802, "the EVAL label IoU of the teacher that made neu_H1", 1, None, h1_teacher)
+    refused = rule.decide(history)
+    assert refused.new_best and refused.stop and not refused.make_hybrid and refused.reason == "labels_not_better"
+    assert refused.stop_text == (
+        "stop: its EVAL label IoU as a teacher (0.806) does not beat the EVAL label IoU of the teacher that made neu_H1 (0.802) "
+        "by more than the noise (0.018: 2 x the paired SE 0.009 of 7 EVAL images); no H<n> is made"
+    )
+    clear = Outcome(1, student.metrics, 0.830, False, 1, "neu_H1", None, tuple(v + 0.028 for v in h1_teacher))
+    made = rule.decide(History((base, clear), 0.802, "x", 1, None, h1_teacher))
+    assert made.make_hybrid and not made.stop  # a consistent gain: SE 0, any gain counts
+    assert GuardedStop(tolerance=0.02, noise_z=0).decide(history).make_hybrid  # noise_z 0: as before
+    boxes = rule.decide(History((Outcome(0, base.metrics, 0.806, False, 0, "neu_BASELINE", None, noisy),), 0.802, "the boxes", 1, None, None))
+    assert boxes.make_hybrid  # H1 against the boxes: any gain
+
+
 def test_stop_rule_stops_when_the_budget_is_spent():
     rule = GuardedStop(min_search_seconds=60.0)
     base = outcome(0, 0.80, 0.85, new_best=True)

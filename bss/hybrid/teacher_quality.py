@@ -49,6 +49,7 @@ class RuleScore:
     rule: RefineRule
     iou_pixels: float
     iou_per_image: float
+    image_iou: list[float] = field(default_factory=list)  # each EVAL image's label IoU, in EVAL's order
 
     def to_dict(self) -> dict:
         return {"rule": self.rule.to_dict(), "iou_pixels": round(self.iou_pixels, 4), "iou_per_image": round(self.iou_per_image, 4)}
@@ -80,6 +81,7 @@ class TeacherQuality:
             "raw_iou_pixels": round(self.raw_iou_pixels, 4),
             "label_iou_pixels": round(self.best.iou_pixels, 4),
             "label_iou_per_image": round(self.best.iou_per_image, 4),
+            "label_image_iou": [round(v, 6) for v in self.best.image_iou],
             "default_rule_iou_pixels": round(self.default.iou_pixels, 4),
             "rule": self.best.rule.to_dict(),
             "top_rules": [s.to_dict() for s in ranked],
@@ -87,10 +89,11 @@ class TeacherQuality:
         }
 
 
-def _score(rows: list[list[int]]) -> tuple[float, float]:
-    """IoU over all pixels (counts summed first) and the mean of the per-image IoUs."""
+def _score(rows: list[list[int]]) -> tuple[float, float, list[float]]:
+    """IoU over all pixels (counts summed first), the mean of the per-image IoUs, and those."""
     table = torch.as_tensor(rows, dtype=torch.long)
-    return float(iou_from_counts(table.sum(0))), float(np.mean(iou_from_counts(table).numpy()))
+    per_image = [float(v) for v in iou_from_counts(table).numpy()]
+    return float(iou_from_counts(table.sum(0))), float(np.mean(per_image)), per_image
 
 
 def choose_rule(

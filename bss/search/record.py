@@ -143,6 +143,7 @@ class TeacherRecord:
     top_rules: list = field(default_factory=list)
     rules_tried: int = 0
     seconds: float = 0.0
+    label_image_iou: list[float] | None = None  # each EVAL image's label IoU with the chosen rule (the stop rule's noise estimate)
 
     @property
     def admissible(self) -> bool:

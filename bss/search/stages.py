@@ -322,14 +322,16 @@ def teacher_stage(ctx: LoopContext, k: int, it: IterationRecord) -> TeacherRecor
     return t
 
 
-def labels_to_beat(ctx: LoopContext, k: int) -> tuple[float, str]:
-    """EVAL label IoU of the labels iteration k trained on: the teacher that made its H<n>, or the boxes."""
+def labels_to_beat(ctx: LoopContext, k: int) -> tuple[float, str, tuple[float, ...] | None]:
+    """EVAL label IoU of the labels iteration k trained on: the teacher that made its H<n> (with its
+    per-image figures, where recorded), or the boxes (None)."""
     train = ctx.record.iterations[k].train_dataset
     for prev in reversed(ctx.record.iterations[:k]):
         if prev.hybrid is not None and prev.hybrid.name == train:
-            return prev.teacher.label_iou_pixels, f"the EVAL label IoU of the teacher that made {train}"
+            per_image = prev.teacher.label_image_iou
+            return prev.teacher.label_iou_pixels, f"the EVAL label IoU of the teacher that made {train}", tuple(per_image) if per_image else None
     boxes = ctx.record.iterations[k].teacher
-    return (boxes.box_iou_pixels if boxes else 0.0), "the EVAL boxes' own label IoU"
+    return (boxes.box_iou_pixels if boxes else 0.0), "the EVAL boxes' own label IoU", None
 
 
 def history(ctx: LoopContext, k: int) -> History:
@@ -345,11 +347,12 @@ def history(ctx: LoopContext, k: int) -> History:
             made.index(x.train_dataset) + 1 if x.train_dataset in made else 0,
             x.train_dataset,
             tuple(x.eval_image_iou) if x.eval_image_iou is not None else None,
+            tuple(x.teacher.label_image_iou) if x.teacher and x.teacher.label_image_iou is not None else None,
         )
         for j, x in enumerate(iterations)
     )
-    value, name = labels_to_beat(ctx, k)
-    return History(outcomes, value, name, ctx.iterations_left(k), ctx.time_left())
+    value, name, per_image = labels_to_beat(ctx, k)
+    return History(outcomes, value, name, ctx.iterations_left(k), ctx.time_left(), per_image)
 
 
 def measure_eval_images(ctx: LoopContext, k: int) -> None:
