@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bss.console import say
-from bss.data.io import write_mask
+from bss.data.io import atomic_write_json, write_mask
 from bss.data.segmentation_dataset import resize_image
 from bss.errors import BSSError, DatasetError
 from bss.inference import Predictor, resize_probability
@@ -401,9 +401,7 @@ def _clear(out: Path) -> None:
 
 
 def _write_state(out: Path, settings: Settings, finished: dict[str, int], extra: dict) -> None:
-    tmp = out / f".{SETTINGS}.tmp"
-    tmp.write_text(json.dumps({**asdict(settings), "finished": finished, **extra}, indent=1) + "\n")
-    os.replace(tmp, out / SETTINGS)
+    atomic_write_json(out / SETTINGS, {**asdict(settings), "finished": finished, **extra})
 
 
 def _prepare_out(out: Path, video: Path, settings: Settings, overwrite: bool) -> tuple[list[FrameRecord], dict[str, int]] | None:

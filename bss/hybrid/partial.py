@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from bss import filelock
-from bss.data.io import atomic_write_json, check_folder_path
+from bss.data.io import atomic_path, atomic_write_json, check_folder_path
 from bss.errors import BSSError
 
 KEY = "key.json"
@@ -54,12 +52,8 @@ def refinement_key(checkpoint_sha256: str, rule: dict, input_size, tta: bool, de
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """``path`` replaced in one rename (no fsync: a killed process loses nothing the kernel holds)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path, fsync=False) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _png(array: np.ndarray) -> bytes:

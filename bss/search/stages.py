@@ -360,9 +360,9 @@ def measure_eval_images(ctx: LoopContext, k: int) -> None:
     kept in the record): the stop rule's estimate of how far EVAL can tell two models apart."""
     from bss.search.evaluate import image_iou
 
-    s = ctx.settings
     if not getattr(ctx.stop_rule, "noise_z", 0):
         return
+    s = ctx.settings
     for x in ctx.record.iterations[: k + 1]:
         if x.promoted is not None and x.eval_image_iou is None:
             x.eval_image_iou = [round(v, 6) for v in image_iou(x.promoted.checkpoint, f"{s.dataset}_EVAL", s.data_root, device="cpu")]

@@ -163,10 +163,10 @@ class GuardedStop(StopRule):
         value = float(m[f"eval_{self.metric}"])
         if not kept:
             return Decision("baseline", False, True, value, reason="baseline")
-        best = kept[-1].metrics
+        best_kept = kept[-1]
+        best = best_kept.metrics
         top_iou = max(float(o.metrics["eval_iou"]) for o in kept)
         iou, best_value = float(m["eval_iou"]), float(best[f"eval_{self.metric}"])
-        best_kept = kept[-1]
         tolerance, why = self.tolerance_of(current, best_kept)
         if iou < top_iou - tolerance:
             return Decision(f"stop: EVAL IoU {iou - top_iou:+.3f} below the best (tolerance {why})", True, False, value, reason="iou_drop")
