@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--promotion", choices=tuple(PROMOTION_RULES), help=help_text("promotion"))
     g.add_argument("--metric", choices=METRICS, help=help_text("metric"))
     g.add_argument("--margin", type=float, help=help_text("margin"))
+    g.add_argument("--label-guard", action=argparse.BooleanOptionalAction, default=None, help=help_text("label_guard"))
     g.add_argument("--floor-metric", choices=METRICS, help=help_text("floor_metric"))
     g.add_argument("--floor", type=float, help=help_text("floor"))
     g.add_argument("--stop", choices=tuple(STOP_RULES), help=help_text("stop"))

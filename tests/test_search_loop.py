@@ -30,7 +30,7 @@ from bss.models import build_model  # noqa: E402
 from bss.search import loop as loop_mod  # noqa: E402
 from bss.search import stages  # noqa: E402
 from bss.search.loop import LoopOptions, run_loop  # noqa: E402
-from bss.search.promotion import Candidate, FloorRule, GuardedRecall, build_promotion_rule, choose  # noqa: E402
+from bss.search.promotion import Candidate, FloorRule, GuardedRecall, TeacherScore, build_promotion_rule, choose  # noqa: E402
 from bss.search.state import LoopState  # noqa: E402
 from bss.search.stop import GuardedStop, History, Outcome, build_stop_rule  # noqa: E402
 from bss.search.tune_search import SearchOutcome, plan_resources  # noqa: E402
@@ -70,6 +70,33 @@ def test_guarded_recall_cannot_be_won_by_over_segmenting():
     assert rule.better(tight.best, far_more_recall.best) and not rule.better(everything.best, box_painter.best)
     with pytest.raises(BSSError, match="--margin must be between 0 and 1"):
         GuardedRecall(margin=2)
+
+
+def test_guarded_recall_measures_near_equal_models_as_teachers_before_recall_decides():
+    """Step 2, with the figures measured on obstacle (18 hand labels, 6 EVAL images): trial 3 has
+    the best EVAL IoU, trial 2 the best Recall within the margin; as teachers trial 3's labels
+    are 0.031 better, 3 paired SEs: trial 2 drops out. Within the noise, Recall decides as before."""
+    t3 = cand(3, row(0.861, 0.98, iou=0.846))
+    t2 = cand(2, row(0.898, 0.91, iou=0.825))
+    far = cand(4, row(0.95, 0.70, iou=0.70))  # outside the IoU margin: never measured, never chosen
+    rule = GuardedRecall(margin=0.03, label_z=2.0)
+    assert rule.compares_teachers and not GuardedRecall(margin=0.03).compares_teachers
+    assert rule.near([t2, t3, far]) == [t2, t3]
+    base = (0.95, 0.93, 0.94, 0.96, 0.92, 0.976)  # per-image label IoU of trial 3
+    apart = {3: TeacherScore(0.946, base), 2: TeacherScore(0.915, tuple(v - 0.031 + d for v, d in zip(base, (0.01, -0.01, 0.02, -0.02, 0.015, -0.015))))}
+    assert choose([t2, t3, far], rule, apart) is t3
+    assert choose([t2, t3, far], GuardedRecall(margin=0.03), apart) is t2  # label_z 0: step 2 off
+    assert choose([t2, t3, far], rule) is t2  # nothing measured: Recall alone
+    close = {3: TeacherScore(0.804, base), 2: TeacherScore(0.802, tuple(v - 0.002 + d for v, d in zip(base, (0.01, -0.01, 0.02, -0.02, 0.015, -0.015))))}
+    assert choose([t2, t3, far], rule, close) is t2  # within the noise: Recall decides
+    one_image = {3: TeacherScore(0.946, (0.946,)), 2: TeacherScore(0.915, (0.915,))}
+    assert choose([t2, t3, far], rule, one_image) is t2  # no noise estimate from one image: Recall decides
+    assert choose([t2, t3, far], rule, {3: apart[3]}) is t2  # one measured: nothing to compare
+    same = {3: TeacherScore(0.946, base), 2: TeacherScore(0.915, tuple(v - 0.031 for v in base))}  # SE 0, a clear gap
+    assert choose([t2, t3, far], rule, same) is t3
+    assert "whose EVAL label IoU as teachers is within 2 paired SEs" in rule.describe()
+    with pytest.raises(BSSError, match="--noise-z must be 0 or more"):
+        GuardedRecall(label_z=-1)
 
 
 def test_floor_rule_is_the_seeds_rule_by_name():
@@ -278,9 +305,15 @@ def setup_loop(tmp_path, monkeypatch, shared_db, request):
         return SearchOutcome(out, 0.1, [])
 
     def fake_teacher(checkpoint, dataset, data_root, **kw):
-        """The promoted model of iteration k refines the EVAL boxes to label IoU TEACHER[k] (default 0.9)."""
-        k = int(Path(checkpoint).parent.name.split("_")[1])
-        score = RuleScore(RefineRule(), TEACHER.get(k, 0.9), TEACHER.get(k, 0.9))
+        """The promoted model of iteration k (iter_<k>/best.pt) refines the EVAL boxes to label IoU
+        TEACHER[k] (default 0.9); trial j's checkpoint (iter_<k>/trials/t00<j>/, measured when near
+        the best) to TEACHER[(k, j)], else TEACHER[k]. Per image: that +- 0.001 (paired SE 0 between two)."""
+        path = Path(checkpoint)
+        k = int(next(p for p in path.parts if p.startswith("iter_")).split("_")[1])
+        j = int(path.parent.name[1:]) if path.parent.name.startswith("t") else None
+        value = TEACHER.get((k, j), TEACHER.get(k, 0.9))
+        TEACHER_CALLS.append((k, j))
+        score = RuleScore(RefineRule(), value, value, [value + 0.001, value - 0.001])
         return TeacherQuality(2, 0.76, 0.76, 0.7, score, score, [score])
 
     monkeypatch.setattr(stages, "run_search", fake_search)
@@ -307,6 +340,7 @@ def setup_loop(tmp_path, monkeypatch, shared_db, request):
 
 PLAN: dict = {}
 TEACHER: dict = {}
+TEACHER_CALLS: list = []
 
 
 def runs_by_kind(tracking_uri: str, experiment: str) -> dict:
@@ -409,6 +443,29 @@ def test_a_tie_keeps_the_student_and_its_labels_teach_h2(setup_loop):
     kept = state["iterations"][1]["decision"]
     assert kept["new_best"] and kept["reason"] == "better_labels" and "toy_H1 over toy_BASELINE" in kept["verdict"]
     assert result.final_iteration == 2 and (root / "toy_H2" / "manifest.json").is_file()
+
+
+def test_near_equal_trials_are_measured_as_teachers_and_the_better_teacher_is_promoted(setup_loop):
+    """Trials 1 and 2 are within the margin; trial 2 has the higher Recall but its labels are
+    clearly worse: trial 1 is promoted, its measurement is the teacher record (not measured twice),
+    and every near trial's label IoU is in the record. --no-label-guard: Recall alone, as before."""
+    tmp_path, root, options, calls = setup_loop
+    PLAN.clear()
+    TEACHER.clear()
+    TEACHER_CALLS.clear()
+    PLAN.update({0: [(0.86, 0.95, 0.846), (0.90, 0.9, 0.825), (1.0, 0.1, 0.1)]})
+    TEACHER.update({(0, 1): 0.946, (0, 2): 0.915})
+    result = run_loop(options(iterations=1))
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    it = state["iterations"][0]
+    assert result.rows[0]["promoted_trial"] == 1 and it["teacher"]["label_iou_pixels"] == 0.946
+    assert TEACHER_CALLS == [(0, 1), (0, 2)]  # the two near trials, once each; trial 3 is 0.7 IoU behind
+    assert [t.get("eval_label_iou") for t in it["search"]["trials"]] == [0.946, 0.915, None]
+    assert state["settings"]["label_guard"] is True
+
+    TEACHER_CALLS.clear()
+    result = run_loop(options(iterations=1, label_guard=False, run_dir=str(tmp_path / "run_recall")))
+    assert result.rows[0]["promoted_trial"] == 2 and TEACHER_CALLS == [(0, None)]  # measured once, as the promoted model
 
 
 def test_tight_boxes_a_model_below_them_image_only_still_teaches_h1(setup_loop):
@@ -769,6 +826,9 @@ def test_loop_settings_hold_every_default_and_refuse_a_changed_result_setting_on
     assert LoopSettings.resolve({"dataset": "toy"}, None, gpus=1).space.endswith("default.yaml")
     stored = new.to_dict()
     assert LoopSettings.resolve({"dataset": "toy", "experiment": "other"}, stored, gpus=0).tolerance == 0.05  # not a result setting
+    before = {k: v for k, v in stored.items() if k not in ("ties", "noise_z", "label_guard")}  # a run from before these options
+    old = LoopSettings.resolve({"dataset": "toy"}, before, gpus=0)
+    assert (old.ties, old.noise_z, old.label_guard, new.label_guard) == ("earlier", 0.0, False, True)
     with pytest.raises(BSSError, match="--tolerance was 0.05, now 0.1"):
         LoopSettings.resolve({"dataset": "toy", "tolerance": 0.1}, stored, gpus=0)
     assert "experiment" not in LoopSettings.names(result_only=True) and "margin" in LoopSettings.names(result_only=True)

@@ -263,7 +263,9 @@ class Loop:
         base, space, inputs = load_inputs(s, self.run_dir, stored is not None)
         probe(s.tracking_uri or base["tracking"]["uri"])  # a tracking server that does not answer: said now, before any data, Ray or run folder
         resources = plan_resources(cpus, gpus, s.trials, o.concurrency, o.cpus_per_trial, o.gpus_per_trial, node_resources() if o.address else None)
-        rule = build_promotion_rule(s.promotion, metric=s.metric, margin=s.margin, floor_metric=s.floor_metric, floor=s.floor)
+        rule = build_promotion_rule(
+            s.promotion, metric=s.metric, margin=s.margin, floor_metric=s.floor_metric, floor=s.floor, label_z=float(s.noise_z) if s.label_guard else 0.0
+        )
         stop_rule = build_stop_rule(
             s.stop,
             metric=s.metric,

@@ -112,6 +112,7 @@ class TrialRecord:
     node_id: str | None = None
     node_name: str | None = None
     lost_attempts: list = field(default_factory=list)
+    eval_label_iou: float | None = None  # measured as a teacher on EVAL (promotion step 2), where it was near the best
 
 
 @dataclass
@@ -144,6 +145,7 @@ class TeacherRecord:
     rules_tried: int = 0
     seconds: float = 0.0
     label_image_iou: list[float] | None = None  # each EVAL image's label IoU with the chosen rule (the stop rule's noise estimate)
+    logged: bool = True  # its figures are in MLflow (False: measured at promotion, logged by the teacher stage)
 
     @property
     def admissible(self) -> bool:

@@ -37,6 +37,10 @@ class LoopSettings:
     )
     metric: str = _setting("recall", "EVAL metric that promotes and decides")
     margin: float = _setting(0.03, "guarded_recall: --metric decides among models within this EVAL IoU of the best")
+    label_guard: bool = _setting(
+        True,
+        "guarded_recall, where the dataset has box-only images: the models within --margin are measured as teachers on EVAL, and those whose EVAL label IoU trails the best one's by more than --noise-z paired standard errors drop out before --metric decides",
+    )
     floor_metric: str = _setting("precision", "floor rule: EVAL metric that must clear --floor to be promoted")
     floor: float = _setting(0.3, "floor rule: minimum EVAL --floor-metric of a promoted model")
     stop: str = _setting("guarded", "stop rule")
@@ -94,7 +98,7 @@ class LoopSettings:
         an error."""
         given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items() if k in cls.names()}
         if stored is not None:
-            stored = {"ties": "earlier", "noise_z": 0.0, **stored}  # a run started before these options keeps the rule of its time
+            stored = {"ties": "earlier", "noise_z": 0.0, "label_guard": False, **stored}  # a run started before these options keeps the rule of its time
             for key in cls.names(result_only=True):
                 value, before = given.get(key), stored.get(key)
                 if (

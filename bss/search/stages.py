@@ -25,7 +25,7 @@ from bss.data.io import file_sha256
 from bss.errors import BSSError
 from bss.search.data_stage import count_images
 from bss.search.plan import Plan, for_space, not_applied, whole_frame
-from bss.search.promotion import PromotionRule, promote
+from bss.search.promotion import PromotionRule, TeacherScore, promote
 from bss.search.ray_cluster import Resources
 from bss.search.record import BestRecord, HybridRecord, IterationRecord, LoopRecord, SearchRecord, TeacherRecord, TrialRecord
 from bss.search.settings import LoopSettings
@@ -226,7 +226,8 @@ def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> Non
     """The promotion rule's winner of iteration k's search, copied to ``iter_<k>/`` (None: no
     trial finished an evaluation; at iteration 0 the dataset cannot train at all: an error)."""
     summary = ", ".join(f"{n} {state}" for state, n in it.search.counts.items() if n) or "no trial reported"
-    winner = ctx.rule.choose(outcome.candidates)
+    teachers = measure_candidates(ctx, k, it, outcome.candidates)
+    winner = ctx.rule.choose(outcome.candidates, {o: q.score for o, q in teachers.items()})
     if winner is None:
         ctx.state.save()
         ctx.say(f"iteration {k}: no trial reached {ctx.rule.floor_text()} ({summary}, {outcome.wall_seconds:.0f} s)")
@@ -235,6 +236,8 @@ def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> Non
         return
     iter_dir = ctx.run_dir / f"iter_{k}"
     it.promoted = promoted = promote(winner, k, iter_dir)
+    if winner.ordinal in teachers:  # measured already: the teacher stage has nothing left to do
+        it.teacher = teachers[winner.ordinal].record
     ctx.state.save()
     overlays = draw_promoted_overlays(ctx, promoted.checkpoint, iter_dir)
     tr, run_id = ctx.tracker, it.run_id
@@ -256,6 +259,47 @@ def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> Non
     ctx.say(
         f"iteration {k}: promoted trial {promoted.ordinal} ({short_params(promoted.params)}) - EVAL recall {m['eval_recall']:.3f} precision {m['eval_precision']:.3f} IoU {m['eval_iou']:.3f} Dice {m['eval_dice']:.3f}   [{summary}; {outcome.wall_seconds:.0f} s]"
     )
+
+
+@dataclass
+class MeasuredTeacher:
+    record: TeacherRecord
+
+    @property
+    def score(self) -> TeacherScore:
+        return TeacherScore(self.record.label_iou_pixels, tuple(self.record.label_image_iou or ()))
+
+
+def measure_teacher(ctx: LoopContext, checkpoint: str) -> TeacherRecord:
+    """``checkpoint`` as a teacher on EVAL (:func:`bss.hybrid.teacher_quality.measure_teacher`)."""
+    from bss.hybrid import teacher_quality
+
+    start = time.perf_counter()
+    s = ctx.settings
+    quality = teacher_quality.measure_teacher(checkpoint, s.dataset, s.data_root, batch_size=ctx.hybrid_batch_size, device="cpu" if not ctx.gpus else "auto")
+    return TeacherRecord(**quality.to_dict(), seconds=round(time.perf_counter() - start, 2), logged=False)
+
+
+def measure_candidates(ctx: LoopContext, k: int, it: IterationRecord, candidates) -> dict[int, MeasuredTeacher]:
+    """Step 2 of the promotion rule: the near-equal candidates (:meth:`PromotionRule.near`), each
+    measured as a teacher on EVAL, by ordinal; their label IoU goes into the trials' records. Empty
+    when the rule does not compare teachers, nothing can be refined, or fewer than two are near."""
+    if not ctx.rule.compares_teachers or ctx.nothing_to_refine:
+        return {}
+    near = ctx.rule.near(candidates)
+    if len(near) < 2:
+        return {}
+    measured = {c.ordinal: MeasuredTeacher(measure_teacher(ctx, c.checkpoint)) for c in near}
+    for trial in it.search.trials:
+        if trial.ordinal in measured:
+            trial.eval_label_iou = measured[trial.ordinal].record.label_iou_pixels
+            ctx.tracker.metrics(trial.run_id, {"eval_label_iou": trial.eval_label_iou})
+    ranked = sorted(measured.items(), key=lambda kv: -kv[1].record.label_iou_pixels)
+    ctx.say(
+        f"iteration {k}: {len(near)} models within {ctx.rule.margin:g} of the best EVAL IoU, as teachers on EVAL (label IoU): "
+        + ", ".join(f"trial {o} {m.record.label_iou_pixels:.3f}" for o, m in ranked)
+    )
+    return measured
 
 
 def draw_promoted_overlays(ctx: LoopContext, checkpoint: str, iter_dir: Path) -> Path | None:
@@ -292,27 +336,23 @@ def no_model_message(ctx: LoopContext, candidates) -> str:
 def teacher_stage(ctx: LoopContext, k: int, it: IterationRecord) -> TeacherRecord | None:
     """EVAL label IoU of the promoted model as a teacher, and the refinement rule chosen on EVAL
     (skipped when no later iteration could train on what it would refine)."""
-    if it.promoted is None or it.teacher is not None or ctx.nothing_to_refine:
+    if it.promoted is None or ctx.nothing_to_refine or (it.teacher is not None and it.teacher.logged):
         return it.teacher
-    from bss.hybrid import teacher_quality
-
-    start = time.perf_counter()
-    s = ctx.settings
-    quality = teacher_quality.measure_teacher(
-        it.promoted.checkpoint, s.dataset, s.data_root, batch_size=ctx.hybrid_batch_size, device="cpu" if not ctx.gpus else "auto"
-    )
-    it.teacher = t = TeacherRecord(**quality.to_dict(), seconds=round(time.perf_counter() - start, 2))
-    ctx.state.save()
+    if it.teacher is None:
+        it.teacher = measure_teacher(ctx, it.promoted.checkpoint)
+    t = it.teacher
     ctx.tracker.metrics(
         it.run_id,
         {
-            "eval_label_iou": quality.label_iou,
-            "eval_box_label_iou": quality.box_iou_pixels,
-            "eval_raw_label_iou": quality.raw_iou_pixels,
-            "eval_default_rule_label_iou": quality.default.iou_pixels,
+            "eval_label_iou": t.label_iou_pixels,
+            "eval_box_label_iou": t.box_iou_pixels,
+            "eval_raw_label_iou": t.raw_iou_pixels,
+            "eval_default_rule_label_iou": t.default_rule_iou_pixels,
         },
     )
-    ctx.tracker.params(it.run_id, {f"refine.{key}": v for key, v in quality.best.rule.to_dict().items()})
+    ctx.tracker.params(it.run_id, {f"refine.{key}": v for key, v in t.rule.items()})
+    t.logged = True
+    ctx.state.save()
     from bss.hybrid.refine import describe
 
     ctx.say(
