@@ -8,7 +8,7 @@ Both ``make_hybrid(address=...)`` (:mod:`bss.hybrid.distributed`) and ``predict.
 ``"module:Class"`` (it knows nothing of Ray): ``Job(**kwargs)`` is built once per actor (the
 checkpoint loaded once), ``job.device`` names its device, and ``job.run(chunk)`` does one chunk of
 images, writing its files itself, each atomically, into a folder every node mounts, and returns
-small rows (never arrays): nothing but paths and rows crosses the network.
+something small (rows, a count; never arrays): nothing but paths and rows crosses the network.
 
 One actor per free CPU of the cluster (per GPU, ``num_gpus=1``, where the cluster has GPUs and the
 device is not ``cpu``), at most one per chunk. Each runs its chunks under
@@ -102,7 +102,7 @@ class RayPool:
         shared: str,
         lost: str,
     ) -> list[list]:
-        """Run ``job`` on every chunk across the cluster; each chunk's rows, in the order of ``chunks``.
+        """Run ``job`` on every chunk across the cluster; what each chunk returned, in the order of ``chunks``.
 
         ``needs``: paths every actor must see, else the node and the path are named with
         ``shared`` (what must be on storage every node mounts); ``verb`` ("refining") and

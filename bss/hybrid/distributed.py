@@ -7,9 +7,9 @@ one actor per free CPU of the cluster (per GPU where the cluster has GPUs and th
 ``cpu``), at most one per chunk; each loads the checkpoint once and refines its chunks with
 :func:`bss.hybrid.make.refine_samples`, the code the local path runs, with the same torch thread
 count (:func:`~bss.environment.deterministic_inference`), so its masks are the same bytes. Each
-image is written by the worker itself into the shared work folder (:mod:`bss.hybrid.partial`): a
-chunk returns only its images' manifest rows and label-quality counts, never arrays, so nothing
-but file paths and rows crosses the network. The data root, the checkpoint and the work folder
+image, with its manifest row and label-quality counts, is written by the worker itself into the
+shared work folder (:mod:`bss.hybrid.partial`): a chunk returns only how many images it refined,
+so nothing but file paths and counts crosses the network, and the driver keeps nothing per image. The data root, the checkpoint and the work folder
 must be on storage every node mounts (the loop assumes the same for checkpoints); a node that
 cannot see them is named in the error.
 
@@ -39,8 +39,8 @@ class RefineJob:
         self.rule, self.batch_size = RefineRule.from_dict(rule), batch_size
         self.device = self.predictor.device
 
-    def run(self, chunk: list[tuple[str, str, str, str | None]]) -> list[dict]:
-        """Refine ``(stem, image, box mask, truth or None)`` paths; their rows."""
+    def run(self, chunk: list[tuple[str, str, str, str | None]]) -> int:
+        """Refine ``(stem, image, box mask, truth or None)`` paths; how many."""
         from bss.hybrid.make import refine_samples
 
         samples = [Sample(stem, Path(image), Path(mask)) for stem, image, mask, _ in chunk]
