@@ -2,6 +2,7 @@
 and make_hybrid in the driver against make_hybrid on a Ray cluster of local worker nodes.
 
     python bench/scale.py stages [--sizes 300 3000 10000] [--steps 40] [--json out.json]
+    python bench/scale.py budget [--size 3000] [--steps 120] [--labelled 200] [--json out.json]
     python bench/scale.py ray [--sizes 300 3000] [--nodes 2] [--json out.json]
 
 ``stages``: for each size N, in a fresh process (so its peak memory is its own): a synthetic
@@ -30,6 +31,11 @@ same whatever the weights. torch runs ``--threads`` threads (default 1: the mach
 The table gives each stage's time and peak RSS per size, and its growth factor: time at the
 largest size / time at the smallest, divided by the ratio of the sizes (1: linear; about
 ``small/large``: constant).
+
+``budget``: at ``--size`` box-only images, three trials of one model, data and seed that differ
+only in their budget: ``--steps`` steps, one pass, and the CPU space's 8 passes (``train_steps:
+120, epochs: 8``), trained on the box-only images with their exact masks (``truth/``: an H<n> of
+perfect labels, so only the budget differs) plus BASELINE; EVAL and TEST IoU of each.
 
 ``ray``: make_hybrid in this process (``local``) and ``make_hybrid(address=...)`` on one cluster
 (``ray start`` head with 0 CPUs + ``--nodes`` 1-CPU worker nodes, one token file, as
@@ -147,6 +153,11 @@ def reset_peak() -> bool:
         return False
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def status_mib(key: str) -> float:
     """``VmHWM`` (peak RSS) or ``VmRSS`` of this process in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -164,14 +175,19 @@ class Stages:
     def __call__(self, name: str, fn):
         reset_peak()
         before = status_mib("VmRSS")
+        cpu = cpu_seconds()
         start = time.perf_counter()
         out = fn()
         row = self.rows[name] = {
             "seconds": round(time.perf_counter() - start, 3),
+            "cpu_seconds": round(cpu_seconds() - cpu, 3),  # this process's user + system time: less sensitive to a shared machine's load than wall time
             "peak_rss_mib": round(status_mib("VmHWM"), 1),
             "rss_before_mib": round(before, 1),
         }
-        print(f"  {name:<22} {row['seconds']:8.2f} s  peak RSS {row['peak_rss_mib']:7.1f} MiB (RSS {row['rss_before_mib']:7.1f} MiB before)", flush=True)
+        print(
+            f"  {name:<22} {row['seconds']:8.2f} s (CPU {row['cpu_seconds']:7.2f} s)  peak RSS {row['peak_rss_mib']:7.1f} MiB (RSS {row['rss_before_mib']:7.1f} MiB before)",
+            flush=True,
+        )
         return out
 
 
@@ -223,8 +239,8 @@ def mlflow_logging(work: Path, hybrid: Path, trial: dict) -> None:
     parent = tracker.create("iteration 0", None, {"bss.kind": "iteration"})
     tracker.artifact(parent, hybrid / "manifest.json", "hybrid")
     tracker.artifact(parent, hybrid / "label_quality.json", "hybrid")
-    manifest = json.loads((hybrid / "manifest.json").read_text())
-    tracker.metrics(parent, {f"hybrid_{k}": v for k, v in (manifest["label_quality"] or {}).items()})
+    quality = json.loads((hybrid / "label_quality.json").read_text()) if (hybrid / "label_quality.json").is_file() else {}
+    tracker.metrics(parent, {f"hybrid_{k}": v for k, v in quality.items()})  # the loop has them in its record; the manifest is never parsed
     tracker.tag(parent, "bss.hybrid", hybrid.name)
     child = tracker.create("trial 1", parent, {"bss.kind": "trial"})
     tracker.params(child, trial["config"])
@@ -331,7 +347,7 @@ def budget(args, work: Path) -> list[dict]:
             "images": images,
             "steps": steps,
             "seconds": round(seconds, 1),
-            "eval_iou": round(fit.best_metrics["eval_iou"], 4),
+            "eval_iou": round(fit.best_metrics["iou"], 4),
             "test_iou": round(test["iou"], 4),
         }
         rows.append(row)
@@ -340,18 +356,29 @@ def budget(args, work: Path) -> list[dict]:
 
 
 def growth(rows: list[dict]) -> None:
-    """The table: per stage, time and peak RSS at each size and the growth factor."""
+    """The table: per stage, wall time, CPU time and peak RSS at each size, and the growth factors:
+    wall and CPU time at the largest size / at the smallest, over the ratio of the sizes (1:
+    linear, about small/large: constant), and CPU time between the two largest sizes (above 1:
+    faster than linear where the fixed costs no longer hide it)."""
     a, b = rows[0], rows[-1]
     ratio = b["box_only"] / a["box_only"]
     sizes = [r["box_only"] for r in rows]
     print()
-    print(f"{'stage':<22} " + " ".join(f"{f'{n} s':>10}" for n in sizes) + " " + " ".join(f"{f'{n} MiB':>10}" for n in sizes) + f" {'growth':>8}")
+    head = f"{'stage':<22} " + " ".join(f"{f'{n} s':>9}" for n in sizes) + " " + " ".join(f"{f'{n} cpu':>9}" for n in sizes)
+    print(head + " " + " ".join(f"{f'{n} MiB':>9}" for n in sizes) + f" {'growth':>7} {'cpu':>6} {'last2':>6}")
     for name in STAGES:
-        times = [r["stages"][name]["seconds"] for r in rows]
+        wall = [r["stages"][name]["seconds"] for r in rows]
+        cpu = [r["stages"][name].get("cpu_seconds", float("nan")) for r in rows]
         rss = [r["stages"][name]["peak_rss_mib"] for r in rows]
-        factor = times[-1] / max(times[0], 1e-9) / ratio
-        print(f"{name:<22} " + " ".join(f"{t:10.2f}" for t in times) + " " + " ".join(f"{m:10.1f}" for m in rss) + f" {factor:8.3f}")
-    print(f"{'whole process':<22} " + " " * (11 * len(rows)) + " ".join(f"{r['peak_rss_mib']:10.1f}" for r in rows))
+        last2 = cpu[-1] / max(cpu[-2], 1e-9) / (sizes[-1] / sizes[-2]) if len(rows) > 2 else float("nan")
+        print(
+            f"{name:<22} "
+            + " ".join(f"{t:9.2f}" for t in wall + cpu)
+            + " "
+            + " ".join(f"{m:9.1f}" for m in rss)
+            + f" {wall[-1] / max(wall[0], 1e-9) / ratio:7.3f} {cpu[-1] / max(cpu[0], 1e-9) / ratio:6.3f} {last2:6.3f}"
+        )
+    print(f"{'whole process':<22} " + " " * (20 * len(rows)) + " ".join(f"{r['peak_rss_mib']:9.1f}" for r in rows))
     for r in rows:
         d = r["disk"]
         print(
@@ -380,12 +407,12 @@ def stages(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{stages,budget,ray}")
     st = sub.add_parser("stages", help="the loop's stages at each size")
     st.add_argument("--sizes", type=int, nargs="+", default=[300, 3000, 10000], help="box-only images per run")
     st.add_argument("--steps", type=int, default=40, help="optimizer steps of the trial (batch 8), whatever the size")
     st.add_argument("--threads", type=int, default=1, help="torch threads")
-    one = sub.add_parser("_one", help=argparse.SUPPRESS)
+    one = sub.add_parser("_one")  # one size of `stages`, in its own process
     one.add_argument("size", type=int)
     one.add_argument("--work", required=True)
     one.add_argument("--out", required=True)

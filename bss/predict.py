@@ -244,7 +244,9 @@ def _predict_on_cluster(
         "bss.predict:PredictJob",
         kwargs,
         [checkpoint, images_dir.resolve(), folder],
-        chunked([str(p.resolve()) for p in paths], cluster.slots, batch_size),
+        chunked(
+            [str(images_dir.resolve() / p.name) for p in paths], cluster.slots, batch_size
+        ),  # the folder resolved, not a linked image (its name is the mask's)
         threads,
         progress,
         "predicting",
@@ -252,6 +254,8 @@ def _predict_on_cluster(
         shared="to predict on a cluster, the images folder, the checkpoint and the --out folder's parent",
         lost="nothing was written: rerun the same command.",
     )
+    for stray in folder.glob("*/.*.tmp"):  # a file a killed worker left half written (its chunk was retried)
+        stray.unlink(missing_ok=True)
     return [row for chunk in chunks for row in chunk], threads
 
 

@@ -25,8 +25,8 @@ from conftest import make_source_dataset, train_toy_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The toy checkpoint, a folder of 12 new frames of two sizes (64x64, 72x40), and a cluster: a
-    head with no CPU for work and two 1-CPU worker nodes."""
+    """The toy checkpoint, a folder of 13 new frames of two sizes (64x64, 72x40; one a symbolic
+    link, named by the link), and a cluster: a head with no CPU for work and two 1-CPU worker nodes."""
     folder = tmp_path_factory.mktemp("predict-ray")
     checkpoint, _ = train_toy_checkpoint(folder / "teacher")
     images = folder / "new"
@@ -35,6 +35,7 @@ def world(tmp_path_factory):
         source = make_source_dataset(folder / "footage", name=name, n=6, labelled=3, size=size, seed=7)
         for path in (source / "images").iterdir():
             shutil.copy(path, images / f"{name}_{path.name}")
+    (images / "c_link.png").symlink_to(folder / "footage" / "a" / "images" / "img_000.png")
     cluster = RayNodes()
     try:
         cluster.head(cpus=0)
@@ -60,11 +61,11 @@ def test_a_folder_predicted_on_two_worker_nodes_equals_the_local_path(world):
     local = predict(checkpoint, images, folder / "local", cluster.env)
     assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
     expected = files(folder / "local")
-    assert len(expected) == 3 * 12  # masks, overlays, probabilities
+    assert len(expected) == 3 * 13 and "masks/c_link.png" in expected  # masks, overlays, probabilities
 
     run = predict(checkpoint, images, folder / "ray", cluster.env, "--address", cluster.address)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    assert "12 images -> " in run.stdout and "on Ray nodes w1, w2" in run.stdout, run.stdout
+    assert "13 images -> " in run.stdout and "on Ray nodes w1, w2" in run.stdout, run.stdout
     assert files(folder / "ray") == expected
     summary = {name: json.loads((folder / name / "predictions.json").read_text()) for name in ("local", "ray")}
     assert summary["ray"]["images"] == summary["local"]["images"]
