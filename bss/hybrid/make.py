@@ -189,9 +189,9 @@ def refine_samples(
     desc: str = "refining",
 ) -> int:
     """Predict every sample, refine it and write it into ``partial`` (each image on its own, so a
-    kill keeps what was done, its manifest row with it); how many were refined. Nothing per image
-    is kept in memory (the rows are read back from ``partial`` when ``H<n>`` is assembled), so
-    memory does not grow with the images. Writer threads refine and write while the model
+    kill keeps what was done, its manifest row with it); how many were refined. No per-image
+    result is kept here (the rows are read back from ``partial`` when ``H<n>`` is assembled, and
+    a Ray chunk returns only its count). Writer threads refine and write while the model
     runs (where there are cores to spare); the queue is bounded so memory stays flat (at most ~2
     batches of probability maps wait). The caller fixes torch's threads
     (:func:`~bss.environment.deterministic_inference`). Runs in the driver, or in a Ray worker
