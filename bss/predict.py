@@ -11,7 +11,12 @@ writes, for every image (any size) of the folder::
 
 Inference goes through :mod:`bss.inference` (the training preprocessing, batched, streamed).
 The output folder is written under a temporary name and renamed at the end, so a corrupt image
-or an interruption leaves nothing half written. An existing non-empty ``out`` is refused unless
+or an interruption leaves nothing half written. With ``address`` the images are predicted on the
+Ray cluster there (:mod:`bss.distributed`, as ``make_hybrid`` refines): chunks of images go to
+one actor per free CPU (per GPU where the cluster has GPUs), each computing with the driver's
+torch thread count and writing its files itself, each atomically, into the temporary folder (the
+images folder, the checkpoint and ``out``'s parent must be on storage every node mounts); the
+files are the same bytes as without ``address``. An existing non-empty ``out`` is refused unless
 ``overwrite``, and even then only a folder that holds a previous prediction is replaced.
 """
 
@@ -26,7 +31,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from bss.data.io import atomic_folder, check_folder_path, is_image, write_image, write_mask
+from bss.data.io import atomic_folder, atomic_path, check_folder_path, is_image
 from bss.errors import BSSError, DatasetError
 from bss.inference import ImageFolderDataset, Predictor
 from bss.visualization import PRED_COLOUR, tint
@@ -110,7 +115,10 @@ def predict_folder(
     device: str = "auto",
     tta: bool = False,
     progress: bool = True,
+    address: str | None = None,
 ) -> PredictResult:
+    """``address``: predict on the Ray cluster there (``host:port``, ``auto``; a Ray this process
+    joined is reused), the same files as without it; None (the default): in this process, no Ray."""
     start = time.perf_counter()
     images_dir, out = Path(images), Path(out)
     paths = list_images(images_dir)
@@ -119,41 +127,100 @@ def predict_folder(
     threshold = predictor.config.threshold if threshold is None else float(threshold)
     if not 0.0 < threshold < 1.0:
         raise BSSError(f"--threshold must be between 0 and 1, got {threshold}.")
+    cluster = None
+    if address:
+        from bss.distributed import connect
+
+        cluster = connect(address, device, what="predict")
     was_empty_dir = out.is_dir() and not any(out.iterdir())
     if was_empty_dir:
         out.rmdir()  # an empty folder given as --out: fill it atomically (recreated on failure)
     try:
         return _write(
-            predictor, paths, images_dir, out, Path(checkpoint), threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start
+            predictor,
+            paths,
+            images_dir,
+            out,
+            Path(checkpoint),
+            threshold,
+            overwrite,
+            probabilities,
+            overlays,
+            batch_size,
+            num_workers,
+            progress,
+            start,
+            cluster,
         )
     except BaseException:
         if was_empty_dir and not out.exists():
             out.mkdir()
         raise
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def write_prediction(folder: Path, item: dict, prob: np.ndarray, threshold: float, overlays: bool, probabilities: bool, atomic: bool = False) -> dict:
+    """One image's files in ``folder`` (mask, overlay, probability); its row of predictions.json.
+    ``atomic``: each file written under a temporary name and renamed (a worker on a cluster,
+    whose chunk may be retried); the bytes are the same either way."""
+    path = item["path"]
+    mask = prob > threshold
+    files = [("masks", (mask > 0).astype(np.uint8) * 255)]  # write_mask's 0/255
+    if overlays:
+        files.append(("overlays", np.asarray(tint(item["rgb"], mask, PRED_COLOUR), dtype=np.uint8)))
+    if probabilities:
+        files.append(("probabilities", np.clip(prob * 255.0 + 0.5, 0, 255).astype(np.uint8)))
+    for sub, array in files:
+        target = folder / sub / f"{path.stem}.png"
+        if not atomic:
+            Image.fromarray(array).save(target)  # as write_mask / write_image save it
+            continue
+        with atomic_path(target, fsync=False) as tmp:
+            Image.fromarray(array).save(tmp, format="PNG")
+    return {"image": path.name, "height": int(prob.shape[0]), "width": int(prob.shape[1]), "foreground_fraction": round(float(mask.mean()), 5)}
+
+
+class PredictJob:
+    """What one Ray worker of ``predict_folder(address=...)`` does (:mod:`bss.distributed`): the
+    checkpoint loaded once, chunks of image paths predicted into the output's temporary folder."""
+
+    def __init__(self, checkpoint: str, folder: str, device: str, tta: bool, threshold: float, overlays: bool, probabilities: bool, batch_size: int):
+        self.predictor = Predictor.from_checkpoint(checkpoint, device=device, tta=tta)
+        self.folder, self.threshold, self.overlays, self.probabilities, self.batch_size = Path(folder), threshold, overlays, probabilities, batch_size
+        self.device = self.predictor.device
+
+    def run(self, chunk: list[str]) -> list[dict]:
+        dataset = ImageFolderDataset(chunk, self.predictor.input_size, keep_image=self.overlays)
+        return [
+            write_prediction(self.folder, item, prob, self.threshold, self.overlays, self.probabilities, atomic=True)
+            for item, prob in self.predictor.predict(dataset, self.batch_size, 0, False)
+        ]
 
 
 def _write(
-    predictor, paths, images_dir, out, checkpoint, threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start
+    predictor, paths, images_dir, out, checkpoint, threshold, overwrite, probabilities, overlays, batch_size, num_workers, progress, start, cluster=None
 ) -> PredictResult:
     rows = []
-    dataset = ImageFolderDataset(paths, predictor.input_size, keep_image=overlays)
+    inference = predictor.describe()
     with atomic_folder(out, overwrite=overwrite) as tmp:
         for sub in ("masks",) + (("overlays",) if overlays else ()) + (("probabilities",) if probabilities else ()):
             (tmp / sub).mkdir()
-        for item, prob in predictor.predict(dataset, batch_size, num_workers, progress, desc="predicting"):
-            path = item["path"]
-            mask = prob > threshold
-            write_mask(tmp / "masks" / f"{path.stem}.png", mask)
-            if overlays:
-                write_image(tmp / "overlays" / f"{path.stem}.png", tint(item["rgb"], mask, PRED_COLOUR))
-            if probabilities:
-                Image.fromarray(np.clip(prob * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(tmp / "probabilities" / f"{path.stem}.png")
-            rows.append({"image": path.name, "height": int(prob.shape[0]), "width": int(prob.shape[1]), "foreground_fraction": round(float(mask.mean()), 5)})
+        if cluster is None:
+            dataset = ImageFolderDataset(paths, predictor.input_size, keep_image=overlays)
+            for item, prob in predictor.predict(dataset, batch_size, num_workers, progress, desc="predicting"):
+                rows.append(write_prediction(tmp, item, prob, threshold, overlays, probabilities))
+        else:
+            rows, threads = _predict_on_cluster(
+                cluster, predictor, paths, images_dir, tmp, Path(checkpoint), threshold, overlays, probabilities, batch_size, progress
+            )
+            inference.update(cluster.describe(), torch_threads=threads)
         summary = {
             "checkpoint": str(Path(checkpoint).resolve()),
             "images_dir": str(images_dir.resolve()),
             "threshold": threshold,
-            "inference": predictor.describe(),
+            "inference": inference,
             "count": len(rows),
             "images": rows,
         }
@@ -161,4 +228,35 @@ def _write(
     return PredictResult(out=out, count=len(rows), seconds=time.perf_counter() - start, summary=summary)
 
 
-__all__ = ["PredictResult", "check_out", "list_images", "predict_folder"]
+def _predict_on_cluster(
+    cluster, predictor, paths, images_dir, tmp, checkpoint, threshold, overlays, probabilities, batch_size, progress
+) -> tuple[list[dict], int]:
+    """The images predicted by the cluster's actors into ``tmp``: their rows in the images' order, and the actors' torch threads."""
+    import torch
+
+    from bss.distributed import chunked
+
+    threads = torch.get_num_threads()  # what this process would compute with: the same bytes as the local path
+    checkpoint, folder = checkpoint.resolve(), tmp.resolve()
+    kwargs = {"checkpoint": str(checkpoint), "folder": str(folder), "device": cluster.device, "tta": predictor.tta, "threshold": threshold}
+    kwargs.update(overlays=overlays, probabilities=probabilities, batch_size=batch_size)
+    chunks = cluster.map(
+        "bss.predict:PredictJob",
+        kwargs,
+        [checkpoint, images_dir.resolve(), folder],
+        chunked(
+            [str(images_dir.resolve() / p.name) for p in paths], cluster.slots, batch_size
+        ),  # the folder resolved, not a linked image (its name is the mask's)
+        threads,
+        progress,
+        "predicting",
+        verb="predicting",
+        shared="to predict on a cluster, the images folder, the checkpoint and the --out folder's parent",
+        lost="nothing was written: rerun the same command.",
+    )
+    for stray in folder.glob("*/.*.tmp"):  # a file a killed worker left half written (its chunk was retried)
+        stray.unlink(missing_ok=True)
+    return [row for chunk in chunks for row in chunk], threads
+
+
+__all__ = ["PredictJob", "PredictResult", "check_out", "list_images", "predict_folder", "write_prediction"]

@@ -1,12 +1,15 @@
 """Predict masks for new images (any size) or inspection videos with a trained checkpoint.
 
     python drivers/predict.py --model runs/train/best.pt --images new_frames/ --out predictions/
-        [--probabilities] [--no-overlays] [--threshold 0.5] [--tta] [--overwrite]
+        [--probabilities] [--no-overlays] [--threshold 0.5] [--tta] [--overwrite] [--address HOST:PORT]
     python drivers/predict.py --model runs/train/best.pt --video survey.mp4 --out predictions/
         [--every N | --fps F] [--masks] [--alert 0.01] [--threshold 0.5] [--tta] [--overwrite]
 
 Images: writes OUT/masks/<stem>.png (0/255, the image's size), OUT/overlays/<stem>.png,
 optionally OUT/probabilities/<stem>.png (8-bit probability) and OUT/predictions.json.
+--address predicts them on the nodes of a Ray cluster (one worker per CPU, per GPU where the
+cluster has GPUs), the same files byte for byte; the images folder, the checkpoint and OUT's
+parent must be on storage every node mounts.
 
 Video (a file, or a folder of videos): frames streamed with OpenCV, every N-th kept (--fps F:
 every round(source rate / F)-th), predicted in batches; writes OUT/<video>_overlay.mp4 (the kept
@@ -50,10 +53,17 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, help="images: DataLoader worker processes decoding images (default: 0 on 2 cores or fewer, else up to 4)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--address",
+        help="images: predict on the Ray cluster at ADDRESS (host:port, or auto): one worker per CPU (per GPU where the cluster has GPUs); "
+        "the images folder, the checkpoint and --out's parent must be on storage every node mounts. Default: in this process",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.images and (args.every or args.fps or args.masks):
         parser.error("--every, --fps and --masks are for --video")
+    if args.video and args.address:
+        parser.error("--address is for --images (a video is predicted in this process)")
     return args
 
 
@@ -73,8 +83,12 @@ def main() -> int:
     from bss.predict import predict_folder
 
     workers = default_workers() if args.workers is None else args.workers
-    result = predict_folder(args.model, args.images, args.out, probabilities=args.probabilities, overlays=not args.no_overlays, num_workers=workers, **common)
-    print(f"{result.count} images -> {result.out} ({result.seconds:.1f} s, {result.count / max(result.seconds, 1e-9):.1f} images/s)")
+    result = predict_folder(
+        args.model, args.images, args.out, probabilities=args.probabilities, overlays=not args.no_overlays, num_workers=workers, address=args.address, **common
+    )
+    ray = result.summary["inference"].get("ray")
+    where = f" on Ray nodes {', '.join(ray['nodes'])}" if ray else ""
+    print(f"{result.count} images -> {result.out}{where} ({result.seconds:.1f} s, {result.count / max(result.seconds, 1e-9):.1f} images/s)")
     return 0
 
 

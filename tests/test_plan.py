@@ -256,3 +256,22 @@ def test_a_space_that_sets_batch_size_keeps_its_batch_and_the_plan_says_so():
     assert applied_plan(searched, plan) == plan
     cpu = make_plan(CCTV, "cpu")
     assert applied_plan(batched, cpu) == cpu  # a CPU plan has no batch to give up
+
+
+def test_the_trial_budget_line_says_how_a_trials_steps_grow_with_the_training_set():
+    """cpu.yaml's 120 steps / 8 passes: train_steps decides for 72 BASELINE images, 8 passes for
+    10,036 (10,032 steps, 84x the train_steps); epochs 1 with max_steps_per_epoch fixes the budget."""
+    from bss.search.plan import trial_budget
+
+    cfg = load_space(REPO / "search_spaces" / "cpu.yaml", BASE).apply(BASE, {})
+    assert trial_budget(cfg, 72).startswith("trial budget: 126 optimizer steps of 8 images (14 passes over 72 images): train_steps 120 decides")
+    big = trial_budget(cfg, 10_036)
+    assert big.startswith(
+        "trial budget: 10,032 optimizer steps of 8 images (8 passes over 10,036 images): epochs 8 decides (train_steps 120 would be 84x fewer)"
+    )
+    assert "max_steps_per_epoch" in big and "--budget" in big
+    capped = trial_budget(dict(cfg, epochs=1, train_steps=0, max_steps_per_epoch=120), 10_036)
+    assert (
+        capped
+        == "trial budget: 120 optimizer steps of 8 images (1 pass over 10,036 images, at most 120 steps a pass): fixed, whatever the size of the training set"
+    )

@@ -514,6 +514,7 @@ def test_a_dataset_with_no_box_only_image_runs_one_plain_search(setup_loop, caps
     result = run_loop(options(iterations=3))
     out = capsys.readouterr().out
     assert out.index("has no box-only image (every image is hand-labelled)") < out.index("== iteration 0")
+    assert out[out.index("== iteration 0") :].splitlines()[1].startswith("  trial budget: "), out  # how the trials' steps scale, under each search's header
     assert len(calls) == 1 and result.final_iteration == 0 and result.stopped is None and "eval_label_iou" not in result.rows[0]
     assert not any(p.name.startswith("toy_H") for p in root.iterdir()) and (tmp_path / "run" / "best.pt").is_file()
 

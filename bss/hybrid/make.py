@@ -187,22 +187,24 @@ def refine_samples(
     num_workers: int,
     progress: bool,
     desc: str = "refining",
-) -> list[dict]:
+) -> int:
     """Predict every sample, refine it and write it into ``partial`` (each image on its own, so a
-    kill keeps what was done); their rows in order. Writer threads refine and write while the model
+    kill keeps what was done, its manifest row with it); how many were refined. No per-image
+    result is kept here (the rows are read back from ``partial`` when ``H<n>`` is assembled, and
+    a Ray chunk returns only its count). Writer threads refine and write while the model
     runs (where there are cores to spare); the queue is bounded so memory stays flat (at most ~2
     batches of probability maps wait). The caller fixes torch's threads
     (:func:`~bss.environment.deterministic_inference`). Runs in the driver, or in a Ray worker
     (:mod:`bss.hybrid.distributed`) on a chunk of the images."""
     if not samples:
-        return []
+        return 0
     images = ImageFolderDataset(
         [s.image for s in samples],
         predictor.input_size,
         extras={"box": [s.mask for s in samples], "truth": [truths.get(s.stem) for s in samples]},
         keep_image=rule.needs_image,  # e.g. the colour refinement (grabcut) needs the image itself
     )
-    rows: list[dict] = []
+    done = 0
     pending: deque = deque()
     threads = writer_threads()
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="hybrid-writer") as pool:
@@ -211,18 +213,21 @@ def refine_samples(
                 sample = samples[item["index"]]
                 args = (sample, item["box"], item["truth"], prob, item.get("rgb"), rule, truths.get(sample.stem), partial)
                 if threads == 0:
-                    rows.append(_refine_one(*args))
+                    _refine_one(*args)
+                    done += 1
                     continue
                 pending.append(pool.submit(_refine_one, *args))
                 while len(pending) > 2 * max(1, batch_size):
-                    rows.append(pending.popleft().result())
+                    pending.popleft().result()
+                    done += 1
             while pending:
-                rows.append(pending.popleft().result())
+                pending.popleft().result()
+                done += 1
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
-    return rows
+    return done
 
 
 class _Assembly:

@@ -18,6 +18,13 @@ planned scale (a frame that fits one patch) rounded up, so the planned minimums 
 The batch size: the config's on a CPU (the time budget limits a trial there); on a GPU, where
 memory limits it, one planned from the network input's area (:func:`plan_batch`).
 
+The trial budget (:func:`trial_budget`, printed at each search's start) is not planned: trials
+train ``max(train_steps, epochs passes)`` optimizer steps (the CPU space: 120 steps / 8 passes),
+so past ``train_steps x batch_size / epochs`` training images (120 on the CPU space) a trial's cost
+grows with the data: 8 passes over 10,000 images are 10,000 steps of 8, 83 times the 120 of a
+small set. A fixed number of steps whatever the size (as nnU-Net's 250 x 1000) is the space's
+``fixed: {epochs: 1, max_steps_per_epoch: S}``; ``--budget`` bounds the whole loop's time instead.
+
 The plan is made once, by the data stage, and kept in ``state.json`` (a resumed run keeps its
 plan); every trial's config records it, so ``predict.py`` needs no flag. It is not applied where
 the search space fixes or searches ``image_size`` (or the base config or space sets
@@ -93,6 +100,27 @@ class Plan:
         if self.batch_size is not None:
             cfg["batch_size"] = int(self.batch_size)
         return cfg
+
+
+def trial_budget(cfg: dict, train_images: int) -> str:
+    """One line: the optimizer steps a trial of config ``cfg`` (the space's fixed keys applied)
+    trains on ``train_images`` images, and whether that grows with the data."""
+    from bss.config import from_dict
+
+    c = from_dict(cfg)
+    per_epoch, epochs = c.steps_per_epoch(train_images), c.planned_epochs(train_images)
+    steps = per_epoch * epochs
+    head = f"trial budget: {steps:,} optimizer steps of {c.batch_size} images ({epochs} pass{'es' if epochs != 1 else ''} over {train_images:,} images"
+    if c.max_steps_per_epoch and per_epoch < max(1, train_images // c.batch_size):
+        return head + f", at most {c.max_steps_per_epoch} steps a pass): fixed, whatever the size of the training set"
+    if not c.train_steps:
+        return head + f"): epochs {c.epochs} decides, so the budget grows with the training set"
+    if steps <= c.train_steps + per_epoch:
+        return head + f"): train_steps {c.train_steps} decides"
+    return (
+        head + f"): epochs {c.epochs} decides (train_steps {c.train_steps} would be {steps / c.train_steps:.0f}x fewer), so it grows with the training set; "
+        "to fix it, set the space's fixed epochs: 1 and max_steps_per_epoch, or bound the loop with --budget"
+    )
 
 
 def check_resolution(resolution: str, patch_size: int | None) -> None:

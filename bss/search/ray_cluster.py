@@ -63,6 +63,8 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
     quiet_environment()
     started = False
     if not ray.is_initialized():
+        if address:
+            probe_address(address)
         path = os.environ.get("PYTHONPATH", "")
         if str(ROOT) not in path.split(os.pathsep):
             os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
@@ -165,6 +167,23 @@ class HeadWatch:
             flush=True,
         )
         os._exit(2)
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """An explicit ``host:port`` where nothing accepts a TCP connection within ``timeout`` seconds
+    is one :class:`BSSError` line, within seconds (``ray.init`` itself would retry for minutes);
+    ``auto``, ``local`` and ``ray://`` addresses are left to Ray."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BSSError(f"--address {address}: expected HOST:PORT of a Ray cluster's head (e.g. 10.0.0.5:6379), or auto.")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        reason = (exc.strerror or type(exc).__name__).lower() if not isinstance(exc, TimeoutError) else f"no answer within {timeout:g} s"
+    raise BSSError(f"no Ray cluster answers at {address} ({reason}): start its head there (ray start --head --port {port}), or check --address.")
 
 
 def stop_ray() -> None:

@@ -24,7 +24,7 @@ import yaml
 from bss.data.io import file_sha256
 from bss.errors import BSSError
 from bss.search.data_stage import count_images
-from bss.search.plan import Plan, for_space, not_applied, whole_frame
+from bss.search.plan import Plan, for_space, not_applied, trial_budget, whole_frame
 from bss.search.promotion import PromotionRule, TeacherScore, promote
 from bss.search.ray_cluster import Resources
 from bss.search.record import BestRecord, HybridRecord, IterationRecord, LoopRecord, SearchRecord, TeacherRecord, TrialRecord
@@ -177,6 +177,7 @@ def search_stage(ctx: LoopContext, k: int, it: IterationRecord) -> SearchRecord:
     context, algorithm, scheduler, points, what = search_context(ctx, k, it)
     n_images = count_images(Path(s.data_root) / it.train_dataset)
     ctx.say(f"\n== iteration {k}: {what} on {it.train_dataset} ({n_images} images), judged on {s.dataset}_EVAL ==")
+    ctx.say("  " + trial_budget(context.space.apply(context.base, {}) if context.space is not None else context.base, n_images))
     mode = "retrain" if algorithm == "replicas" else "search"
     ctx.tracker.params(
         it.run_id, {"iteration": k, "train_dataset": it.train_dataset, "mode": mode, "trials": s.trials, "seed": context.seed, "algorithm": algorithm}
