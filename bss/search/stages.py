@@ -228,7 +228,7 @@ def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> Non
     trial finished an evaluation; at iteration 0 the dataset cannot train at all: an error)."""
     summary = ", ".join(f"{n} {state}" for state, n in it.search.counts.items() if n) or "no trial reported"
     teachers = measure_candidates(ctx, k, it, outcome.candidates)
-    winner = ctx.rule.choose(outcome.candidates, {o: q.score for o, q in teachers.items()})
+    winner = ctx.rule.choose(outcome.candidates, {o: TeacherScore(t.label_iou_pixels, tuple(t.label_image_iou or ())) for o, t in teachers.items()})
     if winner is None:
         ctx.state.save()
         ctx.say(f"iteration {k}: no trial reached {ctx.rule.floor_text()} ({summary}, {outcome.wall_seconds:.0f} s)")
@@ -238,7 +238,7 @@ def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> Non
     iter_dir = ctx.run_dir / f"iter_{k}"
     it.promoted = promoted = promote(winner, k, iter_dir)
     if winner.ordinal in teachers:  # measured already: the teacher stage has nothing left to do
-        it.teacher = teachers[winner.ordinal].record
+        it.teacher = teachers[winner.ordinal]
     ctx.state.save()
     overlays = draw_promoted_overlays(ctx, promoted.checkpoint, iter_dir)
     tr, run_id = ctx.tracker, it.run_id
@@ -262,15 +262,6 @@ def promote_stage(ctx: LoopContext, k: int, it: IterationRecord, outcome) -> Non
     )
 
 
-@dataclass
-class MeasuredTeacher:
-    record: TeacherRecord
-
-    @property
-    def score(self) -> TeacherScore:
-        return TeacherScore(self.record.label_iou_pixels, tuple(self.record.label_image_iou or ()))
-
-
 def measure_teacher(ctx: LoopContext, checkpoint: str) -> TeacherRecord:
     """``checkpoint`` as a teacher on EVAL (:func:`bss.hybrid.teacher_quality.measure_teacher`)."""
     from bss.hybrid import teacher_quality
@@ -281,7 +272,7 @@ def measure_teacher(ctx: LoopContext, checkpoint: str) -> TeacherRecord:
     return TeacherRecord(**quality.to_dict(), seconds=round(time.perf_counter() - start, 2), logged=False)
 
 
-def measure_candidates(ctx: LoopContext, k: int, it: IterationRecord, candidates) -> dict[int, MeasuredTeacher]:
+def measure_candidates(ctx: LoopContext, k: int, it: IterationRecord, candidates) -> dict[int, TeacherRecord]:
     """Step 2 of the promotion rule: the near-equal candidates (:meth:`PromotionRule.near`), each
     measured as a teacher on EVAL, by ordinal; their label IoU goes into the trials' records. Empty
     when the rule does not compare teachers, nothing can be refined, or fewer than two are near."""
@@ -290,15 +281,15 @@ def measure_candidates(ctx: LoopContext, k: int, it: IterationRecord, candidates
     near = ctx.rule.near(candidates)
     if len(near) < 2:
         return {}
-    measured = {c.ordinal: MeasuredTeacher(measure_teacher(ctx, c.checkpoint)) for c in near}
+    measured = {c.ordinal: measure_teacher(ctx, c.checkpoint) for c in near}
     for trial in it.search.trials:
         if trial.ordinal in measured:
-            trial.eval_label_iou = measured[trial.ordinal].record.label_iou_pixels
+            trial.eval_label_iou = measured[trial.ordinal].label_iou_pixels
             ctx.tracker.metrics(trial.run_id, {"eval_label_iou": trial.eval_label_iou})
-    ranked = sorted(measured.items(), key=lambda kv: -kv[1].record.label_iou_pixels)
+    ranked = sorted(measured.items(), key=lambda kv: -kv[1].label_iou_pixels)
     ctx.say(
         f"iteration {k}: {len(near)} models within {ctx.rule.margin:g} of the best EVAL IoU, as teachers on EVAL (label IoU): "
-        + ", ".join(f"trial {o} {m.record.label_iou_pixels:.3f}" for o, m in ranked)
+        + ", ".join(f"trial {o} {m.label_iou_pixels:.3f}" for o, m in ranked)
     )
     return measured
 
