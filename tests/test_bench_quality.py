@@ -99,6 +99,22 @@ def test_box_label_iou_over_the_box_only_images(photos, tmp_path):
     assert 0.2 < p.box_label_iou < 0.9
 
 
+def test_synthetic_setting_at_its_own_frame_and_defect_area(tmp_path):
+    """A synthetic setting of another class name, frame size and defect area (issue 19's
+    large-frame settings): the loop's data and the held-out TEST are generated as asked."""
+    setting = bench.Setting("thin_gaps", 0, 16, 10, 5, defect="disconnect", frame=(128, 96), area_scale=0.3)
+    assert setting.synthetic and not bench.Setting("thin_gaps", 0, 16, 10, 5).synthetic
+    p = bench.prepare(setting, tmp_path / "work")
+    params = json.loads((p.headroom_root / "thin_gaps" / "generator.json").read_text())
+    assert (params["defect"], params["size"], params["area_scale"], params["seed"]) == ("disconnect", [128, 96], 0.3, 0)
+    assert (p.source_images, p.hand_labels, p.holdout_images) == (16, 10, 5)
+    held = sorted((p.holdout / "images").iterdir())
+    assert {read_mask(m).shape for m in (p.holdout / "masks").iterdir()} == {(96, 128)} and len(held) == 5
+    # the held-out frames are another seed's: none equals a frame the loop sees
+    seen = {hashlib.sha1(f.read_bytes()).hexdigest() for f in (p.headroom_root / "thin_gaps" / "images").iterdir()}
+    assert not seen & {hashlib.sha1(f.read_bytes()).hexdigest() for f in held}
+
+
 def test_too_many_hand_labels_for_the_source_is_refused(photos, tmp_path):
     with pytest.raises(SystemExit, match="hand-labelled images outside the hold-out"):
         bench.prepare(bench.Setting("toy", seed=0, images=None, hand_labels=21, holdout=6), tmp_path / "work", photos=photos)
