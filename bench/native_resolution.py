@@ -19,6 +19,15 @@ Settings (real photos from ``../shared/data/neu_seg``, never written to):
   with hand-labelled ones, so a mosaic is wholly hand-labelled or wholly box-only): the
   scratches as thin in pixels but the frame twice as wide, as a crack in a CCTV frame.
 
+Synthetic settings (``bss.data.synthetic``, 300 frames of which 30 hand-labelled, 60 held-out
+frames generated with seed 1000 + seed, as ``self_training_quality.py``):
+
+* ``disconnect_704_thin``: disconnects at the seed's frame size, 704x512, their area x0.1
+  (``--area-scale 0.1``): crescent gaps ~12 px thick in boxes ~200 px across, 2.8 px at the
+  whole frame's 160x116;
+* ``obstacle_1280_small``: obstacles in 1280x960 frames, their area x0.02: boxes ~70 px
+  across, ~9 px at the whole frame's 160x120.
+
 One run writes ``bench/results/native_resolution_<tag>.json`` and prints the Markdown table.
 
     python bench/native_resolution.py                                   # neu_scratches_2x2, seed 0: ~30 min on 2 cores
@@ -53,6 +62,11 @@ SETTINGS = {
     # dataset: (source under neu_seg, mosaic side, hand labels, held-out images)
     "neu_scratches": ("neu_scratches", 1, 36, 60),
     "neu_scratches_2x2": ("neu_scratches", 2, 14, 15),
+}
+SYNTHETIC_SETTINGS = {
+    # dataset: (generator class, frame WxH, defect area scale, frames, hand labels, held-out frames)
+    "disconnect_704_thin": ("disconnect", (704, 512), 0.1, 300, 30, 60),
+    "obstacle_1280_small": ("obstacle", (1280, 960), 0.02, 300, 30, 60),
 }
 PATHS = ("whole", "auto")
 
@@ -162,15 +176,19 @@ def run_path(path: str, setting: stq.Setting, prepared: stq.Prepared, work: Path
 
 
 def bench_one(dataset: str, seed: int, work: Path, budget: float, iterations: int) -> dict:
-    source_name, side, hand, holdout = SETTINGS[dataset]
     work = work / f"{dataset}-s{seed}"
     if work.exists():
         shutil.rmtree(work)
     photos = stq.NEU_ROOT
-    if side > 1:
-        photos = work / "mosaics"
-        mosaic_source(stq.NEU_ROOT / source_name, photos, side)
-    setting = stq.Setting(dataset, seed, None, hand, holdout)
+    if dataset in SYNTHETIC_SETTINGS:
+        defect, frame, area_scale, images, hand, holdout = SYNTHETIC_SETTINGS[dataset]
+        setting = stq.Setting(dataset, seed, images, hand, holdout, defect=defect, frame=frame, area_scale=area_scale)
+    else:
+        source_name, side, hand, holdout = SETTINGS[dataset]
+        if side > 1:
+            photos = work / "mosaics"
+            mosaic_source(stq.NEU_ROOT / source_name, photos, side)
+        setting = stq.Setting(dataset, seed, None, hand, holdout)
     prepared = stq.prepare(setting, work, photos=photos)
     stq.say(f"{dataset} seed {seed}: {prepared.source_images} images, {prepared.hand_labels} hand-labelled; held-out TEST {prepared.holdout_images}")
     results = [run_path(path, setting, prepared, work, budget, iterations) for path in PATHS]
@@ -209,7 +227,7 @@ def table(runs: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["neu_scratches_2x2"], choices=list(SETTINGS))
+    p.add_argument("--datasets", nargs="+", default=["neu_scratches_2x2"], choices=[*SETTINGS, *SYNTHETIC_SETTINGS])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--budget", type=parse_duration, default=parse_duration("12m"), help="--budget of each loop (default 12m)")
     p.add_argument("--iterations", type=int, default=2, help="iterations of each loop (default 2: iteration 0 and the students of H1)")

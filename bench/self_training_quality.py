@@ -76,10 +76,15 @@ class Setting:
     images: int | None  # synthetic: frames generated for the loop (photos: None, the source's images less the hold-out)
     hand_labels: int
     holdout: int
+    # synthetic only: the generator's class (None: the dataset's name), frame (WxH; None: the
+    # loop's CPU default, 256x192) and defect area (SynthConfig.area_scale)
+    defect: str | None = None
+    frame: tuple[int, int] | None = None
+    area_scale: float = 1.0
 
     @property
     def synthetic(self) -> bool:
-        return self.dataset in DEFECTS
+        return (self.defect or self.dataset) in DEFECTS
 
 
 @dataclass(frozen=True)
@@ -231,10 +236,11 @@ def synthetic_source(setting: Setting, root: Path, holdout_root: Path) -> Path:
     generated with another seed, written as ``holdout_root/TEST``."""
     from bss.search.data_stage import SYNTHETIC
 
-    spec, name = SYNTHETIC["cpu"], setting.dataset
-    generate_dataset(SynthConfig(name, name, setting.images, setting.hand_labels, spec["width"], spec["height"], setting.seed), root, workers=2)
+    name, defect = setting.dataset, setting.defect or setting.dataset
+    width, height = setting.frame or (SYNTHETIC["cpu"]["width"], SYNTHETIC["cpu"]["height"])
+    generate_dataset(SynthConfig(name, defect, setting.images, setting.hand_labels, width, height, setting.seed, setting.area_scale), root, workers=2)
     extra = generate_dataset(
-        SynthConfig(name, name, setting.holdout, 0, spec["width"], spec["height"], HOLDOUT_SEED + setting.seed), holdout_root, workers=2
+        SynthConfig(name, defect, setting.holdout, 0, width, height, HOLDOUT_SEED + setting.seed, setting.area_scale), holdout_root, workers=2
     ).folder
     _test_set(holdout_root / "TEST", sorted((extra / "images").iterdir()), extra / "truth", link_or_copy)
     shutil.rmtree(extra)

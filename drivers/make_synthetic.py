@@ -3,6 +3,7 @@
 
 python drivers/make_synthetic.py                       # datasets/obstacle, 1000 images
 python drivers/make_synthetic.py --name deposition --count 200 --size 352x288
+python drivers/make_synthetic.py --name small_obstacle --defect obstacle --size 1280x960 --area-scale 0.05   # small objects in large frames
 """
 
 import sys
@@ -23,6 +24,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=1000, help="number of images (default: 1000)")
     parser.add_argument("--hand-labelled", type=int, default=200, help="images that get exact polygons in labels.csv (default: 200)")
     parser.add_argument("--size", default="256x192", help="image size WIDTHxHEIGHT (default: 256x192)")
+    parser.add_argument(
+        "--area-scale",
+        type=float,
+        default=1.0,
+        help="the defects' area as a share of the default sizes (default: 1; 0.05: small objects, thin disconnect gaps)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default: 0)")
     parser.add_argument("--data-root", default="datasets", help="folder holding the datasets (default: datasets)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
@@ -35,13 +42,15 @@ def main(argv=None) -> int:
     try:
         width, height = parse_size(args.size)
         defect = args.defect or (args.name if args.name in DEFECTS else "obstacle")
-        cfg = SynthConfig(args.name, defect, args.count, args.hand_labelled, width, height, args.seed)
+        cfg = SynthConfig(args.name, defect, args.count, args.hand_labelled, width, height, args.seed, args.area_scale)
         report = generate_dataset(cfg, args.data_root, overwrite=args.overwrite, workers=args.workers)
     except BSSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"wrote {report.folder}: {report.count} {defect} images {width}x{height} (seed {args.seed}), "
+        f"wrote {report.folder}: {report.count} {defect} images {width}x{height} (seed {args.seed}"
+        + (f", defect area x{args.area_scale:g}" if args.area_scale != 1 else "")
+        + "), "
         f"{report.hand_labelled} hand-labelled, {report.empty} without a defect, in {report.seconds:.1f} s"
     )
     return 0

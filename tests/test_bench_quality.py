@@ -99,6 +99,22 @@ def test_box_label_iou_over_the_box_only_images(photos, tmp_path):
     assert 0.2 < p.box_label_iou < 0.9
 
 
+def test_synthetic_setting_at_its_own_frame_and_defect_area(tmp_path):
+    """A synthetic setting of another class name, frame size and defect area (issue 19's
+    large-frame settings): the loop's data and the held-out TEST are generated as asked."""
+    setting = bench.Setting("thin_gaps", 0, 16, 10, 5, defect="disconnect", frame=(128, 96), area_scale=0.3)
+    assert setting.synthetic and not bench.Setting("thin_gaps", 0, 16, 10, 5).synthetic
+    p = bench.prepare(setting, tmp_path / "work")
+    params = json.loads((p.headroom_root / "thin_gaps" / "generator.json").read_text())
+    assert (params["defect"], params["size"], params["area_scale"], params["seed"]) == ("disconnect", [128, 96], 0.3, 0)
+    assert (p.source_images, p.hand_labels, p.holdout_images) == (16, 10, 5)
+    held = sorted((p.holdout / "images").iterdir())
+    assert {read_mask(m).shape for m in (p.holdout / "masks").iterdir()} == {(96, 128)} and len(held) == 5
+    # the held-out frames are another seed's: none equals a frame the loop sees
+    seen = {hashlib.sha1(f.read_bytes()).hexdigest() for f in (p.headroom_root / "thin_gaps" / "images").iterdir()}
+    assert not seen & {hashlib.sha1(f.read_bytes()).hexdigest() for f in held}
+
+
 def test_too_many_hand_labels_for_the_source_is_refused(photos, tmp_path):
     with pytest.raises(SystemExit, match="hand-labelled images outside the hold-out"):
         bench.prepare(bench.Setting("toy", seed=0, images=None, hand_labels=21, holdout=6), tmp_path / "work", photos=photos)
@@ -202,3 +218,60 @@ def test_shared_neu_data_is_not_written_by_the_builder(tmp_path):
     assert (p.source_images, p.hand_labels, p.holdout_images) == (240, 36, 60)
     assert _snapshot(bench.NEU_ROOT / "neu_patches") == before
     assert not any(os.path.samefile(f, bench.NEU_ROOT / "neu_patches" / "images" / f.name) for f in (p.headroom_root / "neu_patches" / "images").iterdir())
+
+
+# ---- bench/quality_bar.py: the bar's verdict over every results file ----------------------------
+
+bar_spec = importlib.util.spec_from_file_location("quality_bar", REPO / "bench" / "quality_bar.py")
+quality_bar = importlib.util.module_from_spec(bar_spec)
+sys.modules[bar_spec.name] = quality_bar
+bar_spec.loader.exec_module(quality_bar)
+
+
+def _results_file(path: Path, started: str, runs: list[tuple[str, int, float, float, float]]) -> Path:
+    """A results file of (dataset, seed, iteration 0, final, ceiling) runs, boxes 0.6 -> H 0.8."""
+    rows = []
+    for dataset, seed, iter0, final, ceiling in runs:
+        figures = {
+            "iter0": iter0,
+            "final": final,
+            "ceiling": ceiling,
+            "headroom": ceiling - iter0,
+            "recovered": bench.recovered_fraction(iter0, final, ceiling),
+            "box_label_iou": 0.6,
+            "best_h_label_iou": 0.8,
+        }
+        rows.append({"setting": {"dataset": dataset, "seed": seed}, "figures": figures})
+    path.write_text(json.dumps({"benchmark": "self_training_quality", "code": {"describe": path.stem[-4:]}, "started": started, "runs": rows}))
+    return path
+
+
+def test_quality_bar_takes_the_newest_run_of_each_seed_and_judges_the_medians(tmp_path):
+    old = _results_file(
+        tmp_path / "old.json", "2026-12-01T00:00:00", [("obstacle", 0, 0.70, 0.80, 0.90), ("obstacle", 1, 0.70, 0.71, 0.90), ("obstacle", 2, 0.70, 0.72, 0.90)]
+    )
+    new = _results_file(tmp_path / "newr.json", "2026-12-02T00:00:00", [("obstacle", 1, 0.70, 0.85, 0.90), ("neu_patches", 0, 0.77, 0.76, 0.74)])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"benchmark": "native_resolution", "runs": [{"setting": {"dataset": "obstacle", "seed": 0}}]}))
+    runs = quality_bar.read_runs([new, old, other])  # the order of the files does not matter, the start time does
+    assert [(r.dataset, r.seed, r.source) for r in runs] == [
+        ("neu_patches", 0, "newr.json"),
+        ("obstacle", 0, "old.json"),
+        ("obstacle", 1, "newr.json"),
+        ("obstacle", 2, "old.json"),
+    ]
+    obstacle = [r for r in runs if r.dataset == "obstacle"]
+    # recovered per seed 0.5, 0.75, 0.1: median 0.5 meets the synthetic bar; final 0.80 > 0.70
+    assert quality_bar.verdict("obstacle", obstacle) == "met"
+    # with the old seed 1 (recovered 0.05) the median is 0.1: not met, and it says why
+    assert quality_bar.verdict("obstacle", quality_bar.read_runs([old])) == "not met: recovered 0.100 < 0.5"
+    assert quality_bar.verdict("neu_patches", runs[:1]) == "no headroom (median ceiling - iteration 0 = -0.030 < 0.05) so far; 1 of 3 seeds"
+    two = quality_bar.read_runs(
+        [_results_file(tmp_path / "two.json", "2026-12-03", [("neu_scratches", 0, 0.6, 0.7, 0.7), ("neu_scratches", 1, 0.6, 0.6, 0.7)])]
+    )
+    assert quality_bar.verdict("neu_scratches", two) == "met so far; 2 of 3 seeds"  # medians: final 0.65 > 0.60, recovered 0.5 >= 0.3
+    worse = quality_bar.read_runs([_results_file(tmp_path / "w.json", "2026-12-04", [("deposition", s, 0.7, 0.69, 0.8) for s in range(3)])])
+    assert quality_bar.verdict("deposition", worse) == "not met: final 0.690 not above iteration 0 0.700; recovered -0.100 < 0.5"
+    table = quality_bar.table(runs)
+    assert "| obstacle | 0 1 2 | 0.700 | 0.800 (0.720-0.850) | 0.900 | 0.500 (0.100-0.750) (0.5) |" in table
+    assert "s1: newr @newr" in table and "s2: old @old" in table

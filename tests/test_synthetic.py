@@ -169,6 +169,8 @@ def test_refuses_to_overwrite(tmp_path):
         ({"width": 8}, "too small"),
         ({"defect": "crack"}, "unknown defect"),
         ({"name": "a/b"}, "plain folder name"),
+        ({"area_scale": 0.0}, "--area-scale 0 must be above 0"),
+        ({"area_scale": 3.0}, "--area-scale 3 must be above 0 and at most 2"),
     ],
 )
 def test_bad_arguments(tmp_path, changes, message):
@@ -284,3 +286,70 @@ def test_cli_refuses_existing(tmp_path):
     run = _cli(*args, cwd=tmp_path)
     assert run.returncode == 2 and "already exists" in run.stderr and "--overwrite" in run.stderr
     assert _cli(*args, "--overwrite", cwd=tmp_path).returncode == 0
+
+
+def test_area_scale_shrinks_the_defects_of_the_same_scenes(tmp_path):
+    """--area-scale keeps the scenes (the same frames have a defect) and shrinks the defects'
+    area about in proportion; 1 is the default, byte for byte."""
+    frames = {scale: [render_frame("obstacle", 256, 192, 0, i, area_scale=scale) for i in range(8)] for scale in (1.0, 0.2)}
+    default = [render_frame("obstacle", 256, 192, 0, i) for i in range(8)]
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.truth, b.truth) for a, b in zip(default, frames[1.0]))
+    big, small = (np.array([f.truth.sum() for f in frames[s]], float) for s in (1.0, 0.2))
+    has = big > 0
+    assert np.array_equal(has, small > 0), "the same frames have a defect"
+    ratio = float(np.median(small[has] / big[has]))
+    assert 0.1 < ratio < 0.35, ratio  # area x0.2 (the fitted shapes land near, not on, their targets)
+    small_set = generate_dataset(SynthConfig("s", "obstacle", 4, 2, W, H, 0, area_scale=0.2), tmp_path, workers=1)
+    default_set = generate_dataset(SynthConfig("d", "obstacle", 4, 2, W, H, 0), tmp_path, workers=1)
+    assert json.loads((small_set.folder / "generator.json").read_text())["area_scale"] == 0.2
+    assert "area_scale" not in json.loads((default_set.folder / "generator.json").read_text())
+
+
+def test_make_synthetic_area_scale_flag(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "drivers/make_synthetic.py",
+            "--name",
+            "tiny",
+            "--count",
+            "3",
+            "--hand-labelled",
+            "1",
+            "--size",
+            "96x64",
+            "--area-scale",
+            "0.3",
+            "--workers",
+            "1",
+            "--data-root",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "defect area x0.3" in out.stdout
+    assert json.loads((tmp_path / "tiny" / "generator.json").read_text())["area_scale"] == 0.3
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "drivers/make_synthetic.py",
+            "--name",
+            "bad",
+            "--count",
+            "3",
+            "--hand-labelled",
+            "1",
+            "--area-scale",
+            "-1",
+            "--data-root",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--area-scale -1 must be above 0" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -45,6 +45,7 @@ DEFECTS = ("obstacle", "deposition", "deformation", "disconnect")
 VERSION = 1
 EMPTY_FRACTION = 0.07  # share of images without any defect
 AREA_RANGE = (0.03, 0.20)  # a defect image's total defect area, as a share of the image
+MAX_AREA_SCALE = 2.0  # SynthConfig.area_scale's upper bound: 2 x 20 % of a frame is already most of the pipe
 MIN_SIDE = 32
 _LOG_Z = (math.log(0.3), math.log(60.0))  # the depth range the wall texture covers
 _BOTTOM = math.pi / 2
@@ -167,6 +168,7 @@ class Scene:
     joint_spacing: float  # depth between joints, in units of the reference depth
     joint_phase: float
     tex_size: tuple[int, int]  # (log z rows, theta columns) of the unrolled wall texture
+    area_scale: float = 1.0  # the defects' area as a share of AREA_RANGE's (SynthConfig.area_scale)
     light: np.ndarray | None = field(default=None, repr=False)  # per-pixel lamp light, set by _render_pipe
 
 
@@ -290,9 +292,10 @@ def _to_polygon(mask: np.ndarray) -> np.ndarray | None:
     return poly if len(poly) >= 3 and cv2.contourArea(poly) >= 6 else None
 
 
-def _target_area(rng, h, w) -> float:
+def _target_area(rng, scene: Scene) -> float:
+    """A defect image's total defect area in pixels: a log-uniform share of AREA_RANGE, times the scene's area_scale."""
     lo, hi = AREA_RANGE
-    return math.exp(rng.uniform(math.log(lo), math.log(hi))) * h * w
+    return math.exp(rng.uniform(math.log(lo), math.log(hi))) * scene.area_scale * scene.camera.height * scene.camera.width
 
 
 def _fit_area(build, target: float, scale: float, lo: float, hi: float, power: float = 0.5):
@@ -365,8 +368,8 @@ def _obstacles(rng, img, scene: Scene) -> list[np.ndarray]:
     h, w = cam.height, cam.width
     n = int(rng.choice([1, 1, 2, 2, 3]))
     polys = []
-    for area in rng.dirichlet(np.full(n, 2.0)) * _target_area(rng, h, w):
-        area = max(area, 0.006 * h * w)
+    for area in rng.dirichlet(np.full(n, 2.0)) * _target_area(rng, scene):
+        area = max(area, 0.006 * scene.area_scale * h * w)
         aspect = rng.uniform(1.0, 2.2)
         r = math.sqrt(area / (math.pi * 0.7))
         rx, ry = r * math.sqrt(aspect), r / math.sqrt(aspect)
@@ -414,7 +417,7 @@ def _deposition(rng, img, scene: Scene, z, theta) -> list[np.ndarray]:
     def build(half):
         return (along & (off < np.clip(half * edge, 0.02, 1.4) * ragged)).astype(np.uint8)
 
-    poly = _to_polygon(_fit_area(build, _target_area(rng, h, w), rng.uniform(0.2, 0.5), 0.02, 1.4, 1.0)[0])
+    poly = _to_polygon(_fit_area(build, _target_area(rng, scene), rng.uniform(0.2, 0.5), 0.02, 1.4, 1.0)[0])
     if poly is None:
         return []
     mask = _fill(poly, h, w)
@@ -439,7 +442,7 @@ def _deformation_plan(rng, scene: Scene, z, theta):
     def build(size):
         return (r2 < size * size).astype(np.uint8)
 
-    poly = _to_polygon(_fit_area(build, _target_area(rng, h, w), rng.uniform(0.3, 0.6), 0.05, 1.6)[0])
+    poly = _to_polygon(_fit_area(build, _target_area(rng, scene), rng.uniform(0.3, 0.6), 0.05, 1.6)[0])
     if poly is None:
         return None, None
     mask = _fill(poly, h, w)
@@ -470,8 +473,7 @@ def _paint_deformation(rng, img, scene: Scene, bump):
 def _disconnect_plan(rng, scene: Scene, xx, yy):
     """A joint whose far pipe is shifted sideways: the crescent gap, the far-pipe mask and its offset."""
     cam = scene.camera
-    h, w = cam.height, cam.width
-    target = _target_area(rng, h, w)
+    target = _target_area(rng, scene)
     # a big gap needs a near joint: pick the drawn ring closest to a depth that suits the area
     step, phase = scene.joint_spacing, scene.joint_phase
     z_pref = cam.r0 / math.sqrt(target / 0.22) * rng.uniform(0.85, 1.2)
@@ -573,12 +575,14 @@ class Frame:
     boxes: np.ndarray  # (H, W) uint8 0/1, the union of the instances' filled bounding boxes
 
 
-def render_frame(defect: str, width: int, height: int, seed: int, index: int) -> Frame:
-    """Frame ``index`` of a dataset; depends only on (defect, size, seed, index), not on the count."""
+def render_frame(defect: str, width: int, height: int, seed: int, index: int, area_scale: float = 1.0) -> Frame:
+    """Frame ``index`` of a dataset; depends only on (defect, size, seed, index, area_scale), not on the count.
+    ``area_scale`` scales the defects' area (the same random draws: the same scenes, smaller defects)."""
     if defect not in DEFECTS:
         raise BSSError(f"unknown defect {defect!r}; choose one of {', '.join(DEFECTS)}.")
     rng = np.random.default_rng([int(seed), int(index), DEFECTS.index(defect)])
     scene = _scene(rng, width, height)
+    scene.area_scale = float(area_scale)
     cam = scene.camera
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     z, theta = cam.wall_coords(xx, yy)
@@ -633,6 +637,10 @@ class SynthConfig:
     width: int = 256
     height: int = 192
     seed: int = 0
+    # The defects' area as a share of the default's (AREA_RANGE: 3-20 % of a frame with defects):
+    # 0.05 gives small objects in a large frame (an obstacle ~1/4.5 the side), thin crescents for
+    # disconnect (its gap narrows; the box, spanning the joint's arc, stays large).
+    area_scale: float = 1.0
 
 
 @dataclass
@@ -659,6 +667,8 @@ def check_config(cfg: SynthConfig) -> None:
         raise BSSError(f"--size {cfg.width}x{cfg.height}: width and height must be positive, e.g. 256x192.")
     if cfg.width < MIN_SIDE or cfg.height < MIN_SIDE:
         raise BSSError(f"--size {cfg.width}x{cfg.height} is too small; width and height must each be at least {MIN_SIDE} pixels.")
+    if not 0 < cfg.area_scale <= MAX_AREA_SCALE:
+        raise BSSError(f"--area-scale {cfg.area_scale:g} must be above 0 and at most {MAX_AREA_SCALE:g} (1: the default defect sizes; 0.05: small defects).")
     if cfg.width > 4096 or cfg.height > 4096:
         raise BSSError(f"--size {cfg.width}x{cfg.height} is too large; keep each side at most 4096 pixels.")
 
@@ -669,8 +679,8 @@ def _init_worker() -> None:
 
 def _write_frame(job) -> tuple[str, list[list[list[int]]]]:
     """Render frame ``index`` and write its image, box mask and truth; return (stem, polygons)."""
-    folder, defect, width, height, seed, index = job
-    frame = render_frame(defect, width, height, seed, index)
+    folder, defect, width, height, seed, index, area_scale = job
+    frame = render_frame(defect, width, height, seed, index, area_scale)
     stem = f"syn_{index:05d}"
     folder = Path(folder)
     # PNG at zlib level 1: lossless like write_image, but several times faster than level 6
@@ -700,7 +710,7 @@ def generate_dataset(cfg: SynthConfig, data_root: str | Path = "datasets", overw
     with atomic_folder(target, overwrite) as tmp:
         for sub in ("images", "masks", "truth"):
             (tmp / sub).mkdir()
-        jobs = [(str(tmp), cfg.defect, cfg.width, cfg.height, cfg.seed, i) for i in range(cfg.count)]
+        jobs = [(str(tmp), cfg.defect, cfg.width, cfg.height, cfg.seed, i, cfg.area_scale) for i in range(cfg.count)]
         if workers > 1 and cfg.count >= 8:
             with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
                 results = pool.map(_write_frame, jobs, chunksize=max(1, min(32, cfg.count // (4 * workers))))
@@ -721,6 +731,7 @@ def generate_dataset(cfg: SynthConfig, data_root: str | Path = "datasets", overw
             "size": [cfg.width, cfg.height],
             "seed": cfg.seed,
             "hand_labelled": cfg.hand_labelled,
+            **({"area_scale": cfg.area_scale} if cfg.area_scale != 1 else {}),
         }
         (tmp / "generator.json").write_text(json.dumps(params, indent=2) + "\n")
     empty = sum(1 for _, polys in results if not polys)
