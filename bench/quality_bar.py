@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,18 +61,18 @@ def read_runs(files: list[Path]) -> list[Run]:
 
 
 def _median(runs: list[Run], key: str) -> float | None:
-    values = [r.figures.get(key) for r in runs if r.figures.get(key) is not None]
-    return statistics.median(values) if values else None
+    return stq.Spread.of([r.figures.get(key) for r in runs]).median
+
+
+def bar_for(dataset: str) -> float:
+    return BAR["synthetic" if dataset in stq.DEFECTS else "photos"]
 
 
 def verdict(dataset: str, runs: list[Run]) -> str:
     """The bar's verdict for one dataset's runs (one per seed)."""
-    bar = BAR["synthetic" if dataset in stq.DEFECTS else "photos"]
+    bar = bar_for(dataset)
     iter0, final, headroom = _median(runs, "iter0"), _median(runs, "final"), _median(runs, "headroom")
     recovered, boxes, best_h = _median(runs, "recovered"), _median(runs, "box_label_iou"), _median(runs, "best_h_label_iou")
-    if headroom is not None and headroom < stq.HEADROOM:
-        status = f"no headroom (median ceiling - iteration 0 = {headroom:.3f} < {stq.HEADROOM})"
-        return status if len(runs) >= SEEDS else f"{status} so far; {len(runs)} of {SEEDS} seeds"
     short = []
     if iter0 is None or final is None or final <= iter0:
         short.append(f"final {stq.fmt(final)} not above iteration 0 {stq.fmt(iter0)}")
@@ -81,7 +80,10 @@ def verdict(dataset: str, runs: list[Run]) -> str:
         short.append(f"recovered {stq.fmt(recovered)} < {bar}")
     if boxes is None or best_h is None or best_h <= boxes:
         short.append(f"best H {stq.fmt(best_h)} not above the boxes {stq.fmt(boxes)}")
-    status = "met" if not short else "not met: " + "; ".join(short)
+    if headroom is not None and headroom < stq.HEADROOM:
+        status = f"no headroom (median ceiling - iteration 0 = {headroom:.3f} < {stq.HEADROOM})"
+    else:
+        status = "met" if not short else "not met: " + "; ".join(short)
     return status if len(runs) >= SEEDS else f"{status} so far; {len(runs)} of {SEEDS} seeds"
 
 
@@ -97,7 +99,7 @@ def table(runs: list[Run]) -> str:
         spread = {
             key: stq.Spread.of([r.figures.get(key) for r in rs]) for key in ("iter0", "final", "ceiling", "recovered", "box_label_iou", "best_h_label_iou")
         }
-        bar = BAR["synthetic" if dataset in stq.DEFECTS else "photos"]
+        bar = bar_for(dataset)
         sources = ", ".join(f"s{r.seed}: {r.source.removeprefix('self_training_quality_').removesuffix('.json')} @{r.code}" for r in rs)
         cells = [
             dataset,

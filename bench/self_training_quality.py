@@ -83,8 +83,13 @@ class Setting:
     area_scale: float = 1.0
 
     @property
+    def defect_class(self) -> str:
+        """The generator's class of a synthetic setting (its dataset's name unless ``defect`` says)."""
+        return self.defect or self.dataset
+
+    @property
     def synthetic(self) -> bool:
-        return (self.defect or self.dataset) in DEFECTS
+        return self.defect_class in DEFECTS
 
 
 @dataclass(frozen=True)
@@ -236,7 +241,7 @@ def synthetic_source(setting: Setting, root: Path, holdout_root: Path) -> Path:
     generated with another seed, written as ``holdout_root/TEST``."""
     from bss.search.data_stage import SYNTHETIC
 
-    name, defect = setting.dataset, setting.defect or setting.dataset
+    name, defect = setting.dataset, setting.defect_class
     width, height = setting.frame or (SYNTHETIC["cpu"]["width"], SYNTHETIC["cpu"]["height"])
     generate_dataset(SynthConfig(name, defect, setting.images, setting.hand_labels, width, height, setting.seed, setting.area_scale), root, workers=2)
     extra = generate_dataset(
