@@ -13,7 +13,7 @@ stage through ``/proc/self/clear_refs``):
 
 * data check and splits: ``prepare_data`` (splits, every image and box decoded once, fingerprint,
   plan) and the EVAL boxes' own scores (``measure_boxes``), as the loop's first stage;
-* teacher measurement: ``measure_teacher`` on EVAL (148 rules) with the toy teacher;
+* teacher measurement: ``measure_teacher`` on EVAL (every rule of the default grid) with the toy teacher;
 * H<n> refinement: ``make_hybrid`` with the default rule, in the driver; then the disk H1 takes
   beyond the source (``du`` of both in one call: hard-linked images are counted once) and how
   many of its images are hard links (``st_nlink``);

@@ -164,10 +164,12 @@ def test_rule_dicts_of_earlier_runs_load_and_describe_themselves():
         "soft": False,
     }
     rule = RefineRule.from_dict(stored)
-    assert json.dumps(rule.to_dict()) == json.dumps(stored)  # the same keys in the same order
+    # the same keys in the same order; 'background' (added later) takes its default 0: no background seed, as the rule then did
+    written = {**{k: v for k, v in stored.items() if k not in ("grabcut_iterations", "soft")}, "background": 0.0, "grabcut_iterations": 4, "soft": False}
+    assert json.dumps(rule.to_dict()) == json.dumps(written)
     assert RefineRule.from_dict({**stored, "description": "GrabCut inside the boxes ..."}) == rule  # a manifest's rule
     assert RefineRule.from_dict({"mode": "inside_box", "min_fill": 0.1}) == RefineRule(min_fill=0.1)
-    assert describe(stored) == rule.describe() == "grabcut, threshold 0.3, min_fill 0.2, fallback box, sure 0.95, grabcut_iterations 4"
+    assert describe(stored) == rule.describe() == "grabcut, threshold 0.3, min_fill 0.2, fallback box, sure 0.95, background 0, grabcut_iterations 4"
     assert RefineRule(fill_holes=True, soft=True).describe() == "inside_box, threshold 0.5, min_fill 0.4, fallback box, fill_holes, soft"
     assert RefineRule(mode="blend", blend_alpha=0.25).describe() == "blend, threshold 0.5, blend_alpha 0.25"
     assert RefineRule(mode="blend", blend_alpha=0.25).explain() == "mask = 0.25 * box + 0.75 * probability > 0.5"
@@ -216,7 +218,7 @@ def test_a_new_mode_is_one_registered_class(monkeypatch):
     param, users = rule_parameters()["margin"]
     assert users == ["shrunk_box"] and param.argparse("margin", users, len(REFINE_MODES))["help"].startswith("shrunk_box: pixels")
     grid = default_grid()
-    assert len(grid) == 150 and [r.margin for r in grid[-2:]] == [1, 2] and grid[-1].mode == "shrunk_box"
+    assert len(grid) == 158 and [r.margin for r in grid[-2:]] == [1, 2] and grid[-1].mode == "shrunk_box"
     truth = _box((20, 20), (3, 3, 11, 11))  # the box less one pixel each side: only shrunk_box margin 1 gets it exactly
     quality = choose_rule([np.full((20, 20), 0.2, np.float32)], [box], [truth], images=[np.zeros((20, 20, 3), np.uint8)])
     assert quality.best.rule == RefineRule(mode="shrunk_box", margin=1) and quality.label_iou == 1.0
@@ -652,7 +654,7 @@ def test_choose_rule_keeps_the_default_on_ties_and_the_box_when_the_teacher_is_u
     perfect = truth.astype(np.float32)
     tie = choose_rule([perfect], [box], [truth])
     assert tie.best.rule == RefineRule() and tie.best.rule == default_grid()[0]
-    assert len(default_grid()) == len({json.dumps(r.to_dict(), sort_keys=True) for r in default_grid()}) == 148
+    assert len(default_grid()) == len({json.dumps(r.to_dict(), sort_keys=True) for r in default_grid()}) == 156
     assert len(quality.table) == 140  # without the images, the grabcut rules are not scored
 
 
@@ -665,7 +667,7 @@ def test_teacher_quality_on_eval_matches_the_boxes_and_beats_them(world):
     assert quality.images == 2 and quality.box_iou_pixels == pytest.approx(boxes["iou"])
     assert boxes["recall"] == 1.0 and boxes["precision"] == pytest.approx(boxes["iou"])  # a box covers its defect
     assert quality.label_iou >= quality.default.iou_pixels and quality.label_iou > quality.box_iou_pixels + 0.05
-    assert quality.to_dict()["rules_tried"] == 148
+    assert quality.to_dict()["rules_tried"] == 156
 
 
 def test_grabcut_follows_the_colour_edge_that_a_blurred_prediction_misses():
@@ -693,6 +695,37 @@ def test_grabcut_follows_the_colour_edge_that_a_blurred_prediction_misses():
         refine(prob, box, RefineRule(mode="grabcut"))
     with pytest.raises(ConfigError, match="'sure' must be at least 'threshold'"):
         RefineRule(mode="grabcut", threshold=0.7, sure=0.5)
+
+
+def test_grabcut_background_seed_stops_a_flood_into_what_the_teacher_rules_out():
+    """A thin dark gap (the defect) crosses a box that also holds a dark patch the teacher is
+    sure is background (probability 0.001). Without a background seed GrabCut gives the patch to
+    the foreground (its colour matches the gap's); with ``background`` 0.02 the patch stays
+    background and the mask is the gap. Pixels between the two values stay GrabCut's to decide."""
+    rng = np.random.default_rng(1)
+    truth = np.zeros((64, 64), bool)
+    truth[10:54, 20:23] = True  # a gap 3 px wide
+    patch = np.zeros((64, 64), bool)
+    patch[24:36, 38:50] = True  # dark, like the gap, but no defect
+    image = np.where((truth | patch)[..., None], [30, 30, 35], [150, 140, 130]).astype(np.float64) + rng.normal(0, 6, (64, 64, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    box = _box((64, 64), (14, 6, 60, 58))
+    prob = np.where(truth, 0.97, 0.001).astype(np.float32)
+
+    def iou_of(mask):
+        return (mask & truth).sum() / (mask | truth).sum()
+
+    rule = RefineRule(mode="grabcut", threshold=0.5, sure=0.9, min_fill=0.0)
+    flooded = refine(prob, box, rule, image=image).mask > 0
+    seeded = refine(prob, box, rule.replace(background=0.02), image=image).mask > 0
+    assert flooded[patch].all() and iou_of(flooded) < 0.6  # GrabCut alone takes the whole dark patch
+    assert not seeded[patch].any() and iou_of(seeded) == 1.0
+    prob[patch] = 0.01  # now between 0.005 and 0.02: sure background only for the higher seed
+    assert refine(prob, box, rule.replace(background=0.005), image=image).mask[patch].all()
+    assert not refine(prob, box, rule.replace(background=0.02), image=image).mask[patch].any()
+    assert "< 0.02 sure background" in rule.replace(background=0.02).explain() and "background" not in rule.explain()
+    with pytest.raises(ConfigError, match="'background' must be at most 'threshold'"):
+        RefineRule(mode="grabcut", threshold=0.3, background=0.4)
 
 
 def test_make_hybrid_with_the_grabcut_rule(world, tmp_path):

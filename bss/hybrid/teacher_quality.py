@@ -31,7 +31,7 @@ from bss.metrics import iou_from_counts, mask_counts, scores_from_counts
 
 def default_grid(images: bool = True) -> list[RefineRule]:
     """The default rule first (it wins ties), then every mode's grid (:meth:`RefineMode.grid`,
-    in the order of :data:`REFINE_MODES`): 140 ``inside_box`` rules and 8 ``grabcut`` ones.
+    in the order of :data:`REFINE_MODES`): 140 ``inside_box`` rules and 16 ``grabcut`` ones.
     ``images=False`` leaves out the modes that need the image."""
     grid = [RefineRule()]
     for mode in REFINE_MODES.values():
